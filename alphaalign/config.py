@@ -1,0 +1,268 @@
+"""Recipes: one YAML file is the whole experiment.
+
+`load_recipe(path, overrides)` reads the YAML (following `extends:` chains), applies dotted command-line
+overrides whose values are parsed as YAML, and validates the result against the typed schema below, which
+is the single source of defaults. Every error is one line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from alphaalign.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    name_or_path: str
+    ref_name_or_path: str | None = None  # frozen reference for the KL term; defaults to the initial policy
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    build: Literal["demo"] | None = None  # build the model at name_or_path if it is missing (offline demo)
+
+
+class DataSource(_Section):
+    path: str | None = None
+    hf_id: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    label_field: str = "label"
+    label: Literal["harmful", "benign"] | None = None  # one label for every row; label_field is then unused
+    weight: float = Field(1.0, gt=0)
+    max_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSource:
+        if (self.path is None) == (self.hf_id is None):
+            raise ValueError("give exactly one of 'path' or 'hf_id'")
+        return self
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = []
+    template: str = "alphaalign"  # 'alphaalign', 'none', or a Jinja string using {{ prompt }}
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(512, gt=0)
+
+
+class RolloutConfig(_Section):
+    engine: Literal["transformers"] = "transformers"
+    num_generations: int = Field(8, ge=2)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    generation_batch_size: int = Field(64, gt=0)  # sequences per generate() call
+
+
+class AlgorithmConfig(_Section):
+    advantage_estimator: Literal["grpo", "rloo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    beta: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    num_iterations: int = Field(1, ge=1)
+    # Correction for the gap between the rollout engine's log-probs and the trainer's (TRL's
+    # vllm_importance_sampling_*). 'auto' turns it on (sequence_mask) for engines other than in-process transformers.
+    rollout_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
+    rollout_correction_max: float = Field(3.0, gt=0)
+    rollout_correction_min: float | None = Field(None, ge=0)
+    mask_truncated_completions: bool = False
+
+
+class TrainerConfig(_Section):
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = Field(1.0, gt=0)
+    prompts_per_step: int = Field(16, gt=0)
+    max_steps: int = Field(200, gt=0)
+    micro_batch_tokens: int = Field(16384, gt=0)  # token budget (prompt + completion) per forward/backward
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    save_every: int = Field(50, gt=0)
+    keep_last: int = Field(2, ge=1)
+    resume_from: str = "auto"  # 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint path
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_samples: int = Field(1, ge=1)  # samples per eval prompt for the before/after evaluation
+    progress_bar: bool = True
+
+
+class RewardSpec(_Section):
+    name: str
+    weight: float = 1.0
+    when: Literal["harmful", "benign", "all"] = "all"
+    args: dict[str, Any] = {}
+
+
+class LoggingConfig(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "alphaalign"
+    run_name: str | None = None
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    rewards: list[RewardSpec] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def rollout_correction(self) -> str:
+        """The effective rollout log-prob correction mode ('auto' resolved)."""
+        mode = self.algorithm.rollout_correction
+        if mode == "auto":
+            return "none" if self.rollout.engine == "transformers" else "sequence_mask"
+        return mode
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML, extends, overrides, and errors that name the file and the dotted key.
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, update: dict, origins: dict, source: str, prefix: tuple = ()) -> dict:
+    """Deep-merge `update` into a copy of `base`; mappings merge, everything else replaces.
+
+    `origins` maps each key path to the file or override that last set it.
+    """
+    out = dict(base)
+    for key, value in update.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origins, source, path)
+        else:
+            out[key] = value
+            for p in [p for p in origins if p[: len(path)] == path]:
+                del origins[p]
+        origins[path] = source
+    return out
+
+
+def _load_with_extends(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise UserError(f"{path}: 'extends' forms a cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    base: dict = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise UserError(f"{path}: extends: must be a file name")
+        base = _load_with_extends(path.parent / parent, origins, (*chain, path))
+    return _merge(base, data, origins, str(_display(path)))
+
+
+def _display(path: Path) -> Path:
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
+def apply_override(data: dict, override: str, origins: dict) -> dict:
+    """Apply one `dotted.key=yaml_value` override; list items are addressed by index (`rewards.0.weight=2`)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{override}': expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override '{override}': the value is not valid YAML") from None
+    parts = key.split(".")
+    data = copy.deepcopy(data)
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override '{override}': {where}: no such list item")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise UserError(f"override '{override}': {'.'.join(parts[:depth])} is not a section")
+        if last:
+            node[part] = value
+        else:
+            if isinstance(node, dict) and part not in node:
+                node[part] = {}
+            node = node[part]
+    path = tuple(parts)
+    for p in [p for p in origins if p[: len(path)] == path]:
+        del origins[p]
+    origins[path] = f"override '{override}'"
+    return data
+
+
+def _format_error(err: dict, origins: dict, default_source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    source = default_source
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origins:
+            source = origins[loc[:n]]
+            break
+    dotted = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: {dotted}: unknown key"
+    if err["type"] == "missing":
+        return f"{source}: {dotted}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error" and not isinstance(err.get("input"), dict | list):
+        msg += f" (got {err.get('input')!r})"
+    return f"{source}: {dotted}: {msg}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, merge and validate a recipe; raise `UserError` with one line on any mistake."""
+    path = Path(path)
+    origins: dict[tuple, str] = {}
+    data = _load_with_extends(path, origins)
+    for override in overrides:
+        data = apply_override(data, override, origins)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc.errors()[0], origins, str(_display(path.resolve())))) from None
+    recipe._source = path.resolve()
+    return recipe

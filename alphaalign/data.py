@@ -1,0 +1,200 @@
+"""Labelled prompts: loading data sources, prompt templates, and the weighted prompt stream.
+
+A row becomes an `Example(prompt, label, columns)`; `label` is 'harmful' or 'benign'. Local files
+(.jsonl, .json, .csv, .parquet) are read here with errors that name the file and line; `hf_id` sources go
+through `datasets.load_dataset` (users only: tests and the demo never touch the hub). Relative paths are
+resolved against the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from alphaalign.config import DataConfig, DataSource, Recipe
+from alphaalign.errors import UserError
+
+LABELS = {
+    "harmful": "harmful", "unsafe": "harmful", "true": "harmful", "1": "harmful", "yes": "harmful",
+    "benign": "benign", "safe": "benign", "false": "benign", "0": "benign", "no": "benign",
+}  # fmt: skip
+
+ALPHAALIGN_TEMPLATE = (
+    "Before replying, decide whether the request below is safe to help with, and write that reasoning "
+    "between <safety_reasoning> and </safety_reasoning>. Then write your reply between <answer> and </answer>. "
+    "If the request is unsafe, the answer must be exactly \\boxed{Sorry, I can't comply}. If it is safe, the "
+    "text inside the answer tags is all the user will see, so make it complete and helpful.\n\n"
+    "Request: {{ prompt }}"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # the user's request, without any template
+    label: str  # 'harmful' or 'benign'
+    columns: dict[str, Any] = field(default_factory=dict)  # the row's other fields, passed to reward functions
+
+
+def compile_template(template: str) -> jinja2.Template | None:
+    """The user-turn template: 'alphaalign', 'none' (the prompt as is) or a Jinja string using {{ prompt }}."""
+    if template == "none":
+        return None
+    source = ALPHAALIGN_TEMPLATE if template == "alphaalign" else template
+    if "prompt" not in source:
+        raise ValueError("a custom template must use {{ prompt }}")
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(source)
+
+
+def chat_messages(example: Example, template: jinja2.Template | None, system_prompt: str | None) -> list[dict]:
+    content = example.prompt if template is None else template.render(prompt=example.prompt, **example.columns)
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*messages, {"role": "user", "content": content}]
+
+
+def resolve_path(source: DataSource, base: Path) -> Path:
+    path = Path(source.path)
+    return path if path.is_absolute() else base / path
+
+
+def _rows_from_file(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs; raises UserError naming the file and line."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [(i + 2, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise UserError(f"{path}: cannot read ({exc.__class__.__name__})") from None
+    if "\x00" in text:
+        raise UserError(f"{path}: binary data in a text file")
+    if suffix == ".csv":
+        return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of rows")
+        return list(enumerate(data, start=1))
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def _hf_rows(source: DataSource) -> list[tuple[int, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.hf_id, source.hf_config, split=source.split)
+    except Exception as exc:
+        raise UserError(f"hf dataset {source.hf_id} ({source.split}): cannot load ({exc})") from None
+    return [(i, row) for i, row in enumerate(ds)]
+
+
+def load_source(source: DataSource, base: Path) -> list[Example]:
+    """All rows of one source as Examples, validated row by row."""
+    where = str(resolve_path(source, base)) if source.path else f"hf:{source.hf_id}"
+    rows = _rows_from_file(resolve_path(source, base)) if source.path else _hf_rows(source)
+    if not rows:
+        raise UserError(f"{where}: no rows")
+    examples = []
+    for lineno, row in rows[: source.max_rows]:
+        if not isinstance(row, dict):
+            raise UserError(f"{where}:{lineno}: a row must be an object")
+        prompt = row.get(source.prompt_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{where}:{lineno}: missing or empty prompt field '{source.prompt_field}'")
+        if source.label is not None:
+            label = source.label
+        else:
+            raw = row.get(source.label_field)
+            label = LABELS.get(str(raw).strip().lower()) if raw is not None else None
+            if label is None:
+                raise UserError(
+                    f"{where}:{lineno}: label field '{source.label_field}' is {raw!r}; expected harmful or benign"
+                )
+        columns = {k: v for k, v in row.items() if k not in (source.prompt_field, source.label_field)}
+        examples.append(Example(prompt=prompt, label=label, columns=columns))
+    return examples
+
+
+def recipe_base(recipe: Recipe) -> Path:
+    return recipe._source.parent if recipe._source else Path.cwd()
+
+
+def check_data(recipe: Recipe) -> None:
+    """Read every local data file of the recipe (no hub access) so that data mistakes fail early."""
+    for split in ("train", "eval"):
+        for i, source in enumerate(getattr(recipe.data, split)):
+            if source.path is None:
+                continue
+            if not resolve_path(source, recipe_base(recipe)).is_file():
+                raise UserError(f"{recipe._source}: data.{split}.{i}.path: file not found: {source.path}")
+            load_source(source, recipe_base(recipe))
+    try:
+        compile_template(recipe.data.template)
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise UserError(f"{recipe._source}: data.template: {exc}") from None
+
+
+class PromptStream:
+    """An endless, seeded stream of training examples drawn from weighted sources.
+
+    Each draw picks a source with probability proportional to its weight, then takes that source's next
+    example in a per-epoch shuffled order. The stream is a pure function of (seed, number of draws), so
+    resuming only needs the draw count.
+    """
+
+    def __init__(self, sources: list[list[Example]], weights: list[float], seed: int):
+        self.sources, self.weights, self.seed = sources, weights, seed
+        self.draws = 0
+        self._rng = random.Random(seed)
+        self._orders = [self._order(i, 0) for i in range(len(sources))]
+        self._pos = [0] * len(sources)
+        self._epoch = [0] * len(sources)
+
+    def _order(self, source: int, epoch: int) -> list[int]:
+        order = list(range(len(self.sources[source])))
+        random.Random(f"{self.seed}-{source}-{epoch}").shuffle(order)
+        return order
+
+    def _next(self) -> Example:
+        s = self._rng.choices(range(len(self.sources)), weights=self.weights)[0] if len(self.sources) > 1 else 0
+        if self._pos[s] == len(self._orders[s]):
+            self._epoch[s] += 1
+            self._orders[s], self._pos[s] = self._order(s, self._epoch[s]), 0
+        example = self.sources[s][self._orders[s][self._pos[s]]]
+        self._pos[s] += 1
+        self.draws += 1
+        return example
+
+    def take(self, n: int) -> list[Example]:
+        return [self._next() for _ in range(n)]
+
+    def skip_to(self, draws: int) -> None:
+        """Replay the stream up to `draws` (used on resume)."""
+        while self.draws < draws:
+            self._next()
+
+
+def load_split(data: DataConfig, split: str, base: Path) -> list[list[Example]]:
+    return [load_source(source, base) for source in getattr(data, split)]

@@ -1,0 +1,129 @@
+"""Recipes: schema defaults, extends, dotted overrides, and one-line errors naming the file and key."""
+
+import pytest
+
+from alphaalign.config import Recipe, load_recipe
+from alphaalign.errors import UserError
+
+
+def test_defaults_come_from_the_schema(write_recipe):
+    recipe = load_recipe(write_recipe())
+    assert recipe.algorithm.loss_type == "dapo"
+    assert recipe.algorithm.scale_rewards == "group"
+    assert recipe.rollout.num_generations == 8
+    assert recipe.rewards[0].when == "all" and recipe.rewards[0].weight == 1.0
+    assert recipe.rollout_correction == "none"  # in-process engine: no mismatch to correct
+
+
+def test_overrides_are_parsed_as_yaml(write_recipe):
+    recipe = load_recipe(
+        write_recipe(),
+        ["trainer.learning_rate=1e-6", "algorithm.epsilon_high=0.28", "data.template=none",
+         "rewards=[{name: alphaalign_safety, weight: 2, when: harmful}]", "data.train=[{path: x.jsonl}]"],
+    )  # fmt: skip
+    assert recipe.trainer.learning_rate == 1e-6
+    assert recipe.algorithm.epsilon_high == 0.28
+    assert recipe.data.template == "none"
+    assert recipe.rewards[0].weight == 2 and recipe.rewards[0].when == "harmful"
+    assert recipe.data.train[0].path == "x.jsonl"
+
+
+def test_override_list_item_by_index(write_recipe):
+    recipe = load_recipe(write_recipe(), ["rewards.0.weight=0.5", "rewards.0.args={r_a: 2.0}"])
+    assert recipe.rewards[0].weight == 0.5 and recipe.rewards[0].args == {"r_a": 2.0}
+    with pytest.raises(UserError, match=r"override 'rewards.3.weight=1': rewards.3: no such list item"):
+        load_recipe(write_recipe(), ["rewards.3.weight=1"])
+
+
+def test_extends_merges_sections_and_child_wins(write_recipe, tmp_path):
+    write_recipe({"trainer": {"max_steps": 7, "seed": 3}}, name="base.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ntrainer:\n  max_steps: 9\n")
+    recipe = load_recipe(child)
+    assert recipe.trainer.max_steps == 9 and recipe.trainer.seed == 3
+
+
+def test_unknown_key_names_dotted_key_and_file(write_recipe):
+    path = write_recipe({"trainer": {"learning_rat": 1e-6}})
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}: trainer.learning_rat: unknown key"
+
+
+def test_error_in_parent_file_names_the_parent(write_recipe, tmp_path):
+    parent = write_recipe({"rollout": {"temperature": -1}}, name="parent.yaml")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\n")
+    with pytest.raises(UserError, match=rf"^{parent}: rollout.temperature: Input should be greater than 0"):
+        load_recipe(child)
+
+
+def test_unknown_key_in_override_names_the_override(write_recipe):
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(), ["algorithm.betaa=0.1"])
+    assert str(err.value) == "override 'algorithm.betaa=0.1': algorithm.betaa: unknown key"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.loss_type=ppo", "algorithm.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo' or 'dapo'"),
+        ("trainer.learning_rate=fast", "trainer.learning_rate: Input should be a valid number"),
+        ("rollout.num_generations=1", "rollout.num_generations: Input should be greater than or equal to 2"),
+        ("rewards.0.when=sometimes", "rewards.0.when: Input should be 'harmful', 'benign' or 'all'"),
+        ("rollout.engine=magic", "rollout.engine: Input should be 'transformers'"),
+        ("data.train=[]", "data.train: List should have at least 1 item"),
+    ],
+)
+def test_bad_values_name_the_key(write_recipe, override, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_recipe(write_recipe(), [override])
+    assert "\n" not in str(err.value)
+
+
+def test_data_source_needs_exactly_one_location(write_recipe):
+    with pytest.raises(UserError, match=r"data.train.0: give exactly one of 'path' or 'hf_id'"):
+        load_recipe(write_recipe({"data": {"train": [{"path": "a.jsonl", "hf_id": "x/y"}]}}))
+
+
+def test_missing_required_section(write_recipe):
+    path = write_recipe({"model": None})
+    with pytest.raises(UserError, match="model: Input should be a valid dictionary"):
+        load_recipe(path)
+    path = write_recipe(base=False)
+    with pytest.raises(UserError, match="model: required key is missing"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: [unclosed\n", r"line \d+: YAML syntax error"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+        ("extends: recipe.yaml\n", "'extends' forms a cycle"),
+    ],
+)
+def test_file_level_errors(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_recipe(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="YAML syntax error"):
+        load_recipe(path)
+
+
+def test_shipped_recipes_are_valid():
+    from conftest import ROOT
+
+    for name in ("demo", "alphaalign-qwen"):
+        assert isinstance(load_recipe(ROOT / "recipes" / f"{name}.yaml"), Recipe)

@@ -1,0 +1,93 @@
+"""Data sources, templates and the prompt stream."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from alphaalign.config import DataSource
+from alphaalign.data import Example, PromptStream, chat_messages, compile_template, load_source
+from alphaalign.errors import UserError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return path
+
+
+def test_jsonl_rows_labels_and_columns(tmp_path):
+    write(tmp_path, "d.jsonl", '{"q": "a", "y": "unsafe", "topic": "x"}\n\n{"q": "b", "y": false}\n')
+    rows = load_source(DataSource(path="d.jsonl", prompt_field="q", label_field="y"), tmp_path)
+    assert [(r.prompt, r.label) for r in rows] == [("a", "harmful"), ("b", "benign")]
+    assert rows[0].columns == {"topic": "x"}
+
+
+def test_csv_and_fixed_label(tmp_path):
+    write(tmp_path, "d.csv", "instruction,context\nbake bread,\nwrite a poem,x\n")
+    rows = load_source(DataSource(path="d.csv", prompt_field="instruction", label="benign"), tmp_path)
+    assert [r.label for r in rows] == ["benign", "benign"] and rows[1].columns == {"context": "x"}
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.jsonl", '{"prompt": "a", "label": "harmful"}\n{"prompt": "b", "label": \n', r"d.jsonl:2: invalid JSON"),
+        ("d.jsonl", '{"prompt": "a", "label": "harmful"}\n{"text": "b", "label": "benign"}\n',
+         r"d.jsonl:2: missing or empty prompt field 'prompt'"),
+        ("d.jsonl", '{"prompt": "a", "label": "maybe"}\n', r"d.jsonl:1: label field 'label' is 'maybe'"),
+        ("d.jsonl", "\n\n", r"d.jsonl: no rows"),
+        ("d.jsonl", b"\x00\x01\x02binary", r"d.jsonl: binary data"),
+        ("d.jsonl", b"\xff\xfe\xfa", r"d.jsonl: not a UTF-8 text file"),
+        ("d.json", '{"prompt": "a"}', r"d.json: expected a JSON list"),
+        ("d.jsonl", "[1, 2]\n", r"d.jsonl:1: a row must be an object"),
+    ],
+)  # fmt: skip
+def test_data_errors_name_file_and_line(tmp_path, name, content, message):
+    write(tmp_path, name, content)
+    with pytest.raises(UserError, match=message) as err:
+        load_source(DataSource(path=name), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="data file not found"):
+        load_source(DataSource(path="nope.jsonl"), tmp_path)
+
+
+def test_templates():
+    example = Example("How do I bake bread?", "benign", {"topic": "food"})
+    alpha = chat_messages(example, compile_template("alphaalign"), None)
+    assert alpha[-1]["role"] == "user"
+    assert "<safety_reasoning>" in alpha[-1]["content"] and alpha[-1]["content"].endswith("How do I bake bread?")
+    assert chat_messages(example, compile_template("none"), "be nice") == [
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I bake bread?"}]  # fmt: skip
+    custom = chat_messages(example, compile_template("[{{ topic }}] {{ prompt }}"), None)
+    assert custom[-1]["content"] == "[food] How do I bake bread?"
+    with pytest.raises(ValueError):
+        compile_template("no placeholder here")
+
+
+def test_prompt_stream_is_deterministic_resumable_and_weighted():
+    a = [Example(f"a{i}", "harmful") for i in range(10)]
+    b = [Example(f"b{i}", "benign") for i in range(10)]
+    first = PromptStream([a, b], [3.0, 1.0], seed=1)
+    drawn = first.take(400)
+    again = PromptStream([a, b], [3.0, 1.0], seed=1)
+    again.skip_to(250)
+    assert again.take(150) == drawn[250:]
+    share = Counter(ex.prompt[0] for ex in drawn)
+    assert 0.68 < share["a"] / 400 < 0.82  # weight 3:1
+    # within a source, every example appears once per epoch
+    only_a = PromptStream([a], [1.0], seed=2).take(20)
+    assert sorted(ex.prompt for ex in only_a[:10]) == sorted(ex.prompt for ex in a)
+    assert only_a[:10] != only_a[10:20]  # reshuffled each epoch
+
+
+def test_demo_data_is_labelled_and_split():
+    from conftest import DEMO_DATA
+
+    train = [json.loads(x) for x in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    heldout = [json.loads(x) for x in (DEMO_DATA / "heldout.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in train} == {r["label"] for r in heldout} == {"harmful", "benign"}
+    assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in heldout}
