@@ -1,0 +1,226 @@
+"""GRPO math: small pure functions on tensors, registered by name.
+
+Shapes: B completions, T completion tokens (right-padded), `mask` is 1 on real completion tokens.
+Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/test_trl_parity.py):
+Bessel-corrected NaN-aware std with ε = 1e-4 added to σ, temperature-scaled log-probs, k3 KL added after
+the importance weights, and the loss normalisers listed in `aggregate_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+STD_EPS = 1e-4
+
+
+def register(table: dict, name: str):
+    def wrap(fn):
+        table[name] = fn
+        return fn
+
+    return wrap
+
+
+def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
+    """Bessel-corrected standard deviation ignoring NaNs; NaN where fewer than two values are present."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
+    if keepdim:
+        return std
+    return std.reshape(()) if dim is None else std.squeeze(dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rewards -> advantages
+
+
+def combine_rewards(per_term: Tensor, weights: Tensor, group_size: int, aggregation: str) -> Tensor:
+    """Weighted scalar reward per completion from a [B, K] matrix of reward terms (NaN = not applicable).
+
+    `sum_then_normalize`: r = Σ_k w_k r_k. `normalize_then_sum`: each term is z-scored within its group first
+    (σ + 1e-4). A row where every term is NaN stays NaN (unscorable).
+    """
+    unscorable = torch.isnan(per_term).all(dim=1)
+    if aggregation == "normalize_then_sum":
+        grouped = per_term.view(-1, group_size, per_term.shape[1])
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        per_term = ((grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + STD_EPS)).view_as(per_term)
+    elif aggregation != "sum_then_normalize":
+        raise ValueError(f"unknown reward aggregation {aggregation!r}")
+    rewards = (per_term * weights.unsqueeze(0)).nansum(dim=1)
+    return rewards.masked_fill(unscorable, math.nan)
+
+
+def _scale(centered: Tensor, rewards: Tensor, group_size: int, scale_rewards: str) -> Tensor:
+    if scale_rewards == "none":
+        return centered
+    if scale_rewards == "group":
+        std = nanstd(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+    elif scale_rewards == "batch":
+        std = nanstd(rewards)
+    else:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
+    return centered / (std + STD_EPS)
+
+
+@register(ADVANTAGE_ESTIMATORS, "grpo")
+def grpo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
+    """Â_i = (r_i − mean_g) / (σ + 1e-4); σ is the group's (`group`), the batch's (`batch`) or 1 (`none`).
+
+    NaN rewards are left out of the statistics and get advantage 0.
+    """
+    mean = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size)
+    return torch.nan_to_num(_scale(rewards - mean, rewards, group_size, scale_rewards), nan=0.0)
+
+
+@register(ADVANTAGE_ESTIMATORS, "rloo")
+def rloo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "none") -> Tensor:
+    """Leave-one-out baseline: Â_i = r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − mean_g), then optional scaling."""
+    grouped = rewards.view(-1, group_size)
+    count = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    centered = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) * count / (count - 1).clamp(min=1)
+    return torch.nan_to_num(_scale(centered.view(-1), rewards, group_size, scale_rewards), nan=0.0)
+
+
+def batch_zscore(rewards: Tensor) -> Tensor:
+    """(r − mean) / (σ + 1e-4) over the whole batch: the advantage for `normalize_then_sum` (TRL's GDPO)."""
+    return torch.nan_to_num((rewards - torch.nanmean(rewards)) / (nanstd(rewards) + STD_EPS), nan=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / T)[target] in fp32; logits [B, T, V] are aligned with targets [B, T]."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy (nats) of softmax(logits / T) per position, without gradient."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy loss, KL, aggregation
+
+
+def importance_log_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """log(π_θ/π_old) per token [B, T], or its masked sequence mean [B, 1] (GSPO, `sequence`)."""
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    raise ValueError(f"unknown importance_sampling_level {level!r}")
+
+
+def clipped_surrogate(
+    log_weights: Tensor, advantages: Tensor, epsilon_low: float, epsilon_high: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped objective as a loss: −min(w·Â, clip(w, 1−ε_low, 1+ε_high)·Â).
+
+    Returns the per-token loss and two masks of tokens whose gradient the clip removed:
+    low (w < 1−ε_low with Â < 0) and high (w > 1+ε_high with Â > 0).
+    """
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(log_weights)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return loss, low, high
+
+
+@register(KL_ESTIMATORS, "k1")
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """log π_θ − log π_ref (unbiased, high variance, can be negative)."""
+    return logp - ref_logp
+
+
+@register(KL_ESTIMATORS, "k2")
+def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """½ (log π_θ − log π_ref)²."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+@register(KL_ESTIMATORS, "k3")
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 (Schulman's low-variance estimator; TRL's)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    loss_type: str,
+    *,
+    total_sequences: int | None = None,
+    total_tokens: float | None = None,
+    max_completion_length: int | None = None,
+    num_micro_batches: int = 1,
+) -> Tensor:
+    """Reduce a per-token loss of one micro-batch so that summing over micro-batches gives the batch loss.
+
+    `total_sequences` / `total_tokens` are the counts over the whole batch (default: this micro-batch).
+      grpo     Σ_i (Σ_t L·M / Σ_t M) / total_sequences           (sequence mean, then mean over sequences)
+      bnpo     (Σ L·M / Σ M) / num_micro_batches                  (token mean within each micro-batch, as TRL)
+      dr_grpo  Σ L·M / (total_sequences · max_completion_length)
+      dapo     Σ L·M / total_tokens                               (global token mean)
+    """
+    mask = mask.to(per_token_loss.dtype)
+    masked = per_token_loss * mask
+    n_seq = total_sequences if total_sequences is not None else per_token_loss.shape[0]
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_seq
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length")
+        return masked.sum() / (n_seq * max_completion_length)
+    if loss_type == "dapo":
+        n_tok = total_tokens if total_tokens is not None else mask.sum()
+        return masked.sum() / max(float(n_tok), 1.0)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout-engine mismatch correction
+
+
+def rollout_correction_weights(
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str, cap_max: float = 3.0, cap_min: float | None = None
+) -> Tensor:
+    """Importance weights π_old / π_rollout for tokens sampled by the rollout engine.
+
+    `token_*` gives [B, T] per-token ratios, `sequence_*` one ratio per sequence [B, 1] (product over tokens).
+    `*_truncate` clamps to [cap_min, cap_max]; `*_mask` sets ratios outside that range to 0.
+    Tokens whose engine log-prob is missing (NaN) get ratio 1.
+    """
+    diff = torch.nan_to_num((old_logp - rollout_logp) * mask, nan=0.0)
+    level, _, action = mode.partition("_")
+    if level == "sequence":
+        diff = diff.sum(-1, keepdim=True)
+    elif level != "token":
+        raise ValueError(f"unknown rollout correction mode {mode!r}")
+    ratio = torch.exp(diff)
+    if action == "truncate":
+        return torch.clamp(ratio, min=cap_min, max=cap_max)
+    if action == "mask":
+        low = -math.inf if cap_min is None else cap_min
+        return ratio.masked_fill((ratio < low) | (ratio > cap_max), 0.0)
+    raise ValueError(f"unknown rollout correction mode {mode!r}")
