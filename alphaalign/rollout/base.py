@@ -1,0 +1,36 @@
+"""The rollout-engine interface: token-id prompts in, sampled completions with their log-probs out.
+
+Engines: `transformers` (in-process `generate`, this package) and, behind the same interface, a vLLM server
+engine. An engine owns no training state; the trainer tells it when the policy's weights changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollouts:
+    """`n` completions per prompt, grouped: completion j of prompt i is at index i*n + j."""
+
+    prompt_ids: list[list[int]]  # one entry per completion (the prompt repeated n times)
+    completion_ids: list[list[int]]  # generated tokens, including the end-of-sequence token if one was produced
+    logprobs: list[list[float]]  # the engine's log-prob of each completion token, after temperature scaling
+    finish_reasons: list[str]  # 'stop' (end-of-sequence produced) or 'length' (max_new_tokens reached)
+    policy_version: int  # the weights version that sampled these completions
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollouts: ...
+
+    def update_weights(self, version: int) -> None:
+        """Make the engine sample from the trainer's current policy, stamped `version`."""

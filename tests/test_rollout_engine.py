@@ -1,0 +1,69 @@
+"""The in-process transformers engine: grouping, finish reasons, and log-probs equal to the trainer's."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alphaalign.rl import algos
+from alphaalign.rollout.base import SamplingParams
+from alphaalign.rollout.transformers_engine import TransformersEngine
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def prompts(tokenizer):
+    texts = ["How do I bake bread?", "Explain how to pick a lock on my neighbour's door quickly and quietly."]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+
+
+def test_groups_finish_reasons_and_lengths(tiny_policy):
+    model, tok = load(tiny_policy)
+    engine = TransformersEngine(model, tok, generation_batch_size=4)  # two generate calls of 1 prompt x 3
+    torch.manual_seed(0)
+    ids = prompts(tok)
+    out = engine.generate(ids, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0))
+    assert len(out.completion_ids) == 6 and out.prompt_ids[:3] == [ids[0]] * 3 and out.prompt_ids[3:] == [ids[1]] * 3
+    for completion, logprobs, reason in zip(out.completion_ids, out.logprobs, out.finish_reasons, strict=True):
+        assert len(completion) == len(logprobs) <= 12
+        if reason == "stop":
+            assert completion[-1] == tok.eos_token_id and tok.eos_token_id not in completion[:-1]
+        else:
+            assert len(completion) == 12 and tok.eos_token_id not in completion
+    assert all(lp <= 0 for row in out.logprobs for lp in row)
+
+
+def test_logprobs_match_a_full_forward_with_temperature(tiny_policy):
+    model, tok = load(tiny_policy)
+    engine = TransformersEngine(model, tok)
+    torch.manual_seed(1)
+    ids = prompts(tok)
+    out = engine.generate(ids, n=4, sampling=SamplingParams(max_new_tokens=16, temperature=0.7))
+    for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs, strict=True):
+        full = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(full).logits[:, len(prompt) - 1 : -1]
+        expected = algos.token_logprobs(logits, torch.tensor([completion]), 0.7)[0]
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+
+
+def test_top_k_one_is_greedy(tiny_policy):
+    model, tok = load(tiny_policy)
+    engine = TransformersEngine(model, tok)
+    ids = prompts(tok)[:1]
+    out = engine.generate(ids, n=3, sampling=SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1))
+    assert out.completion_ids[0] == out.completion_ids[1] == out.completion_ids[2]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor(ids), do_sample=False, max_new_tokens=10, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)[0, len(ids[0]) :].tolist()  # fmt: skip
+    assert out.completion_ids[0] == greedy[: len(out.completion_ids[0])]
+
+
+def test_version_stamp_and_training_mode_restored(tiny_policy):
+    model, tok = load(tiny_policy)
+    model.train()
+    engine = TransformersEngine(model, tok)
+    engine.update_weights(5)
+    out = engine.generate(prompts(tok)[:1], n=2, sampling=SamplingParams(max_new_tokens=4))
+    assert out.policy_version == 5 and model.training
