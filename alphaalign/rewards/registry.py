@@ -1,0 +1,87 @@
+"""Reward registry: built-in rewards by name, or any ``"package.module:function"``.
+
+A reward follows TRL's reward-function signature,
+``fn(prompts, completions, **columns) -> list[float | None]``: ``columns`` are the dataset columns
+(always including ``label``), aligned with ``completions``, and ``None`` means "not applicable".
+A recipe's ``args`` are bound with ``functools.partial`` by the caller.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+
+RewardFn = Callable[..., list[float | None]]
+
+_REWARDS: dict[str, RewardFn] = {}
+_POSITIONAL = ("prompts", "completions")
+
+
+class UnknownRewardError(ValueError):
+    """A reward name that is neither registered nor an importable ``module:function``."""
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering ``fn`` under ``name``; a registered reward must name all its recipe args."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if _REWARDS.get(name, fn) is not fn:
+            raise ValueError(f"reward {name!r} is already registered")
+        _REWARDS[name] = fn
+        return fn
+
+    return decorator
+
+
+def reward_names() -> list[str]:
+    """Names of the registered rewards, sorted."""
+    return sorted(_REWARDS)
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """Return the registered reward ``name``, or import ``"package.module:function"``."""
+    if ":" not in name:
+        if name in _REWARDS:
+            return _REWARDS[name]
+        known = ", ".join(reward_names()) or "none"
+        raise UnknownRewardError(
+            f"unknown reward {name!r}; built-in rewards: {known}; or give 'package.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise UnknownRewardError(f"reward {name!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownRewardError(f"reward {name!r}: cannot import module {module_name!r} ({exc})") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UnknownRewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise UnknownRewardError(f"reward {name!r}: {module_name}.{attr} is not callable")
+    return fn
+
+
+def check_reward_args(fn: RewardFn, args: dict) -> None:
+    """Raise ValueError naming the first key of ``args`` that ``fn`` does not accept.
+
+    ``prompts`` and ``completions`` are never recipe args. A function taking ``**kwargs`` accepts
+    anything, except a registered reward: built-ins take ``**columns`` only to absorb TRL's dataset
+    columns, so their recipe args are checked against their named parameters.
+    """
+    params = inspect.signature(fn).parameters
+    registered = fn in _REWARDS.values()
+    if not registered and any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    named = [
+        n
+        for n, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in _POSITIONAL
+    ]
+    for key in args:
+        if key not in named:
+            name = getattr(fn, "__name__", repr(fn))
+            raise ValueError(
+                f"reward {name!r} has no argument {key!r}; it accepts: {', '.join(named) or 'none'}"
+            )
