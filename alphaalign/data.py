@@ -159,15 +159,16 @@ def check_data(recipe: Recipe) -> None:
 class PromptStream:
     """An endless, seeded stream of training examples drawn from weighted sources.
 
-    Each draw picks a source with probability proportional to its weight, then takes that source's next
-    example in a per-epoch shuffled order. The stream is a pure function of (seed, number of draws), so
-    resuming only needs the draw count.
+    Sources are interleaved in exact proportion to their weights (smooth weighted round-robin: with weights
+    1:1, every other prompt comes from each source), and each source yields its examples in a freshly
+    shuffled order every epoch. The stream is a pure function of (seed, number of draws), so resuming only
+    needs the draw count.
     """
 
     def __init__(self, sources: list[list[Example]], weights: list[float], seed: int):
         self.sources, self.weights, self.seed = sources, weights, seed
         self.draws = 0
-        self._rng = random.Random(seed)
+        self._credit = [0.0] * len(sources)
         self._orders = [self._order(i, 0) for i in range(len(sources))]
         self._pos = [0] * len(sources)
         self._epoch = [0] * len(sources)
@@ -177,8 +178,14 @@ class PromptStream:
         random.Random(f"{self.seed}-{source}-{epoch}").shuffle(order)
         return order
 
+    def _pick_source(self) -> int:
+        self._credit = [c + w for c, w in zip(self._credit, self.weights, strict=True)]
+        s = max(range(len(self.sources)), key=lambda i: self._credit[i])
+        self._credit[s] -= sum(self.weights)
+        return s
+
     def _next(self) -> Example:
-        s = self._rng.choices(range(len(self.sources)), weights=self.weights)[0] if len(self.sources) > 1 else 0
+        s = self._pick_source()
         if self._pos[s] == len(self._orders[s]):
             self._epoch[s] += 1
             self._orders[s], self._pos[s] = self._order(s, self._epoch[s]), 0

@@ -20,24 +20,34 @@ DEMO_DATA = ROOT / "recipes" / "data" / "demo"
 torch.set_num_threads(2)
 
 
-def demo_examples(split: str = "train", limit: int | None = None):
+def demo_examples(limit: int | None = None):
+    """The demo's training prompts, harmful and benign alternating."""
     from alphaalign.data import Example
 
-    rows = [json.loads(line) for line in (DEMO_DATA / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    files = [(DEMO_DATA / f"train_{label}.jsonl").read_text().splitlines() for label in ("harmful", "benign")]
+    rows = [json.loads(line) for pair in zip(*files, strict=True) for line in pair]
     return [Example(r["prompt"], r["label"]) for r in rows[:limit]]
 
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
-    """A ~0.2M-parameter Qwen2 with a locally trained tokenizer, warm-started for two epochs on the demo
-    prompts so that its completions vary in format and refusal (a random model earns only zero rewards)."""
-    from alphaalign.data import ALPHAALIGN_TEMPLATE, compile_template
-    from alphaalign.demo.build import CHATML, random_qwen2, train_tokenizer, warm_start
+    """A ~0.2M-parameter Qwen2 with a locally trained tokenizer, briefly warm-started on the demo prompts so
+    that its completions vary in format and refusal (a random model earns only zero rewards)."""
+    from alphaalign.data import compile_template
+    from alphaalign.demo.build import (
+        COMPLIANCES,
+        REFUSALS,
+        random_qwen2,
+        response_text,
+        train_tokenizer,
+        warm_start,
+    )
 
-    examples = demo_examples("train", limit=160)
-    tokenizer = train_tokenizer([ex.prompt for ex in examples] + [ALPHAALIGN_TEMPLATE, CHATML], vocab_size=600)
+    examples = demo_examples(limit=256)
+    responses = [response_text(*pair) for pair in REFUSALS + COMPLIANCES]
+    tokenizer = train_tokenizer([ex.prompt for ex in examples] + responses * 50, vocab_size=600)
     model = random_qwen2(tokenizer, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0)
-    warm_start(model, tokenizer, examples, compile_template("alphaalign"), None, epochs=2)
+    warm_start(model, tokenizer, examples, compile_template("none"), None, epochs=4)
     path = tmp_path_factory.mktemp("policy") / "tiny"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -51,7 +61,7 @@ def write_recipe(tmp_path):
     def write(overrides: dict | None = None, name: str = "recipe.yaml", base: bool = True) -> Path:
         recipe = {
             "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
-            "data": {"train": [{"path": str(DEMO_DATA / "train.jsonl")}]},
+            "data": {"train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")]},
             "rewards": [{"name": "alphaalign_safety"}],
         } if base else {}  # fmt: skip
         for key, value in (overrides or {}).items():

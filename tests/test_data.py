@@ -76,8 +76,10 @@ def test_prompt_stream_is_deterministic_resumable_and_weighted():
     again = PromptStream([a, b], [3.0, 1.0], seed=1)
     again.skip_to(250)
     assert again.take(150) == drawn[250:]
-    share = Counter(ex.prompt[0] for ex in drawn)
-    assert 0.68 < share["a"] / 400 < 0.82  # weight 3:1
+    for start in range(0, 400, 4):  # weights 3:1 are met exactly in every window of 4 draws
+        assert Counter(ex.prompt[0] for ex in drawn[start : start + 4]) == {"a": 3, "b": 1}
+    balanced = PromptStream([a, b], [1.0, 1.0], seed=0).take(6)
+    assert [ex.label for ex in balanced] == ["harmful", "benign"] * 3
     # within a source, every example appears once per epoch
     only_a = PromptStream([a], [1.0], seed=2).take(20)
     assert sorted(ex.prompt for ex in only_a[:10]) == sorted(ex.prompt for ex in a)
@@ -87,7 +89,18 @@ def test_prompt_stream_is_deterministic_resumable_and_weighted():
 def test_demo_data_is_labelled_and_split():
     from conftest import DEMO_DATA
 
-    train = [json.loads(x) for x in (DEMO_DATA / "train.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for name in ("train_harmful", "train_benign")
+             for x in (DEMO_DATA / f"{name}.jsonl").read_text().splitlines()]  # fmt: skip
     heldout = [json.loads(x) for x in (DEMO_DATA / "heldout.jsonl").read_text().splitlines()]
     assert {r["label"] for r in train} == {r["label"] for r in heldout} == {"harmful", "benign"}
     assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in heldout}
+
+
+def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
+    from conftest import DEMO_DATA
+
+    from alphaalign.demo.prompts import write_demo_prompts
+
+    write_demo_prompts(tmp_path)
+    for name in ("train_harmful.jsonl", "train_benign.jsonl", "heldout.jsonl"):
+        assert (tmp_path / name).read_text() == (DEMO_DATA / name).read_text()
