@@ -76,6 +76,7 @@ class AlgorithmConfig(_Section):
     importance_sampling_level: Literal["token", "sequence"] = "token"
     beta: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_bias_correction: bool = True  # KL term × the importance ratio (trl 1.16's use_bias_correction_kl)
     num_iterations: int = Field(1, ge=1)
     # Correction for the gap between the rollout engine's log-probs and the trainer's (TRL's
     # vllm_importance_sampling_*). 'auto' turns it on (sequence_mask) for engines other than in-process transformers.

@@ -1,0 +1,96 @@
+"""The `alphaalign` command line: train and validate recipes.
+
+User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from alphaalign.errors import UserError
+
+
+def validate(recipe_path: str, overrides: list[str]):
+    """Check the recipe, its local data files and its reward names and arguments without loading a model."""
+    from alphaalign.config import load_recipe
+    from alphaalign.data import check_data
+    from alphaalign.rewards import UnknownRewardError, check_reward_args, resolve_reward
+
+    recipe = load_recipe(recipe_path, overrides)
+    check_data(recipe)
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            check_reward_args(resolve_reward(spec.name), spec.args)
+        except UnknownRewardError as exc:
+            raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
+        except ValueError as exc:
+            raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
+    model_path = recipe.model.name_or_path
+    looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
+    if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
+        raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
+    return recipe
+
+
+def format_eval_table(before: dict, after: dict) -> str:
+    rows = [("harmful refusal rate", "harmful_refusal_rate", "higher is better"),
+            ("benign over-refusal rate", "benign_refusal_rate", "lower is better"),
+            ("format validity", "format_valid_rate", "higher is better")]  # fmt: skip
+    n = f"held-out prompts: {after['n_harmful']} harmful, {after['n_benign']} benign (responses sampled)"
+    lines = [n, f"{'metric':<26}{'before RL':>10}{'after RL':>10}", "-" * 46]
+    lines += [f"{name:<26}{before[key]:>10.1%}{after[key]:>10.1%}   {hint}" for name, key, hint in rows]
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    recipe = validate(args.recipe, args.overrides)
+    from alphaalign.rl.trainer import train
+
+    result = train(recipe)
+    final = result["final"]
+    if final:
+        print(f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}")
+    if "after" in result:
+        print(format_eval_table(result["before"], result["after"]))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    recipe = validate(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok ({len(recipe.data.train)} train source(s), {len(recipe.rewards)} reward term(s))")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alphaalign", description="Safety alignment with RL on verifiable rewards.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
+                           ("validate", cmd_validate, "check a recipe, its data and rewards without loading models")]:  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

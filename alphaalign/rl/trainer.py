@@ -1,0 +1,354 @@
+"""The GRPO training loop, to be read top to bottom.
+
+Each step: draw `prompts_per_step` labelled prompts → `num_generations` rollouts each → reward stack →
+group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → log, and
+checkpoint every `save_every` steps. The math lives in `alphaalign.rl.algos`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alphaalign.config import Recipe
+from alphaalign.data import Example, PromptStream, chat_messages, compile_template, load_split, recipe_base
+from alphaalign.errors import UserError
+from alphaalign.evaluation import safety_summary
+from alphaalign.models import load_causal_lm, load_tokenizer, pick_device
+from alphaalign.rewards.stack import RewardStack
+from alphaalign.rl import algos
+from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from alphaalign.rl.logger import MetricsLogger
+from alphaalign.rollout.base import Rollouts, SamplingParams
+from alphaalign.rollout.transformers_engine import TransformersEngine
+
+
+def train(recipe: Recipe) -> dict:
+    """Run the recipe; returns the final metrics (and the before/after evaluation when data.eval is set)."""
+    tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
+    out = prepare_output_dir(tc.output_dir)
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+
+    if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
+        from alphaalign.demo.build import build_demo_policy
+
+        build_demo_policy(recipe)
+
+    # ---- data, models, rewards, optimizer
+    base = recipe_base(recipe)
+    train_sources = load_split(recipe.data, "train", base)
+    eval_examples = [ex for source in load_split(recipe.data, "eval", base) for ex in source]
+    stream = PromptStream(train_sources, [s.weight for s in recipe.data.train], tc.seed)
+    rewards = RewardStack(recipe.rewards)
+    tags = format_tags(recipe)
+
+    resume = resolve_resume(tc.resume_from, tc.output_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
+    ref = None
+    if ac.beta > 0:
+        ref = load_causal_lm(recipe.model, device, path=recipe.model.ref_name_or_path, trainable=False)
+    engine = TransformersEngine(policy, tokenizer, rc.generation_batch_size)
+    sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k)
+    template = compile_template(recipe.data.template)
+
+    def encode(example: Example) -> list[int]:
+        messages = chat_messages(example, template, recipe.data.system_prompt)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)[-recipe.data.max_prompt_tokens :]
+
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, tc.max_steps * ac.num_iterations))
+
+    step = 0
+    if resume:
+        state = load_checkpoint(resume, optimizer, scheduler)
+        step = state["step"]
+        stream.skip_to(state["data_draws"])
+        engine.update_weights(step)
+    else:
+        (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
+
+    evaluate = (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags)) if eval_examples else None
+    if evaluate and not (out / "eval_before.json").exists():
+        before = evaluate()
+        (out / "eval_before.json").write_text(json.dumps(before, indent=2))
+        print(f"before RL, held-out: harmful refusal {before['harmful_refusal_rate']:.1%}, benign over-refusal "
+              f"{before['benign_refusal_rate']:.1%}, format validity {before['format_valid_rate']:.1%}", flush=True)
+
+    # ---- the loop
+    logger = MetricsLogger(recipe, out, start_step=step)
+    metrics: dict = {}
+    while step < tc.max_steps:
+        step += 1
+        t0 = time.perf_counter()
+        examples = stream.take(tc.prompts_per_step)
+        rollouts = engine.generate([encode(ex) for ex in examples], rc.num_generations, sampling)
+        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+
+        t1 = time.perf_counter()
+        group = [ex for ex in examples for _ in range(rc.num_generations)]
+        columns = {"label": [ex.label for ex in group]}
+        for key in {k for ex in group for k in ex.columns}:
+            columns[key] = [ex.columns.get(key) for ex in group]
+        per_term = rewards.score([ex.prompt for ex in group], texts, columns)
+        scalar = algos.combine_rewards(per_term, rewards.weights, rc.num_generations, ac.reward_aggregation)
+        if ac.reward_aggregation == "normalize_then_sum":
+            advantages = algos.batch_zscore(scalar)
+        else:
+            estimator = algos.ADVANTAGE_ESTIMATORS[ac.advantage_estimator]
+            advantages = estimator(scalar, rc.num_generations, ac.scale_rewards)
+
+        t2 = time.perf_counter()
+        update = policy_update(policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id)
+        engine.update_weights(step)
+        t3 = time.perf_counter()
+
+        metrics = {
+            "step": step,
+            **reward_metrics(per_term, scalar, advantages, rewards.names, rc.num_generations),
+            **update,
+            **rollout_metrics(rollouts),
+            **{f"rollout/{k}": v for k, v in safety_summary(texts, columns["label"], tags).items() if not k.startswith("n_")},
+            "time/generate_s": t1 - t0,
+            "time/score_s": t2 - t1,
+            "time/update_s": t3 - t2,
+            "time/step_s": t3 - t0,
+            "throughput/completion_tokens_per_s": sum(map(len, rollouts.completion_ids)) / (t3 - t0),
+        }
+        logger.log(metrics)
+        if step % tc.save_every == 0 or step == tc.max_steps:
+            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, stream.draws, tc.keep_last)
+    logger.close()
+
+    result = {"final": metrics}
+    if evaluate:
+        before = json.loads((out / "eval_before.json").read_text())
+        after_path = out / "eval_after.json"
+        after = json.loads(after_path.read_text()) if after_path.exists() and not metrics else evaluate()
+        after_path.write_text(json.dumps(after, indent=2))
+        result.update(before=before, after=after)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The policy update
+
+
+@dataclass
+class MicroBatch:
+    rows: list[int]
+    input_ids: torch.Tensor  # [b, P + C]: left-padded prompts, then right-padded completions
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_ids: torch.Tensor  # [b, C]
+    mask: torch.Tensor  # [b, C] float, 1 on completion tokens that count in the loss
+    rollout_logp: torch.Tensor  # [b, C] the engine's log-probs
+
+
+def micro_batches(rollouts: Rollouts, budget: int, loss_mask_rows: list[bool], pad_id: int, device) -> list[MicroBatch]:
+    """Consecutive rows packed while (rows × longest row) stays within the token budget."""
+    lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
+    groups, current, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    groups.append(current)
+
+    out = []
+    for rows in groups:
+        P = max(len(rollouts.prompt_ids[i]) for i in rows)
+        C = max(len(rollouts.completion_ids[i]) for i in rows)
+        ids = torch.full((len(rows), P + C), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), P + C), dtype=torch.long)
+        logp = torch.zeros((len(rows), C))
+        for j, i in enumerate(rows):
+            p, c = rollouts.prompt_ids[i], rollouts.completion_ids[i]
+            ids[j, P - len(p) : P] = torch.tensor(p)
+            ids[j, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[j, P - len(p) : P + len(c)] = 1
+            logp[j, : len(c)] = torch.tensor(rollouts.logprobs[i])
+        mask = attn[:, P:].float() * torch.tensor([float(loss_mask_rows[i]) for i in rows]).unsqueeze(1)
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        out.append(MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
+                              mask.to(device), logp.to(device)))  # fmt: skip
+    return out
+
+
+def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
+    C = mb.completion_ids.shape[1]
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                   logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
+    return logits[:, :-1]
+
+
+def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, recipe: Recipe, totals: dict):
+    """The loss of one micro-batch, scaled so that the micro-batch losses sum to the batch loss.
+
+    `old_logp` None means π_old = π_θ (one update per batch, no rollout correction): ratio 1, gradient intact.
+    `totals` holds the batch-wide counts: sequences, tokens, micro_batches. Returns (loss, per-token stats).
+    """
+    ac, temperature = recipe.algorithm, recipe.rollout.temperature
+    logits = completion_logits(policy, mb)
+    logp = algos.token_logprobs(logits, mb.completion_ids, temperature)
+    old = logp.detach() if old_logp is None else old_logp
+    log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
+    per_token, low, high = algos.clipped_surrogate(log_w, advantages, ac.epsilon, ac.epsilon_high)
+    stats = {"clip_low": low.expand_as(mb.mask), "clip_high": high.expand_as(mb.mask), "logits": logits}
+    correction = recipe.rollout_correction
+    if correction != "none":
+        is_w = algos.rollout_correction_weights(old, mb.rollout_logp, mb.mask, correction,
+                                                ac.rollout_correction_max, ac.rollout_correction_min)  # fmt: skip
+        per_token = per_token * is_w
+        stats["is_weight"] = is_w.expand_as(mb.mask)
+    if ref_logp is not None:
+        kl = algos.KL_ESTIMATORS[ac.kl_estimator](logp, ref_logp)
+        stats["kl"] = kl.detach()
+        if ac.kl_bias_correction:
+            kl = kl * torch.exp(log_w)
+        per_token = per_token + ac.beta * kl
+    loss = algos.aggregate_loss(
+        per_token, mb.mask, ac.loss_type, total_sequences=totals["sequences"], total_tokens=totals["tokens"],
+        max_completion_length=recipe.rollout.max_new_tokens, num_micro_batches=totals["micro_batches"],
+    )  # fmt: skip
+    return loss, stats
+
+
+def policy_update(policy, ref, optimizer, scheduler, rollouts: Rollouts, advantages, recipe: Recipe, pad_id) -> dict:
+    ac, temperature = recipe.algorithm, recipe.rollout.temperature
+    device = next(policy.parameters()).device
+    keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
+    mbs = micro_batches(rollouts, recipe.trainer.micro_batch_tokens, keep, pad_id, device)
+    totals = {"sequences": len(rollouts.completion_ids), "tokens": float(sum(mb.mask.sum() for mb in mbs)),
+              "micro_batches": len(mbs)}  # fmt: skip
+    need_old = ac.num_iterations > 1 or recipe.rollout_correction != "none"
+
+    # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
+    def frozen(model, mb):
+        with torch.no_grad():
+            return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
+
+    old_logps = [frozen(policy, mb) if need_old else None for mb in mbs]
+    ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
+
+    sums = dict.fromkeys(["loss", "kl", "entropy", "clip_low", "clip_high", "is_weight"], 0.0)
+    grad_norms = []
+    for iteration in range(ac.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
+            loss, stats = micro_batch_loss(policy, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals)
+            loss.backward()
+            sums["loss"] += float(loss.detach()) / ac.num_iterations
+            for key in ("clip_low", "clip_high"):
+                sums[key] += float((stats[key] * mb.mask).sum()) / ac.num_iterations
+            if iteration == 0:  # measured on the policy that generated the batch
+                sums["entropy"] += float((algos.token_entropy(stats["logits"], temperature) * mb.mask).sum())
+                for key in ("kl", "is_weight"):
+                    if key in stats:
+                        sums[key] += float((stats[key] * mb.mask).sum())
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), recipe.trainer.max_grad_norm)))
+        optimizer.step()
+        scheduler.step()
+
+    n = max(totals["tokens"], 1.0)
+    out = {
+        "loss": sums["loss"],
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "lr": scheduler.get_last_lr()[0],
+        "entropy/mean": sums["entropy"] / n,
+        "clip/low_fraction": sums["clip_low"] / n,
+        "clip/high_fraction": sums["clip_high"] / n,
+    }
+    if ref is not None:
+        out[f"kl/{ac.kl_estimator}_mean"] = sums["kl"] / n
+    if recipe.rollout_correction != "none":
+        out["rollout_correction/weight_mean"] = sums["is_weight"] / n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: metrics, evaluation, output folder
+
+
+def reward_metrics(per_term, scalar, advantages, names, group_size) -> dict:
+    out = {"reward/mean": float(torch.nanmean(scalar)), "reward/std": float(algos.nanstd(scalar))}
+    for k, name in enumerate(names):
+        column = per_term[:, k]
+        if (~torch.isnan(column)).any():
+            out[f"reward/{name}/mean"] = float(torch.nanmean(column))
+            out[f"reward/{name}/std"] = float(algos.nanstd(column)) if (~torch.isnan(column)).sum() > 1 else 0.0
+    group_std = algos.nanstd(scalar.view(-1, group_size), dim=1)
+    out.update({
+        "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
+        "advantage/min": float(advantages.min()), "advantage/max": float(advantages.max()),
+        "groups/zero_reward_std_fraction": float((torch.nan_to_num(group_std) < 1e-6).float().mean()),
+    })  # fmt: skip
+    return out
+
+
+def rollout_metrics(rollouts: Rollouts) -> dict:
+    lengths = [len(c) for c in rollouts.completion_ids]
+    return {
+        "completion/length_mean": sum(lengths) / len(lengths),
+        "completion/length_max": max(lengths),
+        "completion/truncated_fraction": sum(r == "length" for r in rollouts.finish_reasons) / len(lengths),
+    }
+
+
+def run_eval(engine, tokenizer, examples, encode, sampling, samples, tags) -> dict:
+    rollouts = engine.generate([encode(ex) for ex in examples], samples, sampling)
+    texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
+    return safety_summary(texts, [ex.label for ex in examples for _ in range(samples)], tags)
+
+
+def format_tags(recipe: Recipe) -> tuple[str, str]:
+    """The reasoning/answer tag names, as configured on the alphaalign_safety reward (defaults otherwise)."""
+    for spec in recipe.rewards:
+        if spec.name == "alphaalign_safety":
+            return spec.args.get("reasoning_tag", "safety_reasoning"), spec.args.get("answer_tag", "answer")
+    return "safety_reasoning", "answer"
+
+
+def lr_lambda(tc, total: int):
+    def factor(step: int) -> float:
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        progress = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
+        if tc.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if tc.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"trainer.output_dir: cannot write to {path} ({exc.strerror})") from None
+    return out
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,131 @@
+"""End-to-end training on a tiny offline model: outputs, checkpoints, exact resume, algorithm variants."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alphaalign.config import load_recipe
+from alphaalign.errors import UserError
+from alphaalign.rl.trainer import train
+
+TIMING = ("time/", "throughput/")
+
+
+def recipe_for(write_recipe, tiny_policy, tmp_path, **sections):
+    base = {
+        "model": {"name_or_path": str(tiny_policy)},
+        "data": {"template": "none"},
+        "rollout": {"num_generations": 4, "max_new_tokens": 16},
+        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
+                    "save_every": 2, "progress_bar": False},
+        "logging": {"wandb_mode": "disabled"},
+    }  # fmt: skip
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return write_recipe(base)
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
+
+
+def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(write_recipe, tiny_policy, tmp_path):
+    recipe = load_recipe(recipe_for(write_recipe, tiny_policy, tmp_path))
+    train(recipe)
+    out = tmp_path / "run"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward/mean", "reward/alphaalign_safety/mean", "advantage/std", "loss", "grad_norm",
+                "entropy/mean", "clip/low_fraction", "completion/length_mean", "rollout/harmful_refusal_rate",
+                "rollout/benign_refusal_rate", "rollout/format_valid_rate", "time/generate_s", "time/score_s",
+                "time/update_s", "throughput/completion_tokens_per_s"):  # fmt: skip
+        assert key in rows[0], key
+    assert all(0 <= r["rollout/format_valid_rate"] <= 1 for r in rows)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert (out / "recipe.resolved.yaml").exists()
+    before = load_file(tiny_policy / "model.safetensors")
+    after = load_file(out / "checkpoints" / "step-000003" / "policy" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_path):
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 4, "save_every": 2})
+    train(load_recipe(path, [f"trainer.output_dir={full_dir}"]))
+    train(load_recipe(path, [f"trainer.output_dir={split_dir}", "trainer.max_steps=2"]))
+    train(load_recipe(path, [f"trainer.output_dir={split_dir}"]))  # resumes automatically from step 2
+    full, split = strip_timing(read_metrics(full_dir)), strip_timing(read_metrics(split_dir))
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    assert split == full
+    a = load_file(full_dir / "checkpoints" / "step-000004" / "policy" / "model.safetensors")
+    b = load_file(split_dir / "checkpoints" / "step-000004" / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy, tmp_path):
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path,
+        algorithm={"beta": 0.04, "kl_estimator": "k3", "num_iterations": 2, "loss_type": "grpo",
+                   "scale_rewards": "batch", "rollout_correction": "token_truncate", "epsilon": 0.05},
+        trainer={"micro_batch_tokens": 400, "max_steps": 2},
+    )  # fmt: skip
+    train(load_recipe(path))
+    rows = read_metrics(tmp_path / "run")
+    assert all(r["kl/k3_mean"] >= 0 for r in rows)
+    assert rows[1]["kl/k3_mean"] > 0  # the policy moved away from the reference after step 1
+    assert all(0.9 < r["rollout_correction/weight_mean"] < 1.1 for r in rows)  # same weights sampled them
+    assert any(r["clip/low_fraction"] + r["clip/high_fraction"] > 0 for r in rows)  # 2nd iteration is off-policy
+
+
+def test_unwritable_output_dir_fails_before_training(write_recipe, tiny_policy, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    recipe = load_recipe(recipe_for(write_recipe, tiny_policy, tmp_path), [f"trainer.output_dir={blocker}/run"])
+    with pytest.raises(UserError, match="trainer.output_dir: cannot write"):
+        train(recipe)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "alphaalign.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_validate_ok_and_errors(write_recipe, tmp_path):
+    ok = run_cli("validate", str(write_recipe()))
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("validate", str(write_recipe()), "trainer.learning_rat=1")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: override 'trainer.learning_rat=1': trainer.learning_rat: unknown key"]
+    debug = run_cli("--debug", "validate", str(write_recipe()), "trainer.learning_rat=1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rewards=[{name: no_such_reward}]", "rewards.0.name: "),
+        ("rewards=[{name: alphaalign_safety, args: {bogus: 1}}]", "rewards.0.args: "),
+        ("data.train=[{path: missing.jsonl}]", "data.train.0.path: file not found: missing.jsonl"),
+        ("model.name_or_path=./no/such/model", "model.name_or_path: no such folder"),
+        ("data.template='{{ nothing }}'", "data.template: "),
+    ],
+)
+def test_cli_validate_catches_each_mistake_in_one_line(write_recipe, override, message):
+    result = run_cli("validate", str(write_recipe()), override)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_cli_bad_data_line(write_recipe, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "label": "benign"}\n{"prompt": "x", "label": "sometimes"}\n')
+    result = run_cli("validate", str(write_recipe({"data": {"train": [{"path": str(data)}]}})))
+    assert result.returncode == 2 and f"{data}:2: label field 'label' is 'sometimes'" in result.stderr
