@@ -47,7 +47,7 @@ def tiny_policy(tmp_path_factory) -> Path:
     responses = [response_text(*pair) for pair in REFUSALS + COMPLIANCES]
     tokenizer = train_tokenizer([ex.prompt for ex in examples] + responses * 50, vocab_size=600)
     model = random_qwen2(tokenizer, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0)
-    warm_start(model, tokenizer, examples, compile_template("none"), None, epochs=4)
+    warm_start(model, tokenizer, examples, compile_template("none"), None, epochs=12)
     path = tmp_path_factory.mktemp("policy") / "tiny"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
