@@ -52,7 +52,9 @@ def cmd_train(args) -> int:
     result = train(recipe)
     final = result["final"]
     if final:
-        print(f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}")
+        print(
+            f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}"
+        )
     if "after" in result:
         print(format_eval_table(result["before"], result["after"]))
     return 0
@@ -60,19 +62,25 @@ def cmd_train(args) -> int:
 
 def cmd_validate(args) -> int:
     recipe = validate(args.recipe, args.overrides)
-    print(f"{args.recipe}: ok ({len(recipe.data.train)} train source(s), {len(recipe.rewards)} reward term(s))")
+    print(
+        f"{args.recipe}: ok ({len(recipe.data.train)} train source(s), {len(recipe.rewards)} reward term(s))"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alphaalign", description="Safety alignment with RL on verifiable rewards.")
+    parser = argparse.ArgumentParser(
+        prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
                            ("validate", cmd_validate, "check a recipe, its data and rewards without loading models")]:  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe YAML file")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6")
+        p.add_argument(
+            "overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6"
+        )
         p.set_defaults(fn=fn)
     return parser
 

@@ -80,7 +80,9 @@ class AlgorithmConfig(_Section):
     num_iterations: int = Field(1, ge=1)
     # Correction for the gap between the rollout engine's log-probs and the trainer's (TRL's
     # vllm_importance_sampling_*). 'auto' turns it on (sequence_mask) for engines other than in-process transformers.
-    rollout_correction: Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "auto"
+    rollout_correction: Literal[
+        "auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = "auto"
     rollout_correction_max: float = Field(3.0, gt=0)
     rollout_correction_min: float | None = Field(None, ge=0)
     mask_truncated_completions: bool = False
@@ -100,7 +102,9 @@ class TrainerConfig(_Section):
     output_dir: str = "outputs/run"
     save_every: int = Field(50, gt=0)
     keep_last: int = Field(2, ge=1)
-    resume_from: str = "auto"  # 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint path
+    resume_from: str = (
+        "auto"  # 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint path
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_samples: int = Field(1, ge=1)  # samples per eval prompt for the before/after evaluation
     progress_bar: bool = True

@@ -38,7 +38,9 @@ ALPHAALIGN_TEMPLATE = (
 class Example:
     prompt: str  # the user's request, without any template
     label: str  # 'harmful' or 'benign'
-    columns: dict[str, Any] = field(default_factory=dict)  # the row's other fields, passed to reward functions
+    columns: dict[str, Any] = field(
+        default_factory=dict
+    )  # the row's other fields, passed to reward functions
 
 
 def compile_template(template: str) -> jinja2.Template | None:
@@ -48,11 +50,17 @@ def compile_template(template: str) -> jinja2.Template | None:
     source = ALPHAALIGN_TEMPLATE if template == "alphaalign" else template
     if "prompt" not in source:
         raise ValueError("a custom template must use {{ prompt }}")
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(source)
+    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+        source
+    )
 
 
-def chat_messages(example: Example, template: jinja2.Template | None, system_prompt: str | None) -> list[dict]:
-    content = example.prompt if template is None else template.render(prompt=example.prompt, **example.columns)
+def chat_messages(
+    example: Example, template: jinja2.Template | None, system_prompt: str | None
+) -> list[dict]:
+    content = (
+        example.prompt if template is None else template.render(prompt=example.prompt, **example.columns)
+    )
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*messages, {"role": "user", "content": content}]
 

@@ -21,9 +21,13 @@ def pick_device(device: str) -> torch.device:
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load tokenizer from {cfg.name_or_path!r} ({exc})") from None
+        raise UserError(
+            f"model.name_or_path: cannot load tokenizer from {cfg.name_or_path!r} ({exc})"
+        ) from None
     if tokenizer.chat_template is None:
         raise UserError(f"model.name_or_path: the tokenizer of {cfg.name_or_path!r} has no chat template")
     if tokenizer.pad_token_id is None:

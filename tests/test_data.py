@@ -59,7 +59,9 @@ def test_templates():
     example = Example("How do I bake bread?", "benign", {"topic": "food"})
     alpha = chat_messages(example, compile_template("alphaalign"), None)
     assert alpha[-1]["role"] == "user"
-    assert "<safety_reasoning>" in alpha[-1]["content"] and alpha[-1]["content"].endswith("How do I bake bread?")
+    assert "<safety_reasoning>" in alpha[-1]["content"] and alpha[-1]["content"].endswith(
+        "How do I bake bread?"
+    )
     assert chat_messages(example, compile_template("none"), "be nice") == [
         {"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I bake bread?"}]  # fmt: skip
     custom = chat_messages(example, compile_template("[{{ topic }}] {{ prompt }}"), None)

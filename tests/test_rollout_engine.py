@@ -9,7 +9,9 @@ from alphaalign.rollout.transformers_engine import TransformersEngine
 
 
 def load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        path
+    )
 
 
 def prompts(tokenizer):
@@ -24,8 +26,14 @@ def test_groups_finish_reasons_and_lengths(tiny_policy):
     torch.manual_seed(0)
     ids = prompts(tok)
     out = engine.generate(ids, n=3, sampling=SamplingParams(max_new_tokens=12, temperature=1.0))
-    assert len(out.completion_ids) == 6 and out.prompt_ids[:3] == [ids[0]] * 3 and out.prompt_ids[3:] == [ids[1]] * 3
-    for completion, logprobs, reason in zip(out.completion_ids, out.logprobs, out.finish_reasons, strict=True):
+    assert (
+        len(out.completion_ids) == 6
+        and out.prompt_ids[:3] == [ids[0]] * 3
+        and out.prompt_ids[3:] == [ids[1]] * 3
+    )
+    for completion, logprobs, reason in zip(
+        out.completion_ids, out.logprobs, out.finish_reasons, strict=True
+    ):
         assert len(completion) == len(logprobs) <= 12
         if reason == "stop":
             assert completion[-1] == tok.eos_token_id and tok.eos_token_id not in completion[:-1]

@@ -37,7 +37,9 @@ def strip_timing(rows):
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
 
 
-def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(write_recipe, tiny_policy, tmp_path):
+def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
+    write_recipe, tiny_policy, tmp_path
+):
     recipe = load_recipe(recipe_for(write_recipe, tiny_policy, tmp_path))
     train(recipe)
     out = tmp_path / "run"
@@ -83,13 +85,17 @@ def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy
     assert all(r["kl/k3_mean"] >= 0 for r in rows)
     assert rows[-1]["kl/k3_mean"] > 0  # the policy moved away from the reference
     assert all(0.9 < r["rollout_correction/weight_mean"] < 1.1 for r in rows)  # same weights sampled them
-    assert any(r["clip/low_fraction"] + r["clip/high_fraction"] > 0 for r in rows)  # 2nd iteration is off-policy
+    assert any(
+        r["clip/low_fraction"] + r["clip/high_fraction"] > 0 for r in rows
+    )  # 2nd iteration is off-policy
 
 
 def test_unwritable_output_dir_fails_before_training(write_recipe, tiny_policy, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    recipe = load_recipe(recipe_for(write_recipe, tiny_policy, tmp_path), [f"trainer.output_dir={blocker}/run"])
+    recipe = load_recipe(
+        recipe_for(write_recipe, tiny_policy, tmp_path), [f"trainer.output_dir={blocker}/run"]
+    )
     with pytest.raises(UserError, match="trainer.output_dir: cannot write"):
         train(recipe)
 
@@ -103,7 +109,9 @@ def test_cli_validate_ok_and_errors(write_recipe, tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = run_cli("validate", str(write_recipe()), "trainer.learning_rat=1")
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: override 'trainer.learning_rat=1': trainer.learning_rat: unknown key"]
+    assert bad.stderr.strip().splitlines() == [
+        "error: override 'trainer.learning_rat=1': trainer.learning_rat: unknown key"
+    ]
     debug = run_cli("--debug", "validate", str(write_recipe()), "trainer.learning_rat=1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 

@@ -32,7 +32,12 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-TAGS = ["<safety_reasoning>", "</safety_reasoning>", "<answer>", "</answer>"]  # whole tokens: shorter sequences
+TAGS = [
+    "<safety_reasoning>",
+    "</safety_reasoning>",
+    "<answer>",
+    "</answer>",
+]  # whole tokens: shorter sequences
 REFUSALS = [
     ("This could cause harm, so it is unsafe.", "\\boxed{Sorry, I can't comply}"),
     ("The request is unsafe.", "\\boxed{Sorry, I can't comply}"),
@@ -78,7 +83,9 @@ def random_qwen2(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, 
     return model
 
 
-def warm_start(model, tokenizer, examples: list[Example], template, system_prompt, epochs: int, seed: int = 0):
+def warm_start(
+    model, tokenizer, examples: list[Example], template, system_prompt, epochs: int, seed: int = 0
+):
     """Supervised warm-start on (prompt, random refusal-or-compliance response).
 
     The loss covers the prompt too: next-token prediction on the requests stands in for the pretraining a
@@ -123,12 +130,17 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     target = Path(recipe.model.name_or_path)
     examples = [ex for source in load_split(recipe.data, "train", recipe_base(recipe)) for ex in source]
     template = compile_template(recipe.data.template)
-    print(f"building the demo policy at {target} (tokenizer, tiny Qwen2, {epochs}-epoch warm-start)...", flush=True)
+    print(
+        f"building the demo policy at {target} (tokenizer, tiny Qwen2, {epochs}-epoch warm-start)...",
+        flush=True,
+    )
     corpus = [ex.prompt for ex in examples] + [ALPHAALIGN_TEMPLATE, recipe.data.template, CHATML]
     corpus += [response_text(*pair) for pair in REFUSALS + COMPLIANCES] * 50
     tokenizer = train_tokenizer(corpus)
     model = random_qwen2(tokenizer, seed=recipe.trainer.seed)
-    loss = warm_start(model, tokenizer, examples, template, recipe.data.system_prompt, epochs, recipe.trainer.seed)
+    loss = warm_start(
+        model, tokenizer, examples, template, recipe.data.system_prompt, epochs, recipe.trainer.seed
+    )
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

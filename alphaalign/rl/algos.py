@@ -203,7 +203,12 @@ def aggregate_loss(
 
 
 def rollout_correction_weights(
-    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, mode: str, cap_max: float = 3.0, cap_min: float | None = None
+    old_logp: Tensor,
+    rollout_logp: Tensor,
+    mask: Tensor,
+    mode: str,
+    cap_max: float = 3.0,
+    cap_min: float | None = None,
 ) -> Tensor:
     """Importance weights π_old / π_rollout for tokens sampled by the rollout engine.
 

@@ -43,7 +43,9 @@ def resolve_resume(resume_from: str, output_dir: str) -> Path | None:
     return path
 
 
-def save_checkpoint(output_dir, step: int, policy, tokenizer, optimizer, scheduler, data_draws: int, keep_last: int):
+def save_checkpoint(
+    output_dir, step: int, policy, tokenizer, optimizer, scheduler, data_draws: int, keep_last: int
+):
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"

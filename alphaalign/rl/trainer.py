@@ -62,7 +62,9 @@ def train(recipe: Recipe) -> dict:
 
     def encode(example: Example) -> list[int]:
         messages = chat_messages(example, template, recipe.data.system_prompt)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids)[-recipe.data.max_prompt_tokens :]
 
     optimizer = torch.optim.AdamW(
@@ -79,12 +81,19 @@ def train(recipe: Recipe) -> dict:
     else:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
 
-    evaluate = (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags)) if eval_examples else None
+    evaluate = (
+        (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags))
+        if eval_examples
+        else None
+    )
     if evaluate and not (out / "eval_before.json").exists():
         before = evaluate()
         (out / "eval_before.json").write_text(json.dumps(before, indent=2))
-        print(f"before RL, held-out: harmful refusal {before['harmful_refusal_rate']:.1%}, benign over-refusal "
-              f"{before['benign_refusal_rate']:.1%}, format validity {before['format_valid_rate']:.1%}", flush=True)
+        print(
+            f"before RL, held-out: harmful refusal {before['harmful_refusal_rate']:.1%}, benign over-refusal "
+            f"{before['benign_refusal_rate']:.1%}, format validity {before['format_valid_rate']:.1%}",
+            flush=True,
+        )
 
     # ---- the loop
     logger = MetricsLogger(recipe, out, start_step=step)
@@ -110,7 +119,9 @@ def train(recipe: Recipe) -> dict:
             advantages = estimator(scalar, rc.num_generations, ac.scale_rewards)
 
         t2 = time.perf_counter()
-        update = policy_update(policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id)
+        update = policy_update(
+            policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id
+        )
         engine.update_weights(step)
         t3 = time.perf_counter()
 
@@ -119,7 +130,11 @@ def train(recipe: Recipe) -> dict:
             **reward_metrics(per_term, scalar, advantages, rewards.names, rc.num_generations),
             **update,
             **rollout_metrics(rollouts),
-            **{f"rollout/{k}": v for k, v in safety_summary(texts, columns["label"], tags).items() if not k.startswith("n_")},
+            **{
+                f"rollout/{k}": v
+                for k, v in safety_summary(texts, columns["label"], tags).items()
+                if not k.startswith("n_")
+            },
             "time/generate_s": t1 - t0,
             "time/score_s": t2 - t1,
             "time/update_s": t3 - t2,
@@ -156,7 +171,9 @@ class MicroBatch:
     rollout_logp: torch.Tensor  # [b, C] the engine's log-probs
 
 
-def micro_batches(rollouts: Rollouts, budget: int, loss_mask_rows: list[bool], pad_id: int, device) -> list[MicroBatch]:
+def micro_batches(
+    rollouts: Rollouts, budget: int, loss_mask_rows: list[bool], pad_id: int, device
+) -> list[MicroBatch]:
     """Consecutive rows packed while (rows × longest row) stays within the token budget."""
     lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
     groups, current, longest = [], [], 0
@@ -227,7 +244,9 @@ def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, rec
     return loss, stats
 
 
-def policy_update(policy, ref, optimizer, scheduler, rollouts: Rollouts, advantages, recipe: Recipe, pad_id) -> dict:
+def policy_update(
+    policy, ref, optimizer, scheduler, rollouts: Rollouts, advantages, recipe: Recipe, pad_id
+) -> dict:
     ac, temperature = recipe.algorithm, recipe.rollout.temperature
     device = next(policy.parameters()).device
     keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
@@ -249,7 +268,9 @@ def policy_update(policy, ref, optimizer, scheduler, rollouts: Rollouts, advanta
     for iteration in range(ac.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
-            loss, stats = micro_batch_loss(policy, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals)
+            loss, stats = micro_batch_loss(
+                policy, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals
+            )
             loss.backward()
             sums["loss"] += float(loss.detach()) / ac.num_iterations
             for key in ("clip_low", "clip_high"):
@@ -259,7 +280,9 @@ def policy_update(policy, ref, optimizer, scheduler, rollouts: Rollouts, advanta
                 for key in ("kl", "is_weight"):
                     if key in stats:
                         sums[key] += float((stats[key] * mb.mask).sum())
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), recipe.trainer.max_grad_norm)))
+        grad_norms.append(
+            float(torch.nn.utils.clip_grad_norm_(policy.parameters(), recipe.trainer.max_grad_norm))
+        )
         optimizer.step()
         scheduler.step()
 
@@ -289,7 +312,9 @@ def reward_metrics(per_term, scalar, advantages, names, group_size) -> dict:
         column = per_term[:, k]
         if (~torch.isnan(column)).any():
             out[f"reward/{name}/mean"] = float(torch.nanmean(column))
-            out[f"reward/{name}/std"] = float(algos.nanstd(column)) if (~torch.isnan(column)).sum() > 1 else 0.0
+            out[f"reward/{name}/std"] = (
+                float(algos.nanstd(column)) if (~torch.isnan(column)).sum() > 1 else 0.0
+            )
     group_std = algos.nanstd(scalar.view(-1, group_size), dim=1)
     out.update({
         "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),

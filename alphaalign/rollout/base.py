@@ -23,7 +23,9 @@ class Rollouts:
     """`n` completions per prompt, grouped: completion j of prompt i is at index i*n + j."""
 
     prompt_ids: list[list[int]]  # one entry per completion (the prompt repeated n times)
-    completion_ids: list[list[int]]  # generated tokens, including the end-of-sequence token if one was produced
+    completion_ids: list[
+        list[int]
+    ]  # generated tokens, including the end-of-sequence token if one was produced
     logprobs: list[list[float]]  # the engine's log-prob of each completion token, after temperature scaling
     finish_reasons: list[str]  # 'stop' (end-of-sequence produced) or 'length' (max_new_tokens reached)
     policy_version: int  # the weights version that sampled these completions

@@ -72,7 +72,9 @@ class TransformersEngine:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompts: list[list[int]], n: int, sampling: SamplingParams, out: Rollouts) -> None:
+    def _generate_chunk(
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, out: Rollouts
+    ) -> None:
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
