@@ -138,3 +138,19 @@ def test_cli_bad_data_line(write_recipe, tmp_path):
     data.write_text('{"prompt": "hi", "label": "benign"}\n{"prompt": "x", "label": "sometimes"}\n')
     result = run_cli("validate", str(write_recipe({"data": {"train": [{"path": str(data)}]}})))
     assert result.returncode == 2 and f"{data}:2: label field 'label' is 'sometimes'" in result.stderr
+
+
+def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(write_recipe, tiny_policy, tmp_path):
+    from alphaalign.rl.checkpoint import latest_checkpoint
+
+    path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 2})
+    train(load_recipe(path))
+    out = tmp_path / "run"
+    broken = out / "checkpoints" / ".tmp-step-000004"
+    (broken / "policy").mkdir(parents=True)  # a write killed before state.json
+    half = out / "checkpoints" / "step-000006"
+    half.mkdir()  # no state.json: incomplete
+    assert latest_checkpoint(out).name == "step-000002"
+    train(load_recipe(path, ["trainer.max_steps=4"]))  # resumes from step 2, not from the broken folders
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert latest_checkpoint(out).name == "step-000004" and not broken.exists()

@@ -49,7 +49,8 @@ def save_checkpoint(
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # left by an interrupted write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     policy.save_pretrained(tmp / "policy")
     tokenizer.save_pretrained(tmp / "policy")
