@@ -28,11 +28,23 @@ def validate(recipe_path: str, overrides: list[str]):
             raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
         except ValueError as exc:
             raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
+    check_output_dir(recipe_path, recipe.trainer.output_dir)
     model_path = recipe.model.name_or_path
     looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
     if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
         raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
     return recipe
+
+
+def check_output_dir(recipe_path: str, output_dir: str) -> None:
+    """The output folder, or the nearest folder above it that exists, must be writable (nothing is created)."""
+    path = Path(output_dir).expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{recipe_path}: trainer.output_dir: cannot write to {output_dir} ({path} is not a writable folder)"
+        )
 
 
 def format_eval_table(before: dict, after: dict) -> str:

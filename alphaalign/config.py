@@ -8,6 +8,7 @@ is the single source of defaults. Every error is one line naming the file and th
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,9 @@ class TrainerConfig(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_samples: int = Field(1, ge=1)  # samples per eval prompt for the before/after evaluation
+    # Steps whose rewards, advantages, log-probs, loss or gradients are not finite are skipped; the run
+    # aborts once more than this many have been skipped.
+    max_bad_steps: int = Field(3, ge=0)
     progress_bar: bool = True
 
 
@@ -133,6 +137,20 @@ class Recipe(_Section):
     logging: LoggingConfig = LoggingConfig()
     _source: Path | None = PrivateAttr(None)
 
+    @model_validator(mode="after")
+    def _one_sequence_fits_a_micro_batch(self) -> Recipe:
+        longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.trainer.micro_batch_tokens < longest:
+            raise ValueError(
+                f"trainer.micro_batch_tokens: {self.trainer.micro_batch_tokens} is smaller than one sequence "
+                f"(data.max_prompt_tokens + rollout.max_new_tokens = {longest})"
+            )
+        return self
+
+    def public_dump(self) -> dict:
+        """The recipe as plain data with secret-looking values (tokens, keys, passwords) masked."""
+        return _mask_secrets(self.model_dump(mode="json"))
+
     @property
     def rollout_correction(self) -> str:
         """The effective rollout log-prob correction mode ('auto' resolved)."""
@@ -140,6 +158,17 @@ class Recipe(_Section):
         if mode == "auto":
             return "none" if self.rollout.engine == "transformers" else "sequence_mask"
         return mode
+
+
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
+
+
+def _mask_secrets(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: "***" if _SECRET_KEY.search(str(k)) and v else _mask_secrets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask_secrets(v) for v in node]
+    return node
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,6 +271,10 @@ def apply_override(data: dict, override: str, origins: dict) -> dict:
 
 def _format_error(err: dict, origins: dict, default_source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc and err["type"] == "value_error":  # a check across sections names its key first
+        key, _, msg = msg.partition(": ")
+        loc = tuple(key.split("."))
     source = default_source
     for n in range(len(loc), 0, -1):
         if loc[:n] in origins:
@@ -252,7 +285,6 @@ def _format_error(err: dict, origins: dict, default_source: str) -> str:
         return f"{source}: {dotted}: unknown key"
     if err["type"] == "missing":
         return f"{source}: {dotted}: required key is missing"
-    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] != "value_error" and not isinstance(err.get("input"), dict | list):
         msg += f" (got {err.get('input')!r})"
     return f"{source}: {dotted}: {msg}"

@@ -78,6 +78,7 @@ def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy
         algorithm={"beta": 0.04, "kl_estimator": "k3", "num_iterations": 2, "loss_type": "grpo",
                    "scale_rewards": "batch", "rollout_correction": "token_truncate", "epsilon": 0.05},
         trainer={"micro_batch_tokens": 400, "max_steps": 3, "prompts_per_step": 8},
+        data={"max_prompt_tokens": 128},
     )  # fmt: skip
     train(load_recipe(path))
     rows = read_metrics(tmp_path / "run")

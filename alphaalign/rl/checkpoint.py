@@ -44,8 +44,9 @@ def resolve_resume(resume_from: str, output_dir: str) -> Path | None:
 
 
 def save_checkpoint(
-    output_dir, step: int, policy, tokenizer, optimizer, scheduler, data_draws: int, keep_last: int
-):
+    output_dir, step: int, policy, tokenizer, optimizer, scheduler, data_draws: int, keep_last: int,
+    bad_steps: int = 0,
+):  # fmt: skip
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -59,7 +60,9 @@ def save_checkpoint(
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                tmp / "trainer_state.pt")  # fmt: skip
-    (tmp / "state.json").write_text(json.dumps({"step": step, "data_draws": data_draws}))
+    (tmp / "state.json").write_text(
+        json.dumps({"step": step, "data_draws": data_draws, "bad_steps": bad_steps})
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(p for p in root.glob("step-*") if _complete(p))[:-keep_last]:
@@ -68,7 +71,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG states; returns state.json (step, data_draws)."""
+    """Restore optimizer, scheduler and RNG states; returns state.json (step, data_draws, bad_steps)."""
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -28,7 +28,7 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
                 project=recipe.logging.wandb_project, name=recipe.logging.run_name, dir=str(out),
-                mode=recipe.logging.wandb_mode, config=recipe.model_dump(mode="json"),
+                mode=recipe.logging.wandb_mode, config=recipe.public_dump(),
                 id=_run_id(out), resume="allow",
             )  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +73,10 @@ def train(recipe: Recipe) -> dict:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, tc.max_steps * ac.num_iterations))
 
-    step = 0
+    step, bad_steps = 0, 0
     if resume:
         state = load_checkpoint(resume, optimizer, scheduler)
-        step = state["step"]
+        step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
         engine.update_weights(step)
     else:
@@ -119,9 +120,16 @@ def train(recipe: Recipe) -> dict:
             advantages = estimator(scalar, rc.num_generations, ac.scale_rewards)
 
         t2 = time.perf_counter()
-        update = policy_update(
-            policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id
-        )
+        problem = first_nonfinite(
+            rewards=per_term[~per_term.isnan()], advantages=advantages
+        )  # NaN: not applicable
+        update = {}
+        if problem is None:
+            update = policy_update(
+                policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id
+            )
+            problem = update.pop("nonfinite", None)
+        bad_steps += problem is not None
         engine.update_weights(step)
         t3 = time.perf_counter()
 
@@ -129,6 +137,8 @@ def train(recipe: Recipe) -> dict:
             "step": step,
             **reward_metrics(per_term, scalar, advantages, rewards.names, rc.num_generations),
             **update,
+            "guard/skipped_step": float(problem is not None),
+            "guard/skipped_steps_total": bad_steps,
             **rollout_metrics(rollouts),
             **{
                 f"rollout/{k}": v
@@ -142,8 +152,11 @@ def train(recipe: Recipe) -> dict:
             "throughput/completion_tokens_per_s": sum(map(len, rollouts.completion_ids)) / (t3 - t0),
         }
         logger.log(metrics)
+        if problem is not None:
+            check_bad_steps(step, problem, bad_steps, tc.max_bad_steps, out)
         if step % tc.save_every == 0 or step == tc.max_steps:
-            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, stream.draws, tc.keep_last)
+            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, stream.draws, tc.keep_last,
+                            bad_steps=bad_steps)  # fmt: skip
     logger.close()
 
     result = {"final": metrics}
@@ -262,6 +275,12 @@ def policy_update(
 
     old_logps = [frozen(policy, mb) if need_old else None for mb in mbs]
     ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
+    checked = [t for t in old_logps + ref_logps if t is not None]
+    if recipe.rollout_correction != "none":
+        checked += [mb.rollout_logp for mb in mbs]
+    problem = first_nonfinite(**{"log-probs": checked})
+    if problem is not None:
+        return {"nonfinite": problem}
 
     sums = dict.fromkeys(["loss", "kl", "entropy", "clip_low", "clip_high", "is_weight"], 0.0)
     grad_norms = []
@@ -283,6 +302,10 @@ def policy_update(
         grad_norms.append(
             float(torch.nn.utils.clip_grad_norm_(policy.parameters(), recipe.trainer.max_grad_norm))
         )
+        problem = first_nonfinite(loss=torch.tensor(sums["loss"]), gradients=torch.tensor(grad_norms[-1]))
+        if problem is not None:  # leave the weights as they are
+            optimizer.zero_grad(set_to_none=True)
+            return {"nonfinite": problem}
         optimizer.step()
         scheduler.step()
 
@@ -303,7 +326,26 @@ def policy_update(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Helpers: metrics, evaluation, output folder
+# Helpers: numerical guards, metrics, evaluation, output folder
+
+
+def first_nonfinite(**named) -> str | None:
+    """The name of the first argument (a tensor or a list of tensors) holding NaN or ±inf, else None."""
+    for name, value in named.items():
+        tensors = value if isinstance(value, list) else [value]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            return name
+    return None
+
+
+def check_bad_steps(step: int, problem: str, bad_steps: int, max_bad_steps: int, out: Path) -> None:
+    """Warn about a skipped step; abort with one line once more than `max_bad_steps` were skipped."""
+    print(f"warning: step {step} skipped: non-finite {problem} ({bad_steps} skipped so far)", file=sys.stderr)
+    if bad_steps > max_bad_steps:
+        raise UserError(
+            f"aborting at step {step}: {bad_steps} steps had non-finite values (last: {problem}), more than "
+            f"trainer.max_bad_steps={max_bad_steps}; checkpoints in {out / 'checkpoints'} are intact"
+        )
 
 
 def reward_metrics(per_term, scalar, advantages, names, group_size) -> dict:
@@ -376,4 +418,4 @@ def prepare_output_dir(path: str) -> Path:
 def recipe_yaml(recipe: Recipe) -> str:
     import yaml
 
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(recipe.public_dump(), sort_keys=False)
