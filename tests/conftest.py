@@ -29,8 +29,7 @@ def demo_examples(limit: int | None = None):
     return [Example(r["prompt"], r["label"]) for r in rows[:limit]]
 
 
-@pytest.fixture(scope="session")
-def tiny_policy(tmp_path_factory) -> Path:
+def build_tiny_policy(path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
     """A ~0.2M-parameter Qwen2 with a locally trained tokenizer, briefly warm-started on the demo prompts so
     that its completions vary in format and refusal (a random model earns only zero rewards)."""
     from alphaalign.data import compile_template
@@ -46,12 +45,24 @@ def tiny_policy(tmp_path_factory) -> Path:
     examples = demo_examples(limit=256)
     responses = [response_text(*pair) for pair in REFUSALS + COMPLIANCES]
     tokenizer = train_tokenizer([ex.prompt for ex in examples] + responses * 50, vocab_size=600)
-    model = random_qwen2(tokenizer, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=0)
+    model = random_qwen2(
+        tokenizer, hidden=64, layers=2, heads=heads, kv_heads=kv_heads, intermediate=128, seed=0
+    )
     warm_start(model, tokenizer, examples, compile_template("none"), None, epochs=12)
-    path = tmp_path_factory.mktemp("policy") / "tiny"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_policy(tmp_path_factory) -> Path:
+    """The tiny policy with head size 32, the smallest that vLLM's CPU attention supports."""
+    return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny-hd32", heads=2, kv_heads=1)
 
 
 @pytest.fixture

@@ -1,12 +1,14 @@
 """The GRPO training loop, to be read top to bottom.
 
 Each step: draw `prompts_per_step` labelled prompts → `num_generations` rollouts each → reward stack →
-group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → log, and
-checkpoint every `save_every` steps. The math lives in `alphaalign.rl.algos`.
+group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → weight sync to
+the rollout engine → log, and checkpoint every `save_every` steps. With `rollout.async_steps` > 0 the next
+steps' rollouts are generated while this step updates. The math lives in `alphaalign.rl.algos`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -26,12 +28,18 @@ from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alphaalign.rl.logger import MetricsLogger
+from alphaalign.rollout import make_engine
+from alphaalign.rollout.async_rollouts import RolloutQueue
 from alphaalign.rollout.base import Rollouts, SamplingParams
-from alphaalign.rollout.transformers_engine import TransformersEngine
 
 
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final metrics (and the before/after evaluation when data.eval is set)."""
+    with contextlib.ExitStack() as resources:  # servers, connections and threads the run starts end with it
+        return run(recipe, resources)
+
+
+def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
     out = prepare_output_dir(tc.output_dir)
     device = pick_device(tc.device)
@@ -57,7 +65,7 @@ def train(recipe: Recipe) -> dict:
     ref = None
     if ac.beta > 0:
         ref = load_causal_lm(recipe.model, device, path=recipe.model.ref_name_or_path, trainable=False)
-    engine = TransformersEngine(policy, tokenizer, rc.generation_batch_size)
+    engine = make_engine(recipe, policy, tokenizer, out, resources)
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k)
     template = compile_template(recipe.data.template)
 
@@ -78,9 +86,9 @@ def train(recipe: Recipe) -> dict:
         state = load_checkpoint(resume, optimizer, scheduler)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
-        engine.update_weights(step)
     else:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
+    engine.update_weights(step)  # a server may hold another run's weights
 
     evaluate = (
         (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags))
@@ -98,12 +106,13 @@ def train(recipe: Recipe) -> dict:
 
     # ---- the loop
     logger = MetricsLogger(recipe, out, start_step=step)
+    rollout_queue = RolloutQueue(engine, lambda: stream.take(tc.prompts_per_step), encode, rc.num_generations,
+                                 sampling, rc.async_steps, resources)  # fmt: skip
     metrics: dict = {}
     while step < tc.max_steps:
         step += 1
         t0 = time.perf_counter()
-        examples = stream.take(tc.prompts_per_step)
-        rollouts = engine.generate([encode(ex) for ex in examples], rc.num_generations, sampling)
+        examples, rollouts = rollout_queue.next(steps_left=tc.max_steps - step + 1)
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
 
         t1 = time.perf_counter()
@@ -130,8 +139,9 @@ def train(recipe: Recipe) -> dict:
             )
             problem = update.pop("nonfinite", None)
         bad_steps += problem is not None
-        engine.update_weights(step)
         t3 = time.perf_counter()
+        sync_seconds = engine.update_weights(step)
+        t4 = time.perf_counter()
 
         metrics = {
             "step": step,
@@ -145,17 +155,21 @@ def train(recipe: Recipe) -> dict:
                 for k, v in safety_summary(texts, columns["label"], tags).items()
                 if not k.startswith("n_")
             },
-            "time/generate_s": t1 - t0,
+            "rollout/policy_staleness": step - 1 - rollouts.policy_version,  # versions behind the policy
+            # with async rollouts generation overlaps the update: the step only waits for what is left of it
+            ("time/generate_s" if rc.async_steps == 0 else "time/rollout_wait_s"): t1 - t0,
             "time/score_s": t2 - t1,
             "time/update_s": t3 - t2,
-            "time/step_s": t3 - t0,
-            "throughput/completion_tokens_per_s": sum(map(len, rollouts.completion_ids)) / (t3 - t0),
+            "time/weight_sync_s": sync_seconds,
+            "time/step_s": t4 - t0,
+            "throughput/completion_tokens_per_s": sum(map(len, rollouts.completion_ids)) / (t4 - t0),
         }
         logger.log(metrics)
         if problem is not None:
             check_bad_steps(step, problem, bad_steps, tc.max_bad_steps, out)
         if step % tc.save_every == 0 or step == tc.max_steps:
-            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, stream.draws, tc.keep_last,
+            draws = stream.draws - rollout_queue.prompts_ahead  # prompts drawn ahead are not consumed yet
+            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, draws, tc.keep_last,
                             bad_steps=bad_steps)  # fmt: skip
     logger.close()
 

@@ -1,0 +1,34 @@
+"""Rollout engines: in-process transformers, or vLLM servers with weight sync (`rollout.engine`)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from alphaalign.config import Recipe
+
+
+def make_engine(recipe: Recipe, policy, tokenizer, out: Path, resources: contextlib.ExitStack):
+    """The recipe's engine; servers, clients and threads it starts are released by `resources`."""
+    rc = recipe.rollout
+    if rc.engine == "transformers":
+        from alphaalign.rollout.transformers_engine import TransformersEngine
+
+        return TransformersEngine(policy, tokenizer, rc.generation_batch_size)
+
+    from alphaalign.rollout.vllm_launch import LocalServer, require_vllm
+    from alphaalign.rollout.vllm_server import VLLMServerEngine
+    from alphaalign.rollout.weight_sync import make_weight_sync
+
+    servers = rc.servers
+    if not servers:
+        require_vllm()
+        server = LocalServer(recipe, out / "logs" / "vllm_server.log")
+        resources.callback(server.stop)
+        servers = [server.wait_ready(rc.server_start_timeout)]
+    sync = make_weight_sync(
+        rc.weight_sync, policy, Path(rc.weight_sync_dir or out / "weight_sync"), rc.weight_sync_keep
+    )
+    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed)
+    resources.callback(engine.close)
+    return engine

@@ -1,7 +1,7 @@
 """The rollout-engine interface: token-id prompts in, sampled completions with their log-probs out.
 
-Engines: `transformers` (in-process `generate`, this package) and, behind the same interface, a vLLM server
-engine. An engine owns no training state; the trainer tells it when the policy's weights changed.
+Engines: `transformers` (in-process `generate`) and `vllm_server` (vLLM's OpenAI-compatible servers with
+weight sync). An engine owns no training state; the trainer tells it when the policy's weights changed.
 """
 
 from __future__ import annotations
@@ -34,5 +34,6 @@ class Rollouts:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollouts: ...
 
-    def update_weights(self, version: int) -> None:
-        """Make the engine sample from the trainer's current policy, stamped `version`."""
+    def update_weights(self, version: int) -> float:
+        """Make the engine sample from the trainer's current policy, stamped `version`; returns the seconds
+        spent moving weights (0 for the in-process engine, which shares them)."""

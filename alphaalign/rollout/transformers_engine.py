@@ -56,8 +56,9 @@ class TransformersEngine:
         self.eos_ids = sorted({*eos, tokenizer.eos_token_id} - {None})
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def update_weights(self, version: int) -> None:
+    def update_weights(self, version: int) -> float:
         self.version = version  # the engine samples from the trainer's module itself
+        return 0.0
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollouts:

