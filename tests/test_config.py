@@ -76,12 +76,28 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
         ("rewards.0.when=sometimes", "rewards.0.when: Input should be 'harmful', 'benign' or 'all'"),
         ("rollout.engine=magic", "rollout.engine: Input should be 'transformers'"),
         ("data.train=[]", "data.train: List should have at least 1 item"),
+        ("rollout.async_steps=1", "rollout.async_steps: needs engine: vllm_server"),
+        ("rollout.servers=[localhost:8000]", "rollout.servers: 'localhost:8000' is not an http"),
+        ("rollout.weight_sync=rsync", "rollout.weight_sync: Input should be 'checkpoint', 'lora' or 'nccl'"),
+        ("rollout.timeout=0", "rollout.timeout: Input should be greater than 0"),
+        (
+            "rollout.weight_sync_keep=1",
+            "rollout.weight_sync_keep: Input should be greater than or equal to 2",
+        ),
     ],
 )
 def test_bad_values_name_the_key(write_recipe, override, message):
     with pytest.raises(UserError, match=message) as err:
         load_recipe(write_recipe(), [override])
     assert "\n" not in str(err.value)
+
+
+def test_server_engine_keys(write_recipe):
+    recipe = load_recipe(write_recipe(), ["rollout.engine=vllm_server", "rollout.async_steps=2",
+                                          "rollout.servers=[http://a:8000/, http://b:8000]"])  # fmt: skip
+    assert recipe.rollout.servers == ["http://a:8000", "http://b:8000"]
+    assert recipe.rollout.weight_sync == "checkpoint" and recipe.rollout.async_steps == 2
+    assert recipe.rollout_correction == "sequence_mask"  # 'auto': the server's log-probs are corrected for
 
 
 def test_data_source_needs_exactly_one_location(write_recipe):

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alphaalign.config import load_recipe
+from alphaalign.errors import UserError
 from alphaalign.rl import algos
 from alphaalign.rl.trainer import train
 from alphaalign.rollout.base import SamplingParams
@@ -175,14 +176,14 @@ def test_down_or_hanging_server_fails_within_the_timeout_with_one_line():
         ServerClient(down, timeout=3.0, retries=2).call("GET", "/health")
     assert time.monotonic() - start < 3.5
     message = str(err.value)
-    assert message.startswith(f"{down}/health: no answer after 3 attempt(s)") and "\n" not in message
+    assert message.startswith(f"{down}/health: 3 failed attempt(s)") and "\n" not in message
     assert "ConnectError" in message
 
     hanging = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Silent)
     threading.Thread(target=hanging.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{hanging.server_address[1]}"
     start = time.monotonic()
-    with pytest.raises(ServerError, match=r"within rollout.timeout=2 s \(ReadTimeout"):
+    with pytest.raises(ServerError, match=r"within rollout.timeout=2 s, the last: ReadTimeout"):
         ServerClient(url, timeout=2.0, retries=5).call("GET", "/health")
     assert time.monotonic() - start < 2.5
     hanging.shutdown()
@@ -193,6 +194,14 @@ def test_a_4xx_answer_is_not_retried_and_names_the_endpoint(server):
         ServerClient(server, timeout=30, retries=3).call(
             "POST", "/v1/completions", {"model": "nope", "prompt": [1]}
         )
+
+
+def test_nccl_sync_on_a_machine_without_cuda_stops_with_one_line(write_recipe, vllm_policy, tmp_path):
+    path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="nccl", servers=["http://127.0.0.1:9"])
+    with pytest.raises(
+        UserError, match=r"^rollout.weight_sync: 'nccl' streams weights over NCCL and needs CUDA"
+    ):
+        train(load_recipe(path))
 
 
 def e2e_recipe(write_recipe, policy, tmp_path, **rollout):

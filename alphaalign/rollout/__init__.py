@@ -20,15 +20,16 @@ def make_engine(recipe: Recipe, policy, tokenizer, out: Path, resources: context
     from alphaalign.rollout.vllm_server import VLLMServerEngine
     from alphaalign.rollout.weight_sync import make_weight_sync
 
+    sync_dir = Path(rc.weight_sync_dir or out / "weight_sync")
+    sync = make_weight_sync(
+        rc.weight_sync, policy, sync_dir, rc.weight_sync_keep
+    )  # fails fast on a bad choice
     servers = rc.servers
     if not servers:
         require_vllm()
         server = LocalServer(recipe, out / "logs" / "vllm_server.log")
         resources.callback(server.stop)
         servers = [server.wait_ready(rc.server_start_timeout)]
-    sync = make_weight_sync(
-        rc.weight_sync, policy, Path(rc.weight_sync_dir or out / "weight_sync"), rc.weight_sync_keep
-    )
     engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed)
     resources.callback(engine.close)
     return engine

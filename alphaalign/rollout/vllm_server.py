@@ -55,7 +55,7 @@ class ServerClient:
                     raise ServerError(f"{endpoint}: {failure}")
             time.sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
         raise ServerError(
-            f"{endpoint}: no answer after {attempts} attempt(s) within rollout.timeout={budget:g} s ({failure})"
+            f"{endpoint}: {attempts} failed attempt(s) within rollout.timeout={budget:g} s, the last: {failure}"
         )
 
     def close(self) -> None:
