@@ -74,9 +74,9 @@ def main() -> None:
         "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 16},
         "rewards": [{"name": "alphaalign_safety"}],
     }))  # fmt: skip
-    server = LocalServer(load_recipe(recipe_path), work / "server.log")
+    server = LocalServer(load_recipe(recipe_path), work / "server.log", start_timeout=600)
     try:
-        url = server.wait_ready(600)
+        url = server.wait_ready()
         model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         n_params = sum(p.numel() for p in model.parameters())
         results = {"params": n_params, "shape": vars(args)}

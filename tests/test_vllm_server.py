@@ -24,7 +24,7 @@ from alphaalign.errors import UserError
 from alphaalign.rl import algos
 from alphaalign.rl.trainer import train
 from alphaalign.rollout.base import SamplingParams
-from alphaalign.rollout.vllm_launch import free_port
+from alphaalign.rollout.vllm_launch import LocalServer, free_port
 from alphaalign.rollout.vllm_server import ServerClient, ServerError, VLLMServerEngine, split_evenly
 from alphaalign.rollout.weight_sync import CheckpointSync, LoraSync
 
@@ -159,6 +159,27 @@ def test_server_logprobs_follow_the_policy_after_each_sync(server, vllm_policy, 
         "v000001",
         "v000002",
     ]  # keep=2, newest kept
+
+
+def test_checkpoint_sync_restarts_its_own_server_when_the_reload_fails(vllm_policy, write_recipe, tmp_path):
+    """The last resort: the trainer's own server died; the next sync brings one up on the new checkpoint."""
+    recipe = load_recipe(e2e_recipe(write_recipe, vllm_policy, tmp_path))
+    server = LocalServer(recipe, tmp_path / "server.log", start_timeout=240)
+    try:
+        model, tokenizer = load_policy(vllm_policy)
+        sync = CheckpointSync(model, tmp_path / "sync", keep=2)
+        sync.restart = server.restart
+        engine = VLLMServerEngine([server.wait_ready()], sync, timeout=5, retries=1)
+        sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
+        rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        optimizer_step(model, rollouts)
+        engine.update_weights(1)
+        rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
+        assert max_logprob_error(model, rollouts, 1.0) < 1e-4
+        assert (tmp_path / "server.log").read_text().count("alphaalign: starting a vLLM server") == 2
+    finally:
+        server.stop()
 
 
 class _Silent(http.server.BaseHTTPRequestHandler):

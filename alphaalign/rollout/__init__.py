@@ -27,9 +27,10 @@ def make_engine(recipe: Recipe, policy, tokenizer, out: Path, resources: context
     servers = rc.servers
     if not servers:
         require_vllm()
-        server = LocalServer(recipe, out / "logs" / "vllm_server.log")
+        server = LocalServer(recipe, out / "logs" / "vllm_server.log", start_timeout=rc.server_start_timeout)
         resources.callback(server.stop)
-        servers = [server.wait_ready(rc.server_start_timeout)]
+        servers = [server.wait_ready()]
+        sync.restart = server.restart  # its own server: restarting it is the last resort of checkpoint sync
     engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed)
     resources.callback(engine.close)
     return engine

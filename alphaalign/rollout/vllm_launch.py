@@ -42,11 +42,14 @@ def model_location(recipe: Recipe) -> str:
     return str(path.resolve()) if path.exists() else recipe.model.name_or_path
 
 
-def server_command(recipe: Recipe, host: str, port: int) -> list[str]:
+def server_command(recipe: Recipe, host: str, port: int, weights: str | None = None) -> list[str]:
+    """`weights`: a checkpoint folder to serve instead of the recipe's model (the tokenizer stays the recipe's)."""
     rc = recipe.rollout
+    model = model_location(recipe)
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_location(recipe),
-        "--host", host, "--port", str(port), "--dtype", recipe.model.dtype,
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights or model,
+        "--tokenizer", model, "--served-model-name", model, "--host", host, "--port", str(port),
+        "--dtype", recipe.model.dtype,
         "--max-model-len", str(recipe.data.max_prompt_tokens + rc.max_new_tokens),
         "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
         "--worker-extension-cls", WORKER_EXTENSION,
@@ -86,22 +89,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalServer:
     """A vLLM server child process on 127.0.0.1, its output in `log_path`; `stop()` ends its process group."""
 
-    def __init__(self, recipe: Recipe, log_path: Path, port: int | None = None):
+    def __init__(self, recipe: Recipe, log_path: Path, port: int | None = None, start_timeout: float = 600.0):
         require_vllm()
-        port = port or free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.recipe, self.port, self.start_timeout = recipe, port or free_port(), start_timeout
+        self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = server_command(recipe, "127.0.0.1", port)
+        self._start()
+
+    def restart(self, weights: Path) -> None:
+        """The last resort when an in-place reload failed: a new server (same URL) on the checkpoint folder."""
+        self.stop()
+        self._start(str(Path(weights).resolve()))
+        self.wait_ready()
+
+    def _start(self, weights: str | None = None) -> None:
+        command = server_command(self.recipe, "127.0.0.1", self.port, weights)
         with self.log_path.open("ab") as log:
             log.write(f"alphaalign: starting a vLLM server at {self.url}: {' '.join(command)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                command, env=server_env(recipe), stdout=log,
+                command, env=server_env(self.recipe), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
 
-    def wait_ready(self, timeout: float) -> str:
+    def wait_ready(self) -> str:
+        timeout = self.start_timeout
         deadline = time.monotonic() + timeout
         probe = ServerClient(self.url, timeout=5.0, retries=0)
         try:

@@ -15,11 +15,13 @@ server may still be reading) are deleted, after every server has been pointed at
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from alphaalign.errors import UserError
+from alphaalign.rollout.vllm_server import ServerError
 
 ADAPTER_NAME = "policy"
 
@@ -50,10 +52,20 @@ class _FolderSync:
 
 
 class CheckpointSync(_FolderSync):
+    """`restart(folder)`, when set (a server the trainer started), replaces a server whose reload failed."""
+
+    restart = None
+
     def load(self, client, folder: Path) -> None:
         rpc = {"method": "alphaalign_reload", "kwargs": {"weights_path": str(folder.resolve())}}
-        client.call("POST", "/collective_rpc", rpc)
-        client.call("POST", "/reset_prefix_cache")
+        try:
+            client.call("POST", "/collective_rpc", rpc)
+            client.call("POST", "/reset_prefix_cache")
+        except ServerError as exc:
+            if self.restart is None:
+                raise ServerError(f"{exc} (restart that server on {folder} to go on)") from None
+            print(f"weight sync: {exc}; restarting the server on {folder}", file=sys.stderr, flush=True)
+            self.restart(folder)
 
 
 class LoraSync(_FolderSync):
