@@ -13,3 +13,17 @@ def infinite_on_call(prompts, completions, bad_call: int, **columns):
 def constant(prompts, completions, value: float, **kwargs):
     """`value` for every completion; extra recipe args (e.g. credentials) are accepted and ignored."""
     return [value for _ in completions]
+
+
+SEEN: list[dict] = []
+
+
+def recording(prompts, completions, **columns):
+    """len(completion) for each row; records what it was called with in SEEN."""
+    SEEN.append({"prompts": list(prompts), "completions": list(completions), **columns})
+    return [float(len(c)) for c in completions]
+
+
+async def async_length(prompts, completions, scale: float = 1.0, **columns):
+    """An async reward: scale · number of characters."""
+    return [scale * len(c) for c in completions]

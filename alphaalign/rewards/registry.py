@@ -2,8 +2,9 @@
 
 A reward follows TRL's reward-function signature,
 ``fn(prompts, completions, **columns) -> list[float | None]``: ``columns`` are the dataset columns
-(always including ``label``), aligned with ``completions``, and ``None`` means "not applicable".
-A recipe's ``args`` are bound with ``functools.partial`` by the caller.
+plus ``label`` (harmful/benign) and, from the trainer, ``group`` (the prompt's index within the step: the
+rollouts of one prompt share it; rows are not necessarily ordered by group), aligned with ``completions``;
+``None`` means "not applicable". A recipe's ``args`` are bound with ``functools.partial`` by the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ RewardFn = Callable[..., list[float | None]]
 
 _REWARDS: dict[str, RewardFn] = {}
 _POSITIONAL = ("prompts", "completions")
+COLUMNS_FROM_TRAINER = ("label", "group")
 
 
 class UnknownRewardError(ValueError):
@@ -64,11 +66,13 @@ def resolve_reward(name: str) -> RewardFn:
 
 
 def check_reward_args(fn: RewardFn, args: dict) -> None:
-    """Raise ValueError naming the first key of ``args`` that ``fn`` does not accept.
+    """Raise ValueError naming the first key of ``args`` that ``fn`` does not accept, or, for a registered
+    reward, the first required argument that is missing.
 
     ``prompts`` and ``completions`` are never recipe args. A function taking ``**kwargs`` accepts
     anything, except a registered reward: built-ins take ``**columns`` only to absorb TRL's dataset
-    columns, so their recipe args are checked against their named parameters.
+    columns, so their recipe args are checked against their named parameters; their required keyword
+    arguments other than the trainer's columns (``label``, ``group``) must be given.
     """
     params = inspect.signature(fn).parameters
     registered = fn in _REWARDS.values()
@@ -79,9 +83,14 @@ def check_reward_args(fn: RewardFn, args: dict) -> None:
         for n, p in params.items()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in _POSITIONAL
     ]
+    name = getattr(fn, "__name__", repr(fn))
     for key in args:
         if key not in named:
-            name = getattr(fn, "__name__", repr(fn))
             raise ValueError(
                 f"reward {name!r} has no argument {key!r}; it accepts: {', '.join(named) or 'none'}"
             )
+    if registered:
+        for key, p in params.items():
+            required = p.kind is p.KEYWORD_ONLY and p.default is p.empty
+            if required and key not in COLUMNS_FROM_TRAINER and key not in args:
+                raise ValueError(f"reward {name!r} needs the argument {key!r}")

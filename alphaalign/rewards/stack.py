@@ -2,8 +2,13 @@
 
 Each term is `{name, weight, when, args}`: `name` resolves to a reward function with TRL's signature
 `f(prompts, completions, **columns) -> list[float | None]` (sync or async), `args` are bound as keyword
-arguments, and `when` restricts the term to harmful or benign prompts (other rows get NaN, i.e. "not
-applicable", and are left out of that term's statistics and of the weighted sum).
+arguments, and `when` restricts the term to harmful or benign prompts: the function is called with those rows
+only (so a reward model never scores rows it does not apply to), and the other rows get NaN, i.e. "not
+applicable", which leaves them out of that term's statistics and of the weighted sum.
+
+`columns` always holds `label` (harmful/benign) and, from the trainer, `group`: the index within the step of
+the prompt each completion answers, so the rollouts of one prompt share a group id. Rows are not guaranteed to
+be ordered by group. The other columns are the data rows' remaining fields.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from alphaalign.config import RewardSpec
 from alphaalign.rewards.registry import resolve_reward
 
 
+def _pick(items: list, rows: list[int]) -> list:
+    return [items[i] for i in rows]
+
+
 class RewardStack:
     def __init__(self, specs: list[RewardSpec]):
         self.specs = specs
@@ -32,14 +41,20 @@ class RewardStack:
         table = torch.full((len(completions), len(self.fns)), math.nan)
         labels = columns["label"]
         for k, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
-            values = fn(prompts, completions, **columns)
+            rows = [i for i, label in enumerate(labels) if spec.when in ("all", label)]
+            if not rows:
+                continue
+            if len(rows) == len(completions):
+                values = fn(prompts, completions, **columns)
+            else:
+                values = fn(_pick(prompts, rows), _pick(completions, rows),
+                            **{key: _pick(v, rows) for key, v in columns.items()})  # fmt: skip
             if inspect.isawaitable(values):
                 values = asyncio.run(values)
-            if len(values) != len(completions):
+            if len(values) != len(rows):
                 raise RuntimeError(
-                    f"reward '{spec.name}' returned {len(values)} values for {len(completions)} completions"
+                    f"reward '{spec.name}' returned {len(values)} values for {len(rows)} completions"
                 )
-            for i, value in enumerate(values):
-                if value is not None and spec.when in ("all", labels[i]):
-                    table[i, k] = float(value)
+            column = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+            table[rows, k] = column
         return table

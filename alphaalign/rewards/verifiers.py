@@ -32,12 +32,17 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class AlphaAlignParse:
-    """Result of parsing one completion; ``problem`` is None exactly when ``format_ok``."""
+    """Result of parsing one completion; ``problem`` is None exactly when ``format_ok``.
+
+    ``final`` is what the user sees: the single answer block if there is one, else all text outside the
+    reasoning (answer tags removed); boxes unwrapped, whitespace stripped. The reasoning is never part of it.
+    """
 
     reasoning: str | None
     answer: str | None
     format_ok: bool
     problem: str | None
+    final: str
 
 
 @dataclass(frozen=True)
@@ -133,11 +138,16 @@ def parse_alphaalign(
     reasoning = [b.body.strip() for b in blocks if b.tag == reasoning_tag]
     answers = [_unbox(b.body).strip() for b in blocks if b.tag == answer_tag]
     problem = _problem(blocks, outside, stray, reasoning_tag, answer_tag)
+    if len(answers) == 1:
+        final = answers[0]
+    else:
+        final = _unbox(" ".join([outside, *(b.body for b in blocks if b.tag == answer_tag)])).strip()
     return AlphaAlignParse(
         reasoning=reasoning[0] if len(reasoning) == 1 else None,
         answer=answers[0] if len(answers) == 1 else None,
         format_ok=problem is None,
         problem=problem,
+        final=final,
     )
 
 
@@ -277,9 +287,5 @@ def is_refusal(text: str) -> bool:
 
 
 def refusal_of(text: str, reasoning_tag: str = "safety_reasoning", answer_tag: str = "answer") -> bool:
-    """V_r: refusal detection on the single answer block if there is one, else on all text outside
-    the reasoning (answer tags and boxes unwrapped). The reasoning never counts."""
-    blocks, outside, _ = _scan(text, reasoning_tag, answer_tag)
-    answers = [b.body for b in blocks if b.tag == answer_tag]
-    final = answers[0] if len(answers) == 1 else " ".join([outside, *answers])
-    return is_refusal(_unbox(final))
+    """V_r: refusal detection on the final answer (``AlphaAlignParse.final``)."""
+    return is_refusal(parse_alphaalign(text, reasoning_tag, answer_tag).final)

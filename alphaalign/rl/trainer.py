@@ -120,6 +120,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         columns = {"label": [ex.label for ex in group]}
         for key in {k for ex in group for k in ex.columns}:
             columns[key] = [ex.columns.get(key) for ex in group]
+        columns["group"] = [i for i in range(len(examples)) for _ in range(rc.num_generations)]
         per_term = rewards.score([ex.prompt for ex in group], texts, columns)
         scalar = algos.combine_rewards(per_term, rewards.weights, rc.num_generations, ac.reward_aggregation)
         if ac.reward_aggregation == "normalize_then_sum":
