@@ -17,10 +17,22 @@ def validate(recipe_path: str, overrides: list[str]):
     """Check the recipe, its local data files and its reward names and arguments without loading a model."""
     from alphaalign.config import load_recipe
     from alphaalign.data import check_data
-    from alphaalign.rewards import UnknownRewardError, check_reward_args, resolve_reward
 
     recipe = load_recipe(recipe_path, overrides)
     check_data(recipe)
+    check_rewards(recipe_path, recipe)
+    check_output_dir(recipe_path, recipe.trainer.output_dir)
+    model_path = recipe.model.name_or_path
+    looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
+    if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
+        raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
+    return recipe
+
+
+def check_rewards(recipe_path: str, recipe) -> None:
+    """Every reward name resolves and its args fit the function (nothing is loaded)."""
+    from alphaalign.rewards import UnknownRewardError, check_reward_args, resolve_reward
+
     for i, spec in enumerate(recipe.rewards):
         try:
             check_reward_args(resolve_reward(spec.name), spec.args)
@@ -28,12 +40,6 @@ def validate(recipe_path: str, overrides: list[str]):
             raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
         except ValueError as exc:
             raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
-    check_output_dir(recipe_path, recipe.trainer.output_dir)
-    model_path = recipe.model.name_or_path
-    looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
-    if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
-        raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
-    return recipe
 
 
 def check_output_dir(recipe_path: str, output_dir: str) -> None:
@@ -80,6 +86,24 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    """Score a JSONL file of completions with a recipe's reward terms (default: rule-based alphaalign_safety)."""
+    from alphaalign.config import RewardSpec, load_recipe
+    from alphaalign.rl.trainer import format_tags
+    from alphaalign.scoring import DEFAULT_TAGS, format_summary, score_file, select_terms
+
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        check_rewards(args.recipe, recipe)
+        specs, tags = recipe.rewards, format_tags(recipe)
+    else:
+        specs, tags = [RewardSpec(name="alphaalign_safety")], DEFAULT_TAGS
+    counts = score_file(args.input, args.output, select_terms(specs, only), tags)
+    print(format_summary(counts, args.output), file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
     recipe = validate(args.recipe, args.overrides)
@@ -111,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6"
         )
         p.set_defaults(fn=fn)
+    score = sub.add_parser("score", help="score completions in a JSONL file with a recipe's reward terms")
+    score.add_argument("--input", required=True, help="JSONL rows with prompt, completion, optional label")
+    score.add_argument("--output", required=True, help="JSONL: the input rows plus rewards, total, verdicts")
+    score.add_argument("--recipe", help="use this recipe's rewards (default: rule-based alphaalign_safety)")
+    score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
+    score.set_defaults(fn=cmd_score)
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )

@@ -144,5 +144,26 @@ def test_yaml_is_loaded_safely(tmp_path):
 def test_shipped_recipes_are_valid():
     from conftest import ROOT
 
-    for name in ("demo", "alphaalign-qwen"):
+    for name in ("demo", "alphaalign-qwen", "alphaalign-zero"):
         assert isinstance(load_recipe(ROOT / "recipes" / f"{name}.yaml"), Recipe)
+
+
+def test_every_shipped_recipe_passes_validate_without_loading_models(capsys):
+    from conftest import ROOT
+
+    from alphaalign.cli import main
+
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_alphaalign_zero_differs_from_alphaalign_qwen_only_in_its_rewards():
+    from conftest import ROOT
+
+    full = load_recipe(ROOT / "recipes" / "alphaalign-qwen.yaml").model_dump()
+    zero = load_recipe(ROOT / "recipes" / "alphaalign-zero.yaml").model_dump()
+    assert [r["name"] for r in full["rewards"]] == ["alphaalign_safety", "helpfulness_rm"]
+    assert zero["rewards"] == full["rewards"][:1]
+    for recipe in (full, zero):
+        del recipe["rewards"], recipe["trainer"]["output_dir"], recipe["logging"]["run_name"]
+    assert zero == full

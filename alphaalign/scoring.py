@@ -1,0 +1,138 @@
+"""`alphaalign score`: a recipe's reward terms on a JSONL file of (prompt, completion) rows, streamed.
+
+Input rows: `prompt` and `completion` (strings), optional `label` (harmful/benign, or the synonyms data files
+accept), any other fields (e.g. `config`, `group`), which are passed to the rewards as columns and written
+back. Output rows: every input field, plus `rewards` {term: value, null where the term does not apply},
+`total` (the weighted sum of the applicable terms, null when none applies) and `verdicts`
+{format_ok, refused} (the rule-based verifiers, with the recipe's tag names). Rows are read and written in
+chunks of `chunk_rows`, so memory does not grow with the file. The output is written beside OUT and renamed
+into place at the end: a bad input line leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
+
+from alphaalign.config import RewardSpec
+from alphaalign.data import LABELS
+from alphaalign.errors import UserError
+from alphaalign.rewards import is_refusal, parse_alphaalign
+from alphaalign.rewards.stack import RewardStack
+from alphaalign.rl import algos
+
+DEFAULT_TAGS = ("safety_reasoning", "answer")
+
+
+def select_terms(specs: list[RewardSpec], only: list[str] | None) -> list[RewardSpec]:
+    """The terms named in ``only`` (by reward name or by the name metrics use), in recipe order."""
+    if not only:
+        return specs
+    names = RewardStack(specs).names
+    known = {n for spec, shown in zip(specs, names, strict=True) for n in (spec.name, shown)}
+    for name in only:
+        if name not in known:
+            raise UserError(f"--only: no reward term {name!r}; the terms are: {', '.join(names)}")
+    return [spec for spec, shown in zip(specs, names, strict=True) if spec.name in only or shown in only]
+
+
+def _read_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("prompt", "completion"):
+        if not isinstance(row.get(key), str):
+            raise UserError(f"{where}: '{key}' must be a string")
+    label = row.get("label")
+    if label is not None and str(label).strip().lower() not in LABELS:
+        raise UserError(f"{where}: label must be harmful or benign, got {label!r}")
+    return row
+
+
+def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str]) -> list[dict]:
+    prompts = [r["prompt"] for r in rows]
+    completions = [r["completion"] for r in rows]
+    labels = [None if r.get("label") is None else LABELS[str(r["label"]).strip().lower()] for r in rows]
+    columns: dict[str, list] = {"label": labels}
+    for key in {k for r in rows for k in r} - {"prompt", "completion", "label"}:
+        columns[key] = [r.get(key) for r in rows]
+    per_term = stack.score(prompts, completions, columns)
+    totals = algos.combine_rewards(per_term, stack.weights, 1, "sum_then_normalize").tolist()
+    out = []
+    for row, completion, values, total in zip(rows, completions, per_term.tolist(), totals, strict=True):
+        rewards = {name: None if math.isnan(v) else v for name, v in zip(stack.names, values, strict=True)}
+        parsed = parse_alphaalign(completion, *tags)
+        verdicts = {"format_ok": parsed.format_ok, "refused": is_refusal(parsed.final)}
+        out.append(
+            {**row, "rewards": rewards, "total": None if math.isnan(total) else total, "verdicts": verdicts}
+        )
+    return out
+
+
+def score_file(
+    input_path: str | Path, output_path: str | Path, specs: list[RewardSpec],
+    tags: tuple[str, str] = DEFAULT_TAGS, chunk_rows: int = 1024,
+) -> dict:  # fmt: skip
+    """Score every row of ``input_path`` into ``output_path``; returns counts for the summary."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    stack = RewardStack(specs)
+    counts: Counter = Counter()
+    tmp = output_path.with_name(f".{output_path.name}.tmp")
+    try:
+        source = input_path.open(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{input_path}: cannot read ({exc.strerror})") from None
+    try:
+        sink = tmp.open("w", encoding="utf-8")
+    except OSError as exc:
+        source.close()
+        raise UserError(f"{output_path}: cannot write ({exc.strerror})") from None
+    try:
+        with source, sink:
+            chunk: list[dict] = []
+            try:
+                for lineno, line in enumerate(source, start=1):
+                    if line.strip():
+                        chunk.append(_read_row(line, f"{input_path}:{lineno}"))
+                    if len(chunk) == chunk_rows:
+                        _write(_score_chunk(stack, chunk, tags), sink, counts)
+                        chunk = []
+            except UnicodeDecodeError:
+                raise UserError(f"{input_path}: not a UTF-8 text file") from None
+            if chunk:
+                _write(_score_chunk(stack, chunk, tags), sink, counts)
+        os.replace(tmp, output_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dict(counts)
+
+
+def _write(rows: list[dict], sink: TextIO, counts: Counter) -> None:
+    for row in rows:
+        sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        label = LABELS[str(row["label"]).strip().lower()] if row.get("label") is not None else "unlabelled"
+        counts["rows"] += 1
+        counts["format_ok"] += row["verdicts"]["format_ok"]
+        counts[f"{label}/rows"] += 1
+        counts[f"{label}/refused"] += row["verdicts"]["refused"]
+
+
+def format_summary(counts: dict, output_path: str | Path) -> str:
+    """Refusal rate per label and format rate, for stderr."""
+    n = counts.get("rows", 0)
+    lines = [f"scored {n} rows into {output_path}"]
+    for label in ("harmful", "benign", "unlabelled"):
+        rows = counts.get(f"{label}/rows", 0)
+        if rows:
+            refused = counts.get(f"{label}/refused", 0)
+            lines.append(f"refusal rate, {label}: {refused / rows:.1%} ({refused}/{rows})")
+    if n:
+        lines.append(f"format rate: {counts['format_ok'] / n:.1%} ({counts['format_ok']}/{n})")
+    return "\n".join(lines)
