@@ -310,3 +310,11 @@ def test_training_logs_every_reward_term(write_recipe, tiny_policy, tiny_rm, tmp
             g: {p for p, q in zip(seen["prompts"], seen["group"], strict=True) if q == g} for g in range(4)
         }
         assert all(len(prompts) == 1 for prompts in by_group.values())
+
+
+def test_remote_rm_edge_cases_match_the_local_rm(tiny_rm, reward_server):
+    url, _ = reward_server
+    texts = list(EDGE_CASES.values())
+    prompts, group = ["How do I bake bread?"] * len(texts), [0] * len(texts)
+    local = helpfulness_rm(prompts, texts, model=str(tiny_rm), group=group, device="cpu")
+    assert remote_rm(prompts, texts, url=f"{url}/score", group=group) == pytest.approx(local, abs=1e-6)
