@@ -26,12 +26,11 @@ Refusal (V_r, paper Eq. 3) is judged on the final answer only, never on the reas
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class AlphaAlignParse:
+class AlphaAlignParse(NamedTuple):
     """Result of parsing one completion; ``problem`` is None exactly when ``format_ok``.
 
     ``final`` is what the user sees: the single answer block if there is one, else all text outside the
@@ -45,8 +44,7 @@ class AlphaAlignParse:
     final: str
 
 
-@dataclass(frozen=True)
-class _Block:
+class _Block(NamedTuple):
     tag: str
     body: str
     closed: bool
@@ -101,10 +99,9 @@ def _unbox(text: str) -> str:
 
 
 def _problem(
-    blocks: list[_Block], outside: str, stray: bool, reasoning_tag: str, answer_tag: str
+    reasoning: list[_Block], answers: list[_Block], answer_first: bool, outside: str, stray: bool, answer: str
 ) -> str | None:
-    reasoning = [b for b in blocks if b.tag == reasoning_tag]
-    answers = [b for b in blocks if b.tag == answer_tag]
+    """The first format problem, in the module docstring's order; ``answer`` is the unboxed answer body."""
     if not reasoning:
         return "missing reasoning"
     if not reasoning[0].closed:
@@ -115,7 +112,7 @@ def _problem(
         return "duplicate reasoning"
     if len(answers) > 1:
         return "duplicate answer"
-    if blocks[0].tag == answer_tag:
+    if answer_first:
         return "answer before reasoning"
     if not answers[0].closed:
         return "truncated"
@@ -125,7 +122,7 @@ def _problem(
         return "text outside blocks"
     if not reasoning[0].body.strip():
         return "empty reasoning"
-    if not _unbox(answers[0].body).strip():
+    if not answer:
         return "empty answer"
     return None
 
@@ -135,16 +132,18 @@ def parse_alphaalign(
 ) -> AlphaAlignParse:
     """Parse ``<reasoning_tag>…</reasoning_tag><answer_tag>…</answer_tag>``; see the module docstring."""
     blocks, outside, stray = _scan(text, reasoning_tag, answer_tag)
-    reasoning = [b.body.strip() for b in blocks if b.tag == reasoning_tag]
-    answers = [_unbox(b.body).strip() for b in blocks if b.tag == answer_tag]
-    problem = _problem(blocks, outside, stray, reasoning_tag, answer_tag)
-    if len(answers) == 1:
-        final = answers[0]
+    reasoning = [b for b in blocks if b.tag == reasoning_tag]
+    answers = [b for b in blocks if b.tag == answer_tag]
+    answer = _unbox(answers[0].body).strip() if len(answers) == 1 else None
+    if answer is None:
+        final = _unbox(" ".join([outside, *(b.body for b in answers)])).strip()
     else:
-        final = _unbox(" ".join([outside, *(b.body for b in blocks if b.tag == answer_tag)])).strip()
+        final = answer
+    answer_first = bool(blocks) and blocks[0].tag == answer_tag
+    problem = _problem(reasoning, answers, answer_first, outside, stray, answer)
     return AlphaAlignParse(
-        reasoning=reasoning[0] if len(reasoning) == 1 else None,
-        answer=answers[0] if len(answers) == 1 else None,
+        reasoning=reasoning[0].body.strip() if len(reasoning) == 1 else None,
+        answer=answer,
         format_ok=problem is None,
         problem=problem,
         final=final,
