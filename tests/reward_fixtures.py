@@ -27,3 +27,13 @@ def recording(prompts, completions, **columns):
 async def async_length(prompts, completions, scale: float = 1.0, **columns):
     """An async reward: scale · number of characters."""
     return [scale * len(c) for c in completions]
+
+
+def label_only(prompts, completions, label, *, bonus: float = 1.0):
+    """`bonus` for harmful rows, 0 for benign: a reward without **kwargs, named columns only."""
+    return [bonus if lab == "harmful" else 0.0 for lab in label]
+
+
+def completions_only(completions):
+    """Takes one positional argument: not a valid reward."""
+    return [0.0 for _ in completions]

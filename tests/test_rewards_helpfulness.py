@@ -251,6 +251,18 @@ def test_stack_calls_a_term_only_with_the_rows_it_applies_to():
     assert stack.names == ["recording", "async_length", "alphaalign_safety"]
 
 
+def test_a_reward_without_kwargs_gets_only_the_columns_it_names():
+    stack = RewardStack([RewardSpec(name="reward_fixtures:label_only", args={"bonus": 2.0})])
+    columns = {"label": ["harmful", "benign"], "group": [0, 1], "config": ["c", "c"], "bonus": [9.0, 9.0]}
+    assert stack.score(["p", "q"], ["a", "b"], columns)[:, 0].tolist() == [2.0, 0.0]  # the recipe arg wins
+
+
+def test_validate_rejects_a_reward_that_cannot_take_prompts_and_completions():
+    check_reward_args(resolve_reward("reward_fixtures:label_only"), {"bonus": 1.0})
+    with pytest.raises(ValueError, match="must take prompts and completions as its first two arguments"):
+        check_reward_args(resolve_reward("reward_fixtures:completions_only"), {})
+
+
 # --- the optional refusal classifier ----------------------------------------------------------------------
 
 

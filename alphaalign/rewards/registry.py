@@ -5,6 +5,7 @@ A reward follows TRL's reward-function signature,
 plus ``label`` (harmful/benign) and, from the trainer, ``group`` (the prompt's index within the step: the
 rollouts of one prompt share it; rows are not necessarily ordered by group), aligned with ``completions``;
 ``None`` means "not applicable". A recipe's ``args`` are bound with ``functools.partial`` by the caller.
+A function without ``**kwargs`` is passed only the columns it names (``f(prompts, completions, label)``).
 """
 
 from __future__ import annotations
@@ -65,25 +66,43 @@ def resolve_reward(name: str) -> RewardFn:
     return fn
 
 
+def _keyword_names(params) -> list[str]:
+    """The parameters other than prompts and completions that can be passed by keyword."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in params.items() if p.kind in keyword and n not in _POSITIONAL]
+
+
+def named_columns(fn: RewardFn) -> set[str] | None:
+    """The column names ``fn`` takes as keywords; None when it takes ``**kwargs`` (every column)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(_keyword_names(params))
+
+
+def _takes_two_positionals(params) -> bool:
+    kinds = [p.kind for p in params.values()]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return inspect.Parameter.VAR_POSITIONAL in kinds or sum(k in positional for k in kinds) >= 2
+
+
 def check_reward_args(fn: RewardFn, args: dict) -> None:
     """Raise ValueError naming the first key of ``args`` that ``fn`` does not accept, or, for a registered
     reward, the first required argument that is missing.
 
-    ``prompts`` and ``completions`` are never recipe args. A function taking ``**kwargs`` accepts
-    anything, except a registered reward: built-ins take ``**columns`` only to absorb TRL's dataset
+    ``fn`` must take ``prompts`` and ``completions`` positionally; they are never recipe args. A function
+    taking ``**kwargs`` accepts anything, except a registered reward: built-ins take ``**columns`` only to absorb TRL's dataset
     columns, so their recipe args are checked against their named parameters; their required keyword
     arguments other than the trainer's columns (``label``, ``group``) must be given.
     """
     params = inspect.signature(fn).parameters
+    name = getattr(fn, "__name__", repr(fn))
+    if not _takes_two_positionals(params):
+        raise ValueError(f"reward {name!r} must take prompts and completions as its first two arguments")
     registered = fn in _REWARDS.values()
     if not registered and any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    named = [
-        n
-        for n, p in params.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in _POSITIONAL
-    ]
-    name = getattr(fn, "__name__", repr(fn))
+    named = _keyword_names(params)
     for key in args:
         if key not in named:
             raise ValueError(
