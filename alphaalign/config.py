@@ -31,6 +31,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraSection(_Section):
+    """PEFT LoRA adapters on the policy; only the adapters train and checkpoints hold only them."""
+
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names, or every linear layer
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, modules: list[str] | str) -> list[str] | str:
+        if isinstance(modules, list) and not modules:
+            raise ValueError("name at least one module (e.g. q_proj) or use 'all-linear'")
+        return modules
+
+
 class ModelConfig(_Section):
     name_or_path: str
     ref_name_or_path: str | None = None  # frozen reference for the KL term; defaults to the initial policy
@@ -38,6 +54,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     build: Literal["demo"] | None = None  # build the model at name_or_path if it is missing (offline demo)
+    # null: full fine-tuning. With LoRA and no ref_name_or_path, the KL reference is the policy with its
+    # adapters disabled (no second copy of the model).
+    lora: LoraSection | None = None
 
 
 class DataSource(_Section):

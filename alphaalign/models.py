@@ -1,11 +1,17 @@
-"""Loading the policy, its tokenizer and the frozen reference model (HF ids or local folders)."""
+"""Loading the policy, its tokenizer and the frozen reference model (HF ids or local folders).
+
+With `model.lora` the policy is a PEFT model: the base weights are frozen, only the adapters train, and a
+checkpoint's `policy/` folder holds just the adapters (`adapter_config.json` names the base model).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alphaalign.config import ModelConfig
+from alphaalign.config import LoraSection, ModelConfig
 from alphaalign.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,20 +42,59 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
 
 
 def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = None, trainable: bool = True):
+    """The policy (`trainable`, with LoRA adapters when `model.lora` is set) or a frozen model.
+
+    `path` overrides `model.name_or_path`; a folder holding only LoRA adapters (a LoRA run's checkpoint)
+    is loaded onto the base model `model.name_or_path`.
+    """
     path = path or cfg.name_or_path
+    adapters = trainable and cfg.lora is not None and (Path(path) / "adapter_config.json").is_file()
+    base = cfg.name_or_path if adapters else path
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            base, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load model from {path!r} ({exc})") from None
+        raise UserError(f"model.name_or_path: cannot load model from {base!r} ({exc})") from None
     model.to(device)
-    if trainable:
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.config.use_cache = not cfg.gradient_checkpointing
-        model.train()
-    else:
+    if not trainable:
         model.requires_grad_(False)
         model.eval()
+        return model
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) as well
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = not cfg.gradient_checkpointing
+    if cfg.lora is not None:
+        model = with_lora(model, cfg.lora, path if adapters else None)
+    model.train()
     return model
+
+
+def with_lora(model, lora: LoraSection, adapter_path: str | None = None):
+    """Wrap `model` in trainable PEFT LoRA adapters: fresh ones, or those saved at `adapter_path`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter_path is not None:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
+
+
+class AdapterDisabled:
+    """The LoRA policy with its adapters switched off, i.e. the frozen base model: the KL reference
+    without a second copy of the weights. Called like a model, under `torch.no_grad`."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy(**inputs)
+
+
+def load_reference(cfg: ModelConfig, policy, device: torch.device):
+    """The frozen KL reference: `ref_name_or_path`, else the LoRA policy's base, else the initial policy."""
+    if cfg.lora is not None and cfg.ref_name_or_path is None:
+        return AdapterDisabled(policy)
+    return load_causal_lm(cfg, device, path=cfg.ref_name_or_path, trainable=False)

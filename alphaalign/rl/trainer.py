@@ -23,7 +23,7 @@ from alphaalign.config import Recipe
 from alphaalign.data import Example, PromptStream, chat_messages, compile_template, load_split, recipe_base
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
-from alphaalign.models import load_causal_lm, load_tokenizer, pick_device
+from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -62,9 +62,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     resume = resolve_resume(tc.resume_from, tc.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
-    ref = None
-    if ac.beta > 0:
-        ref = load_causal_lm(recipe.model, device, path=recipe.model.ref_name_or_path, trainable=False)
+    ref = load_reference(recipe.model, policy, device) if ac.beta > 0 else None
     engine = make_engine(recipe, policy, tokenizer, out, resources)
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k)
     template = compile_template(recipe.data.template)
@@ -77,7 +75,10 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         return list(ids)[-recipe.data.max_prompt_tokens :]
 
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=tc.learning_rate, betas=tc.adam_betas, weight_decay=tc.weight_decay
+        [p for p in policy.parameters() if p.requires_grad],
+        lr=tc.learning_rate,
+        betas=tc.adam_betas,
+        weight_decay=tc.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, tc.max_steps * ac.num_iterations))
 
