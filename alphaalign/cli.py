@@ -75,6 +75,12 @@ def cmd_train(args) -> int:
         )
     if "after" in result:
         print(format_eval_table(result["before"], result["after"]))
+    if final:
+        from alphaalign.report import write_report
+
+        report = Path(recipe.trainer.output_dir) / "report"
+        write_report([Path(recipe.trainer.output_dir)], report)
+        print(f"report: {report / 'report.html'} (and report.md)")
     return 0
 
 
@@ -121,6 +127,65 @@ def cmd_serve(args) -> int:
     os.execve(command[0], command, server_env(recipe))
 
 
+def eval_recipe(args):
+    """The recipe `alphaalign eval` runs with: --recipe (its engine, template, tags), or defaults, with --model."""
+    from alphaalign.config import Recipe, load_recipe
+
+    if args.recipe:
+        return load_recipe(args.recipe, [f"model.name_or_path={args.model}", *args.overrides])
+    if args.overrides:
+        raise UserError("overrides need --recipe")
+    return Recipe.model_validate({"model": {"name_or_path": args.model}, "data": {"train": [{"path": "-"}]},
+                                  "rewards": [{"name": "alphaalign_safety"}]})  # fmt: skip
+
+
+def cmd_eval(args) -> int:
+    from alphaalign import benchmarks
+    from alphaalign.data import load_source
+    from alphaalign.evaluation import EvalSettings, evaluate_benchmarks, format_summary_table
+
+    if args.samples < 1 or (args.limit is not None and args.limit < 1):
+        raise UserError("--samples and --limit must be at least 1")
+    recipe = eval_recipe(args)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir: no such folder: {args.data_dir}")
+    names = benchmarks.suite_benchmarks(args.suite) if args.suite else []
+    sets = {name: benchmarks.load_benchmark(name, data_dir, args.limit) for name in names}
+    for path in args.data:
+        source = benchmarks.custom_source(path, args.prompt_field, args.label_field, args.label)
+        sets[Path(path).stem] = load_source(source.model_copy(update={"max_rows": args.limit}), Path.cwd())
+    if not sets:
+        raise UserError("nothing to evaluate: give --suite or --data")
+    settings = EvalSettings(
+        samples=args.samples, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else recipe.rollout.temperature,
+        template=args.template or recipe.data.template, limit=args.limit,
+    )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = evaluate_benchmarks(recipe, sets, settings, out)
+    print(format_summary_table(summary))
+    print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
+    if args.utility is not None:
+        from alphaalign.utility import run_utility
+
+        print(run_utility(recipe.model.name_or_path, args.utility or ["gsm8k", "mmlu"], out, args.limit))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from alphaalign.report import write_report
+
+    folders = [Path(f) for f in args.runs]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+    files = write_report(folders, Path(args.out))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -149,6 +214,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
+
+    ev = sub.add_parser(
+        "eval", help="safety evaluation: refusal, ASR, over-refusal, pass@k (docs/evaluation.md)"
+    )
+    ev.add_argument(
+        "--model", required=True, help="checkpoint folder or hub id (e.g. OUT/checkpoints/step-000120/policy)"
+    )
+    ev.add_argument(
+        "--recipe", help="take the engine, template, system prompt and format tags from this recipe"
+    )
+    ev.add_argument("overrides", nargs="*", help="dotted overrides of --recipe, as for train")
+    ev.add_argument("--suite", choices=["safety", "jailbreak", "overrefusal", "all"], help="benchmark group")
+    ev.add_argument("--data-dir", help="read each benchmark from DIR/<name>.jsonl|csv|parquet (hub schema) "
+                    "instead of the hub; recipes/data/eval holds small offline copies")  # fmt: skip
+    ev.add_argument("--data", action="append", default=[], help="an extra local prompt file (repeatable)")
+    ev.add_argument("--prompt-field", default="prompt", help="prompt field of --data files")
+    ev.add_argument("--label-field", default="label", help="label field of --data files (harmful/benign)")
+    ev.add_argument("--label", choices=["harmful", "benign"], help="one label for every --data row")
+    ev.add_argument(
+        "--template", help="alphaalign, none or a Jinja string (default: the recipe's, else alphaalign)"
+    )
+    ev.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k for k ≤ samples)")
+    ev.add_argument("--max-new-tokens", type=int, help="default: the recipe's rollout.max_new_tokens")
+    ev.add_argument("--temperature", type=float, help="default: the recipe's rollout.temperature")
+    ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
+    ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.set_defaults(fn=cmd_eval)
+
+    rep = sub.add_parser(
+        "report", help="markdown + HTML report with plots for training runs and eval outputs"
+    )
+    rep.add_argument(
+        "runs", nargs="+", help="training output folders and/or `alphaalign eval` output folders"
+    )
+    rep.add_argument("--out", required=True, help="output folder for report.md, report.html and PNGs")
+    rep.set_defaults(fn=cmd_report)
     return parser
 
 

@@ -167,6 +167,8 @@ class TrainerConfig(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_samples: int = Field(1, ge=1)  # samples per eval prompt for the before/after evaluation
+    # Evaluate on data.eval every this many steps and log eval/* rates into metrics.jsonl (0 = only before/after).
+    eval_every: int = Field(0, ge=0)
     # Steps whose rewards, advantages, log-probs, loss or gradients are not finite are skipped; the run
     # aborts once more than this many have been skipped.
     max_bad_steps: int = Field(3, ge=0)

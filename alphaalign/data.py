@@ -22,7 +22,7 @@ from alphaalign.errors import UserError
 
 LABELS = {
     "harmful": "harmful", "unsafe": "harmful", "true": "harmful", "1": "harmful", "yes": "harmful",
-    "benign": "benign", "safe": "benign", "false": "benign", "0": "benign", "no": "benign",
+    "benign": "benign", "safe": "benign", "unharmful": "benign", "false": "benign", "0": "benign", "no": "benign",
 }  # fmt: skip
 
 ALPHAALIGN_TEMPLATE = (
@@ -63,6 +63,17 @@ def chat_messages(
     )
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*messages, {"role": "user", "content": content}]
+
+
+def encode_prompt(
+    tokenizer, example: Example, template, system_prompt: str | None, max_tokens: int
+) -> list[int]:
+    """The chat-formatted prompt's token ids, ready for generation, keeping its last `max_tokens` tokens."""
+    messages = chat_messages(example, template, system_prompt)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)[-max_tokens:]
 
 
 def resolve_path(source: DataSource, base: Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from alphaalign.config import Recipe
-from alphaalign.data import Example, PromptStream, chat_messages, compile_template, load_split, recipe_base
+from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
@@ -68,11 +68,9 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     template = compile_template(recipe.data.template)
 
     def encode(example: Example) -> list[int]:
-        messages = chat_messages(example, template, recipe.data.system_prompt)
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        return encode_prompt(
+            tokenizer, example, template, recipe.data.system_prompt, recipe.data.max_prompt_tokens
         )
-        return list(ids)[-recipe.data.max_prompt_tokens :]
 
     optimizer = torch.optim.AdamW(
         [p for p in policy.parameters() if p.requires_grad],
@@ -166,6 +164,8 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             "time/step_s": t4 - t0,
             "throughput/completion_tokens_per_s": sum(map(len, rollouts.completion_ids)) / (t4 - t0),
         }
+        if evaluate and tc.eval_every and step % tc.eval_every == 0:
+            metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
         logger.log(metrics)
         if problem is not None:
             check_bad_steps(step, problem, bad_steps, tc.max_bad_steps, out)

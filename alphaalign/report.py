@@ -1,0 +1,337 @@
+"""`alphaalign report`: tables and plots for training runs and `alphaalign eval` results, side by side.
+
+A folder given to the report is a training run (metrics.jsonl, eval_before.json, eval_after.json) or an eval
+output (summary.json), or both. The report is report.md with PNGs beside it, and report.html with the same
+PNGs embedded, so that one file can be mailed around.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alphaalign.errors import UserError
+
+HELD_OUT = "held-out (data.eval)"
+
+
+@dataclass
+class Run:
+    name: str
+    steps: list[dict] = field(default_factory=list)  # metrics.jsonl rows
+    before: dict | None = None  # eval_before.json
+    after: dict | None = None  # eval_after.json
+    summary: dict | None = None  # an `alphaalign eval` summary.json
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+def load_run(folder: Path) -> Run:
+    run = Run(folder.resolve().name)
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        for lineno, line in enumerate(metrics.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    run.steps.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{metrics}:{lineno}: invalid JSON ({exc.msg})") from None
+    for attr, name in (
+        ("before", "eval_before.json"),
+        ("after", "eval_after.json"),
+        ("summary", "summary.json"),
+    ):
+        if (folder / name).exists():
+            setattr(run, attr, _read_json(folder / name))
+    if not (run.steps or run.before or run.summary):
+        raise UserError(f"{folder}: neither a training run (metrics.jsonl) nor an eval output (summary.json)")
+    return run
+
+
+def unique_names(runs: list[Run], folders: list[Path]) -> None:
+    """Runs with the same folder name are told apart by their parent folder."""
+    names = [r.name for r in runs]
+    for run, folder in zip(runs, folders, strict=True):
+        if names.count(run.name) > 1:
+            run.name = f"{folder.resolve().parent.name}/{run.name}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The series the plots and tables show
+
+
+def eval_points(run: Run) -> list[tuple[int, float, float]]:
+    """(step, harmful refusal, over-refusal) on the held-out set: before RL (step 0), every in-training
+    evaluation (eval/*), and after RL (the last step)."""
+    points = []
+    if run.before:
+        points.append((0, run.before["harmful_refusal_rate"], run.before["benign_refusal_rate"]))
+    for row in run.steps:
+        if "eval/harmful_refusal_rate" in row:
+            points.append((row["step"], row["eval/harmful_refusal_rate"], row["eval/benign_refusal_rate"]))
+    if run.after and run.steps:
+        last = run.steps[-1]["step"]
+        if not points or points[-1][0] != last:
+            points.append((last, run.after["harmful_refusal_rate"], run.after["benign_refusal_rate"]))
+    return points
+
+
+def training_panels(runs: list[Run]) -> list[str]:
+    """The metrics.jsonl keys to plot over steps: the total reward, each reward term, KL, length."""
+    keys = {k for run in runs for row in run.steps for k in row}
+    terms = sorted(k for k in keys if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
+    kl = sorted(k for k in keys if k.startswith("kl/"))
+    return [k for k in ["reward/mean", *terms, *kl, "completion/length_mean"] if k in keys]
+
+
+def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
+    """{benchmark: {column label: metrics}} over every run: held-out before/after and eval summaries."""
+    table: dict[str, dict[str, dict]] = {}
+    for run in runs:
+        for when, result in (("before", run.before), ("after", run.after)):
+            if result:
+                table.setdefault(HELD_OUT, {})[f"{run.name} {when}"] = {
+                    "harmful_refusal_rate": result["harmful_refusal_rate"],
+                    "over_refusal_rate": result["benign_refusal_rate"],
+                    "format_valid_rate": result["format_valid_rate"],
+                }
+        for bench, metrics in (run.summary or {}).get("benchmarks", {}).items():
+            table.setdefault(bench, {})[run.name] = metrics
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 9})
+    return plt
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, total, kept = [], 0.0, []
+    for v in values:
+        kept.append(v)
+        total += v
+        if len(kept) > window:
+            total -= kept.pop(0)
+        out.append(total / len(kept))
+    return out
+
+
+def plot_training(runs: list[Run], path: Path) -> bool:
+    panels = training_panels(runs)
+    has_eval = any(len(eval_points(r)) > 1 for r in runs)
+    count = len(panels) + has_eval
+    if not count:
+        return False
+    plt = _pyplot()
+    cols = min(count, 3)
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, key in zip(flat, panels, strict=False):
+        for i, run in [(i, run) for i, run in enumerate(runs) if run.steps]:
+            xs = [r["step"] for r in run.steps if key in r]
+            ys = [r[key] for r in run.steps if key in r]
+            window = max(1, len(ys) // 15)
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.8)
+            ax.plot(xs, _smooth(ys, window), color=f"C{i}", linewidth=1.6,
+                    label=f"{run.name} (mean of {window})" if window > 1 else run.name)  # fmt: skip
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    if has_eval:
+        ax = flat[len(panels)]
+        for i, run in [(i, run) for i, run in enumerate(runs) if eval_points(run)]:
+            steps, harmful, benign = zip(*eval_points(run), strict=True)
+            ax.plot(steps, harmful, "o-", color=f"C{i}", label=f"{run.name}: harmful refusal ↑")
+            ax.plot(steps, benign, "s--", color=f"C{i}", label=f"{run.name}: over-refusal ↓")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("held-out refusal rates")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_tradeoff(runs: list[Run], path: Path) -> bool:
+    if not any(eval_points(r) for r in runs):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for i, run in [(i, run) for i, run in enumerate(runs) if eval_points(run)]:
+        points = eval_points(run)
+        steps, harmful, benign = zip(*points, strict=True)
+        ax.plot(benign, harmful, "-", color=f"C{i}", alpha=0.5)
+        ax.scatter(
+            benign, harmful, c=steps, cmap="viridis", edgecolors=f"C{i}", s=40, zorder=3, label=run.name
+        )
+        for s, h, b in points:
+            ax.annotate(str(s), (b, h), textcoords="offset points", xytext=(6, -3), fontsize=7, color=f"C{i}")
+    ax.scatter([0], [1], marker="*", s=160, color="gold", edgecolors="black", zorder=4, label="ideal")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")
+    ax.set_ylabel("refusal rate on harmful prompts (higher is better)")
+    ax.set_title("held-out trade-off at each evaluation (labels: step)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_benchmarks(table: dict[str, dict[str, dict]], path: Path) -> bool:
+    if not table:
+        return False
+    plt = _pyplot()
+    series = list(dict.fromkeys(label for columns in table.values() for label in columns))
+    panels = [("harmful_refusal_rate", "refusal rate on harmful prompts (higher is better)"),
+              ("over_refusal_rate", "over-refusal rate on benign prompts (lower is better)")]  # fmt: skip
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.5, 1.1 * len(table) + 2), 7.5), squeeze=False)
+    width = 0.8 / len(series)
+    for ax, (key, title) in zip(axes[:, 0], panels, strict=True):
+        benches = [b for b in table if any(not math.isnan(m.get(key, math.nan)) for m in table[b].values())]
+        for j, label in enumerate(series):
+            values = [table[b].get(label, {}).get(key, float("nan")) for b in benches]
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(benches))]
+            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, color=f"C{j}", label=label)
+            for bar, v in zip(bars, values, strict=True):
+                if not math.isnan(v):
+                    ax.annotate(f"{v:.0%}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                                va="bottom", fontsize=7)  # fmt: skip
+        ax.set_xticks(range(len(benches)), [b.replace(" (", "\n(") for b in benches], fontsize=8, rotation=0)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables and the two documents
+
+
+def _pct(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1%}"
+
+
+def run_rows(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        if not run.steps:
+            continue
+        last = run.steps[-1]
+        b, a = run.before or {}, run.after or {}
+        rows.append([run.name, str(last["step"]), f"{last.get('reward/mean', float('nan')):.3f}",
+                     f"{_pct(b.get('harmful_refusal_rate'))} → {_pct(a.get('harmful_refusal_rate'))}",
+                     f"{_pct(b.get('benign_refusal_rate'))} → {_pct(a.get('benign_refusal_rate'))}",
+                     f"{_pct(b.get('format_valid_rate'))} → {_pct(a.get('format_valid_rate'))}"])  # fmt: skip
+    return rows
+
+
+RUN_HEADER = ["run", "steps", "final reward", "harmful refusal (before → after)",
+              "over-refusal (before → after)", "format validity (before → after)"]  # fmt: skip
+BENCH_HEADER = [
+    "benchmark",
+    "model / run",
+    "harmful refusal",
+    "ASR",
+    "over-refusal",
+    "format valid",
+    "pass@k",
+]
+
+
+def benchmark_rows(table: dict[str, dict[str, dict]]) -> list[list[str]]:
+    rows = []
+    for bench, columns in table.items():
+        for label, m in columns.items():
+            ks = sorted((int(k[5:]) for k in m if k.startswith("pass@")), reverse=True)
+            at_k = (
+                f"pass@{ks[0]} {_pct(m[f'pass@{ks[0]}'])}, all_safe@{ks[0]} {_pct(m[f'all_safe@{ks[0]}'])}"
+                if ks
+                else "—"
+            )
+            asr = m.get("attack_success_rate", 1 - m["harmful_refusal_rate"])
+            rows.append([bench, label, _pct(m["harmful_refusal_rate"]), _pct(asr), _pct(m["over_refusal_rate"]),
+                         _pct(m["format_valid_rate"]), at_k])  # fmt: skip
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+FIGURES = [("training.png", "Training curves", plot_training),
+           ("tradeoff.png", "Harmful refusal vs over-refusal", plot_tradeoff)]  # fmt: skip
+
+
+def write_report(folders: list[Path], out: Path) -> list[Path]:
+    """Write report.md, report.html and the PNGs into `out`; returns the files written."""
+    runs = [load_run(f) for f in folders]
+    unique_names(runs, folders)
+    out.mkdir(parents=True, exist_ok=True)
+    table = benchmark_table(runs)
+    figures = [(name, title) for name, title, plot in FIGURES if plot(runs, out / name)]
+    if plot_benchmarks(table, out / "benchmarks.png"):
+        figures.append(("benchmarks.png", "Refusal and over-refusal per benchmark"))
+    sections = []  # (title, header, rows)
+    if run_rows(runs):
+        sections.append(("Training runs (held-out set: before → after RL)", RUN_HEADER, run_rows(runs)))
+    if table:
+        sections.append(("Per benchmark", BENCH_HEADER, benchmark_rows(table)))
+
+    title = "alphaalign report: " + ", ".join(r.name for r in runs)
+    md = [f"# {title}", ""]
+    page = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>", STYLE,
+            f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    for heading, header, rows in sections:
+        md += [f"## {heading}", "", markdown_table(header, rows), ""]
+        page += [f"<h2>{html.escape(heading)}</h2>", html_table(header, rows)]
+    for name, heading in figures:
+        data = base64.b64encode((out / name).read_bytes()).decode()
+        md += [f"## {heading}", "", f"![{heading}]({name})", ""]
+        page += [
+            f"<h2>{html.escape(heading)}</h2>",
+            f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>",
+        ]
+    md.append(
+        "Refusals are judged by the rule-based refusal verifier; ASR = 1 − harmful refusal rate. See docs/evaluation.md."
+    )
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.html").write_text("\n".join(page) + "\n")
+    return [out / "report.md", out / "report.html", *(out / name for name, _ in figures)]
+
+
+STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>")  # fmt: skip
