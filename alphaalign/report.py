@@ -178,17 +178,22 @@ def plot_tradeoff(runs: list[Run], path: Path) -> bool:
     if not any(eval_points(r) for r in runs):
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    fig, ax = plt.subplots(figsize=(5.8, 4.6))
+    labelled: list[tuple[float, float]] = []
     for i, run in [(i, run) for i, run in enumerate(runs) if eval_points(run)]:
         points = eval_points(run)
         steps, harmful, benign = zip(*points, strict=True)
         ax.plot(benign, harmful, "-", color=f"C{i}", alpha=0.5)
-        ax.scatter(
-            benign, harmful, c=steps, cmap="viridis", edgecolors=f"C{i}", s=40, zorder=3, label=run.name
-        )
-        for s, h, b in points:
-            ax.annotate(str(s), (b, h), textcoords="offset points", xytext=(6, -3), fontsize=7, color=f"C{i}")
-    ax.scatter([0], [1], marker="*", s=160, color="gold", edgecolors="black", zorder=4, label="ideal")
+        dots = ax.scatter(benign, harmful, c=steps, cmap="viridis", edgecolors=f"C{i}", s=40, zorder=3,
+                          label=run.name)  # fmt: skip
+        for s, h, b in points:  # label a point unless it crowds an earlier label; the colour gives the step
+            if all(abs(b - x) + abs(h - y) > 0.06 for x, y in labelled):
+                ax.annotate(
+                    str(s), (b, h), textcoords="offset points", xytext=(6, -3), fontsize=7, color=f"C{i}"
+                )
+                labelled.append((b, h))
+    fig.colorbar(dots, ax=ax, label="step", fraction=0.05, pad=0.02)
+    ax.scatter([0], [1], marker="*", s=220, facecolors="none", edgecolors="black", zorder=4, label="ideal")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")

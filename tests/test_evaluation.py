@@ -192,6 +192,8 @@ def test_in_training_eval_is_logged_every_eval_every_steps(small_run):
         assert 0 <= row["eval/harmful_refusal_rate"] <= 1 and 0 <= row["eval/benign_refusal_rate"] <= 1
         assert row["eval/n_harmful"] + row["eval/n_benign"] == 12
         assert "reward/mean" in row  # beside the training metrics of the same step
+    after = json.loads((small_run / "eval_after.json").read_text())  # the last step's eval, not a second one
+    assert after == {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k.startswith("eval/")}
 
 
 def test_report_renders_tables_and_plots_for_runs_and_evals(small_run, eval_out, tmp_path):

@@ -179,7 +179,12 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     if evaluate:
         before = json.loads((out / "eval_before.json").read_text())
         after_path = out / "eval_after.json"
-        after = json.loads(after_path.read_text()) if after_path.exists() and not metrics else evaluate()
+        last_step_eval = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
+        after = (
+            json.loads(after_path.read_text())
+            if after_path.exists() and not metrics
+            else last_step_eval or evaluate()
+        )
         after_path.write_text(json.dumps(after, indent=2))
         result.update(before=before, after=after)
     return result
