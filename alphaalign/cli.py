@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
         )
     if "after" in result:
         print(format_eval_table(result["before"], result["after"]))
-    if final:
+    if (Path(recipe.trainer.output_dir) / "metrics.jsonl").exists():  # also when a finished run is rerun
         from alphaalign.report import write_report
 
         report = Path(recipe.trainer.output_dir) / "report"
@@ -113,13 +113,11 @@ def cmd_score(args) -> int:
 def cmd_serve(args) -> int:
     """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
     recipe = validate(args.recipe, args.overrides)
+    from alphaalign.demo.build import build_if_missing
     from alphaalign.rollout.vllm_launch import require_vllm, server_command, server_env
 
     require_vllm()
-    if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
-        from alphaalign.demo.build import build_demo_policy
-
-        build_demo_policy(recipe)
+    build_if_missing(recipe)
     command = server_command(recipe, args.host, args.port)
     print(
         f"serving {recipe.model.name_or_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True
@@ -127,15 +125,35 @@ def cmd_serve(args) -> int:
     os.execve(command[0], command, server_env(recipe))
 
 
-def eval_recipe(args):
-    """The recipe `alphaalign eval` runs with: --recipe (its engine, template, tags), or defaults, with --model."""
-    from alphaalign.config import Recipe, load_recipe
+def eval_model(model: str) -> str:
+    """--model as given or, for a training output folder, the policy of its newest complete checkpoint."""
+    from alphaalign.rl.checkpoint import latest_checkpoint
 
+    if not (Path(model) / "checkpoints").is_dir():
+        return model
+    latest = latest_checkpoint(model)
+    if latest is None:
+        raise UserError(f"--model: {model} is a training output folder without a complete checkpoint")
+    return str(latest / "policy")
+
+
+def eval_recipe(args):
+    """The recipe `alphaalign eval` runs with: --recipe (engine, sampling, template, tags) or the defaults, its
+    model replaced by --model when given."""
+    from alphaalign.config import Recipe, load_recipe
+    from alphaalign.demo.build import build_if_missing
+
+    if args.model is None and not args.recipe:
+        raise UserError("give --model, or --recipe to evaluate the recipe's own model")
     if args.recipe:
-        return load_recipe(args.recipe, [f"model.name_or_path={args.model}", *args.overrides])
+        model = [f"model.name_or_path={eval_model(args.model)}"] if args.model else []
+        recipe = load_recipe(args.recipe, [*model, *args.overrides])
+        build_if_missing(recipe)
+        return recipe
     if args.overrides:
         raise UserError("overrides need --recipe")
-    return Recipe.model_validate({"model": {"name_or_path": args.model}, "data": {"train": [{"path": "-"}]},
+    return Recipe.model_validate({"model": {"name_or_path": eval_model(args.model)},
+                                  "data": {"train": [{"path": "-"}]},
                                   "rewards": [{"name": "alphaalign_safety"}]})  # fmt: skip
 
 
@@ -144,9 +162,22 @@ def cmd_eval(args) -> int:
     from alphaalign.data import load_source
     from alphaalign.evaluation import EvalSettings, evaluate_benchmarks, format_summary_table
 
-    if args.samples < 1 or (args.limit is not None and args.limit < 1):
-        raise UserError("--samples and --limit must be at least 1")
+    if args.list:
+        print(benchmarks.describe())
+        return 0
+    if args.out is None:
+        raise UserError("--out is required")
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--limit", args.limit),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.temperature is not None and args.temperature <= 0:
+        raise UserError(f"--temperature must be above 0 (sampling), got {args.temperature}")
     recipe = eval_recipe(args)
+    print(f"evaluating {recipe.model.name_or_path} with the {recipe.rollout.engine} engine", flush=True)
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir: no such folder: {args.data_dir}")
@@ -218,14 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="safety evaluation: refusal, ASR, over-refusal, pass@k (docs/evaluation.md)"
     )
-    ev.add_argument(
-        "--model", required=True, help="checkpoint folder or hub id (e.g. OUT/checkpoints/step-000120/policy)"
-    )
+    ev.add_argument("--model", help="checkpoint folder, hub id, or a training output folder (its newest "
+                    "checkpoint); default: the --recipe's model")  # fmt: skip
     ev.add_argument(
         "--recipe", help="take the engine, template, system prompt and format tags from this recipe"
     )
     ev.add_argument("overrides", nargs="*", help="dotted overrides of --recipe, as for train")
-    ev.add_argument("--suite", choices=["safety", "jailbreak", "overrefusal", "all"], help="benchmark group")
+    ev.add_argument("--suite", help="safety, jailbreak, overrefusal, all, or benchmark names (--list), "
+                    "comma-separated")  # fmt: skip
     ev.add_argument("--data-dir", help="read each benchmark from DIR/<name>.jsonl|csv|parquet (hub schema) "
                     "instead of the hub; recipes/data/eval holds small offline copies")  # fmt: skip
     ev.add_argument("--data", action="append", default=[], help="an extra local prompt file (repeatable)")
@@ -240,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, help="default: the recipe's rollout.temperature")
     ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
-    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--out", help="output folder (required)")
+    ev.add_argument(
+        "--list", action="store_true", help="list the benchmarks, their hub ids and suites, and exit"
+    )
     ev.set_defaults(fn=cmd_eval)
 
     rep = sub.add_parser(

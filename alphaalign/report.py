@@ -86,18 +86,36 @@ def eval_points(run: Run) -> list[tuple[int, float, float]]:
 
 
 def training_panels(runs: list[Run]) -> list[str]:
-    """The metrics.jsonl keys to plot over steps: the total reward, each reward term, KL, length."""
+    """The metrics.jsonl keys to plot over steps: the total reward, each reward term when there are several
+    (a single term has the total's shape), KL and completion length."""
     keys = {k for run in runs for row in run.steps for k in row}
     terms = sorted(k for k in keys if k.startswith("reward/") and k.endswith("/mean") and k != "reward/mean")
     kl = sorted(k for k in keys if k.startswith("kl/"))
-    return [k for k in ["reward/mean", *terms, *kl, "completion/length_mean"] if k in keys]
+    return [
+        k
+        for k in ["reward/mean", *(terms if len(terms) > 1 else []), *kl, "completion/length_mean"]
+        if k in keys
+    ]
+
+
+def panel_title(key: str) -> str:
+    """A readable title for a metrics.jsonl key."""
+    if key == "reward/mean":
+        return "reward (mean over the step's rollouts)"
+    if key.startswith("reward/"):
+        return f"reward term {key.split('/')[1]} (mean)"
+    if key.startswith("kl/"):
+        return f"KL to the reference ({key.split('/')[1].removesuffix('_mean')} estimator)"
+    if key == "completion/length_mean":
+        return "completion length (tokens, mean)"
+    return key
 
 
 def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
     """{benchmark: {column label: metrics}} over every run: held-out before/after and eval summaries."""
     table: dict[str, dict[str, dict]] = {}
     for run in runs:
-        for when, result in (("before", run.before), ("after", run.after)):
+        for when, result in (("before RL", run.before), ("after RL", run.after)):
             if result:
                 table.setdefault(HELD_OUT, {})[f"{run.name} {when}"] = {
                     "harmful_refusal_rate": result["harmful_refusal_rate"],
@@ -111,6 +129,9 @@ def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg)
+
+HARMFUL_COLOUR, BENIGN_COLOUR = "tab:red", "tab:blue"
+RUN_STYLES = [("-", "o"), ("--", "^"), (":", "D"), ("-.", "v")]  # line style and marker of run i
 
 
 def _pyplot():
@@ -134,40 +155,59 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _curve(ax, run: Run, key: str, window: int, color: str, linestyle: str, label: str) -> None:
+    """One metric over steps: each step's value faint, the running mean of `window` steps on top."""
+    xs = [r["step"] for r in run.steps if key in r]
+    ys = [r[key] for r in run.steps if key in r]
+    if xs:
+        ax.plot(xs, ys, color=color, linestyle=linestyle, alpha=0.2, linewidth=0.8)
+        ax.plot(xs, _smooth(ys, window), color=color, linestyle=linestyle, linewidth=1.6, label=label)
+
+
 def plot_training(runs: list[Run], path: Path) -> bool:
     panels = training_panels(runs)
-    has_eval = any(len(eval_points(r)) > 1 for r in runs)
-    count = len(panels) + has_eval
+    has_rates = any(eval_points(r) for r in runs) or any(
+        "rollout/harmful_refusal_rate" in row for r in runs for row in r.steps
+    )
+    count = len(panels) + has_rates
     if not count:
         return False
     plt = _pyplot()
-    cols = min(count, 3)
+    window = max(1, max(len(r.steps) for r in runs) // 15)
+    cols = 2 if count == 4 else min(count, 3)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.2 * rows + 0.4), squeeze=False)
     flat = list(axes.flat)
     for ax, key in zip(flat, panels, strict=False):
-        for i, run in [(i, run) for i, run in enumerate(runs) if run.steps]:
-            xs = [r["step"] for r in run.steps if key in r]
-            ys = [r[key] for r in run.steps if key in r]
-            window = max(1, len(ys) // 15)
-            ax.plot(xs, ys, color=f"C{i}", alpha=0.25, linewidth=0.8)
-            ax.plot(xs, _smooth(ys, window), color=f"C{i}", linewidth=1.6,
-                    label=f"{run.name} (mean of {window})" if window > 1 else run.name)  # fmt: skip
-        ax.set_title(key)
+        for i, run in enumerate(runs):
+            _curve(ax, run, key, window, f"C{i}", "-", run.name)
+        ax.set_title(panel_title(key))
         ax.set_xlabel("step")
-    if has_eval:
+    if len(runs) > 1:
+        flat[0].legend(fontsize=7)
+    if has_rates:
         ax = flat[len(panels)]
-        for i, run in [(i, run) for i, run in enumerate(runs) if eval_points(run)]:
-            steps, harmful, benign = zip(*eval_points(run), strict=True)
-            ax.plot(steps, harmful, "o-", color=f"C{i}", label=f"{run.name}: harmful refusal ↑")
-            ax.plot(steps, benign, "s--", color=f"C{i}", label=f"{run.name}: over-refusal ↓")
+        for i, run in enumerate(runs):
+            line, marker = RUN_STYLES[i % len(RUN_STYLES)]
+            prefix = f"{run.name}: " if len(runs) > 1 else ""
+            _curve(ax, run, "rollout/harmful_refusal_rate", window, HARMFUL_COLOUR, line,
+                   f"{prefix}harmful refusal, rollouts")  # fmt: skip
+            _curve(ax, run, "rollout/benign_refusal_rate", window, BENIGN_COLOUR, line,
+                   f"{prefix}over-refusal, rollouts")  # fmt: skip
+            if eval_points(run):
+                steps, harmful, benign = zip(*eval_points(run), strict=True)
+                ax.plot(steps, harmful, marker, color=HARMFUL_COLOUR, markeredgecolor="black",
+                        label=f"{prefix}harmful refusal, held-out")  # fmt: skip
+                ax.plot(steps, benign, marker, color=BENIGN_COLOUR, markeredgecolor="black",
+                        label=f"{prefix}over-refusal, held-out")  # fmt: skip
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title("held-out refusal rates")
+        ax.set_title("refusal rates (harmful: higher is better)")
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     for ax in flat[count:]:
         ax.set_visible(False)
-    flat[0].legend(fontsize=7)
+    smoothing = f"thin: each step; thick: running mean of {window} steps" if window > 1 else "each step"
+    fig.suptitle(f"training ({smoothing})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -175,30 +215,49 @@ def plot_training(runs: list[Run], path: Path) -> bool:
 
 
 def plot_tradeoff(runs: list[Run], path: Path) -> bool:
-    if not any(eval_points(r) for r in runs):
+    """Harmful refusal vs over-refusal at each held-out evaluation, one path per run coloured by step."""
+    shown = [(i, run, eval_points(run)) for i, run in enumerate(runs) if eval_points(run)]
+    if not shown:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.8, 4.6))
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    last_step = max(p[0] for _, _, points in shown for p in points)
     labelled: list[tuple[float, float]] = []
-    for i, run in [(i, run) for i, run in enumerate(runs) if eval_points(run)]:
-        points = eval_points(run)
+
+    def point_out(text, b, h, color, offset):  # a label away from the crowd, with a leader line
+        ax.annotate(text, (b, h), textcoords="offset points", xytext=offset, fontsize=8, color=color,
+                    arrowprops={"arrowstyle": "-", "color": color, "alpha": 0.6})  # fmt: skip
+        labelled.append((b, h))
+
+    def step_label(step, b, h, color):  # skipped where it would crowd an earlier label; the colour tells
+        if all(abs(b - x) + abs(h - y) > 0.07 for x, y in labelled):
+            ax.annotate(
+                str(step), (b, h), textcoords="offset points", xytext=(7, -4), fontsize=8, color=color
+            )
+            labelled.append((b, h))
+
+    for i, run, points in shown:
         steps, harmful, benign = zip(*points, strict=True)
-        ax.plot(benign, harmful, "-", color=f"C{i}", alpha=0.5)
-        dots = ax.scatter(benign, harmful, c=steps, cmap="viridis", edgecolors=f"C{i}", s=40, zorder=3,
-                          label=run.name)  # fmt: skip
-        for s, h, b in points:  # label a point unless it crowds an earlier label; the colour gives the step
-            if all(abs(b - x) + abs(h - y) > 0.06 for x, y in labelled):
-                ax.annotate(
-                    str(s), (b, h), textcoords="offset points", xytext=(6, -3), fontsize=7, color=f"C{i}"
-                )
-                labelled.append((b, h))
+        color = f"C{i}"
+        ax.plot(benign, harmful, "-", color=color, alpha=0.5, label=run.name)
+        dots = ax.scatter(benign, harmful, c=steps, cmap="viridis", vmin=0, vmax=last_step, edgecolors=color,
+                          s=45, zorder=3)  # fmt: skip
+        ax.scatter(
+            benign[-1], harmful[-1], s=160, facecolors="none", edgecolors=color, linewidths=2, zorder=4
+        )
+        point_out("before RL" if run.before else f"step {steps[0]}", benign[0], harmful[0], color, (12, 10))
+        if len(points) > 1:  # pointed at from the open space below and to the right
+            text = f"after RL (step {steps[-1]})" if run.after else f"step {steps[-1]}"
+            point_out(text, benign[-1], harmful[-1], color, (40, -40 - 14 * i))
+        for s, h, b in points[1:-1]:
+            step_label(s, b, h, color)
     fig.colorbar(dots, ax=ax, label="step", fraction=0.05, pad=0.02)
-    ax.scatter([0], [1], marker="*", s=220, facecolors="none", edgecolors="black", zorder=4, label="ideal")
+    ax.scatter([0], [1], marker="*", s=240, facecolors="none", edgecolors="black", zorder=5, label="ideal")
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("over-refusal rate on benign prompts (lower is better)")
     ax.set_ylabel("refusal rate on harmful prompts (higher is better)")
-    ax.set_title("held-out trade-off at each evaluation (labels: step)")
+    ax.set_title("held-out trade-off at each evaluation (ringed: the last)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
@@ -207,26 +266,34 @@ def plot_tradeoff(runs: list[Run], path: Path) -> bool:
 
 
 def plot_benchmarks(table: dict[str, dict[str, dict]], path: Path) -> bool:
+    """Bars per benchmark, one per run or eval output that has the rate; each series keeps its colour."""
     if not table:
         return False
     plt = _pyplot()
     series = list(dict.fromkeys(label for columns in table.values() for label in columns))
-    panels = [("harmful_refusal_rate", "refusal rate on harmful prompts (higher is better)"),
+    colour = {label: f"C{j}" for j, label in enumerate(series)}
+    panels = [("harmful_refusal_rate", "refusal rate on harmful prompts (higher is better; ASR = 1 − this)"),
               ("over_refusal_rate", "over-refusal rate on benign prompts (lower is better)")]  # fmt: skip
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.5, 1.1 * len(table) + 2), 7.5), squeeze=False)
-    width = 0.8 / len(series)
-    for ax, (key, title) in zip(axes[:, 0], panels, strict=True):
+    widest = max(len(columns) for columns in table.values())
+    width = 0.8 / widest
+    fig, axes = plt.subplots(2, 1, figsize=(min(18, max(6.5, len(table) * (0.5 + 0.45 * widest) + 2.5)), 7.5))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         benches = [b for b in table if any(not math.isnan(m.get(key, math.nan)) for m in table[b].values())]
-        for j, label in enumerate(series):
-            values = [table[b].get(label, {}).get(key, float("nan")) for b in benches]
-            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(benches))]
-            bars = ax.bar(xs, [0 if math.isnan(v) else v for v in values], width, color=f"C{j}", label=label)
-            for bar, v in zip(bars, values, strict=True):
-                if not math.isnan(v):
-                    ax.annotate(f"{v:.0%}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
-                                va="bottom", fontsize=7)  # fmt: skip
-        ax.set_xticks(range(len(benches)), [b.replace(" (", "\n(") for b in benches], fontsize=8, rotation=0)
-        ax.set_ylim(0, 1.1)
+        in_legend = set()
+        for i, bench in enumerate(benches):
+            present = [
+                (lab, m[key]) for lab, m in table[bench].items() if not math.isnan(m.get(key, math.nan))
+            ]
+            for j, (lab, value) in enumerate(present):
+                x = i + (j - (len(present) - 1) / 2) * width
+                ax.bar(x, value, width, color=colour[lab], label=None if lab in in_legend else lab)
+                in_legend.add(lab)
+                ax.annotate(f"{value:.0%}", (x, value), ha="center", va="bottom", fontsize=7)
+        rotate = len(benches) > 4
+        ax.set_xticks(range(len(benches)), [b.replace(" (", "\n(") for b in benches], fontsize=8,
+                      rotation=20 if rotate else 0, ha="right" if rotate else "center")  # fmt: skip
+        ax.set_xlim(-0.6, len(benches) - 0.4)
+        ax.set_ylim(0, 1.12)
         ax.set_title(title)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()

@@ -276,3 +276,32 @@ def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recip
         )
     assert [r["rollout/policy_staleness"] for r in runs[0]] == [0, 0, 0]
     assert runs[0] == runs[1]
+
+
+def test_eval_through_the_server_gives_the_in_process_engines_responses(
+    server, vllm_policy, write_recipe, tmp_path
+):
+    """`alphaalign eval` with rollout.engine vllm_server (the shared server, first given the checkpoint's
+    weights) and with in-process transformers: at a near-greedy temperature both write the same responses."""
+    from alphaalign.benchmarks import SUITES
+    from alphaalign.cli import main
+
+    eval_data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "eval"
+    responses = {}
+    for engine, servers in (("vllm_server", [server]), ("transformers", [])):
+        recipe = write_recipe({
+            "model": {"name_or_path": "unused"}, "data": {"template": "none", "max_prompt_tokens": 96},
+            "rollout": {"engine": engine, "servers": servers, "weight_sync": "checkpoint", "timeout": 120},
+        }, name=f"{engine}.yaml")  # fmt: skip
+        out = tmp_path / engine
+        assert main(["eval", "--model", str(vllm_policy), "--recipe", str(recipe), "--suite", "all", "--data-dir",
+                     str(eval_data), "--limit", "3", "--max-new-tokens", "16", "--temperature", "0.001",
+                     "--out", str(out)]) == 0  # fmt: skip
+        assert json.loads((out / "summary.json").read_text())["engine"] == engine
+        responses[engine] = [
+            (r["benchmark"], r["index"], r["response"], r["refused"])
+            for name in SUITES["all"]
+            for r in map(json.loads, (out / name / "responses.jsonl").read_text().splitlines())
+        ]
+    assert len(responses["vllm_server"]) == 3 * len(SUITES["all"])
+    assert responses["vllm_server"] == responses["transformers"]

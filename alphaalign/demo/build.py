@@ -125,6 +125,12 @@ def warm_start(
     return float(loss.detach())
 
 
+def build_if_missing(recipe: Recipe) -> None:
+    """Build the demo policy when the recipe asks for it (`model.build: demo`) and it is not there yet."""
+    if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
+        build_demo_policy(recipe)
+
+
 def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     """Build the demo policy at `recipe.model.name_or_path` (atomically: built aside, then renamed)."""
     target = Path(recipe.model.name_or_path)

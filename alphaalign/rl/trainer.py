@@ -21,6 +21,7 @@ import torch
 
 from alphaalign.config import Recipe
 from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
+from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
@@ -46,10 +47,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
-        from alphaalign.demo.build import build_demo_policy
-
-        build_demo_policy(recipe)
+    build_if_missing(recipe)
 
     # ---- data, models, rewards, optimizer
     base = recipe_base(recipe)
