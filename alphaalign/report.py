@@ -165,6 +165,7 @@ def _curve(ax, run: Run, key: str, window: int, color: str, linestyle: str, labe
 
 
 def plot_training(runs: list[Run], path: Path) -> bool:
+    runs = [run for run in runs if run.steps or run.before]  # training runs only, not eval outputs
     panels = training_panels(runs)
     has_rates = any(eval_points(r) for r in runs) or any(
         "rollout/harmful_refusal_rate" in row for r in runs for row in r.steps
