@@ -192,6 +192,7 @@ def cmd_eval(args) -> int:
         samples=args.samples, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
         temperature=args.temperature if args.temperature is not None else recipe.rollout.temperature,
         template=args.template or recipe.data.template, limit=args.limit,
+        seed=recipe.trainer.seed,
     )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -122,11 +122,14 @@ class EvalSettings:
     temperature: float
     template: str
     limit: int | None
+    seed: int  # the in-process engine reseeds torch with it before each benchmark
 
 
 def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, out: Path) -> dict:
     """Generate `settings.samples` responses per prompt with the recipe's engine, judge them, write
     <out>/<benchmark>/responses.jsonl and <out>/summary.json; returns the summary."""
+    import torch
+
     from alphaalign.data import compile_template, encode_prompt
     from alphaalign.models import load_causal_lm, load_tokenizer, pick_device
     from alphaalign.rl.trainer import format_tags
@@ -146,6 +149,7 @@ def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, out: P
         if rc.servers:  # servers started elsewhere may hold other weights
             engine.update_weights(0)
         for name, examples in benchmarks.items():
+            torch.manual_seed(settings.seed)  # a benchmark's samples do not depend on the ones run before it
             prompts = [encode_prompt(tokenizer, ex, template, recipe.data.system_prompt,
                                      recipe.data.max_prompt_tokens) for ex in examples]  # fmt: skip
             rollouts = engine.generate(prompts, settings.samples, sampling)

@@ -221,9 +221,13 @@ def test_eval_of_a_run_folder_uses_its_newest_checkpoint_and_maps_local_csv_fiel
     ]
     csv = tmp_path / "harmful_behaviors.csv"  # AdvBench's original file: goal,target
     csv.write_text("goal,target\n" + "".join(f'"{b}",Sure\n' for b in behaviours))
-    out = tmp_path / "eval"
-    assert main(["eval", "--model", str(small_run), "--data", str(csv), "--prompt-field", "goal", "--label",
-                 "harmful", "--template", "none", "--max-new-tokens", "8", "--out", str(out)]) == 0  # fmt: skip
+    for out in (tmp_path / "eval", tmp_path / "again"):
+        assert main(["eval", "--model", str(small_run), "--data", str(csv), "--prompt-field", "goal", "--label",
+                     "harmful", "--template", "none", "--max-new-tokens", "8", "--out", str(out)]) == 0  # fmt: skip
+    first, again = (
+        (tmp_path / d / "harmful_behaviors" / "responses.jsonl").read_text() for d in ("eval", "again")
+    )
+    assert first == again  # seeded: the same samples
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == str(small_run / "checkpoints" / "step-000004" / "policy")
     assert summary["benchmarks"]["harmful_behaviors"]["n_harmful_prompts"] == 2
