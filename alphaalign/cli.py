@@ -160,7 +160,7 @@ def eval_recipe(args):
 def cmd_eval(args) -> int:
     from alphaalign import benchmarks
     from alphaalign.data import load_source
-    from alphaalign.evaluation import EvalSettings, evaluate_benchmarks, format_summary_table
+    from alphaalign.evaluation import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
 
     if args.list:
         print(benchmarks.describe())
@@ -196,7 +196,7 @@ def cmd_eval(args) -> int:
     )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = evaluate_benchmarks(recipe, sets, settings, out)
+    summary = evaluate_benchmarks(recipe, sets, settings, eval_judge(recipe, args), out)
     print(format_summary_table(summary))
     print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
     if args.utility is not None:
@@ -271,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="default: the recipe's rollout.max_new_tokens")
     ev.add_argument("--temperature", type=float, help="default: the recipe's rollout.temperature")
     ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
+    ev.add_argument("--refusal-classifier", help="judge refusals with this sequence-classification model (id or "
+                    "path) instead of the rules; default: the recipe's alphaalign_safety refusal_classifier")  # fmt: skip
+    ev.add_argument(
+        "--refusal-label", help="the classifier's refusal label name or output index (default refusal)"
+    )
+    ev.add_argument("--refusal-threshold", type=float, help="P(refusal label) at which a response is a refusal "
+                    "(default 0.5)")  # fmt: skip
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
     ev.add_argument("--out", help="output folder (required)")
     ev.add_argument(

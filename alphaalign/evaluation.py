@@ -20,7 +20,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from alphaalign.errors import UserError
 from alphaalign.rewards import parse_alphaalign, refusal_of
+from alphaalign.rewards.alphaalign_safety import detect_refusals
 
 
 def safety_summary(texts: list[str], labels: list[str], tags: tuple[str, str]) -> dict[str, float]:
@@ -60,10 +62,49 @@ class Verdict:
     finish_reason: str
 
 
-def judge(benchmark, index, sample, label, prompt, response, num_tokens, finish_reason, tags) -> Verdict:
-    parsed = parse_alphaalign(response, *tags)
-    return Verdict(benchmark, index, sample, label, prompt, response, refusal_of(response, *tags),
-                   parsed.format_ok, parsed.answer, num_tokens, finish_reason)  # fmt: skip
+@dataclass
+class Judge:
+    """V_r for eval: the rules, or a sequence-classification model (refusal when P(label) ≥ threshold)."""
+
+    classifier: str | None = None
+    label: str | int = "refusal"
+    threshold: float = 0.5
+
+    def describe(self) -> str:
+        if self.classifier is None:
+            return "rules (refusal verifier V_r)"
+        return f"classifier {self.classifier} (refusal when P({self.label}) >= {self.threshold})"
+
+
+def eval_judge(recipe, args) -> Judge:
+    """The judge from --refusal-classifier/--refusal-label/--refusal-threshold, else the recipe's
+    alphaalign_safety reward's refusal_classifier args (the V_r it trained with), else the rules."""
+    reward_args = next((r.args for r in recipe.rewards if r.name == "alphaalign_safety"), {})
+    classifier = args.refusal_classifier or reward_args.get("refusal_classifier")
+    label = args.refusal_label or reward_args.get("refusal_label", "refusal")
+    threshold = args.refusal_threshold
+    if threshold is None:
+        threshold = reward_args.get("refusal_threshold", 0.5)
+    if classifier is None and (args.refusal_label or args.refusal_threshold is not None):
+        raise UserError("--refusal-label and --refusal-threshold need --refusal-classifier")
+    if not 0 <= threshold <= 1:
+        raise UserError(f"--refusal-threshold must be within [0, 1], got {threshold}")
+    return Judge(classifier, int(label) if str(label).isdigit() else label, threshold)
+
+
+def judge_responses(
+    benchmark: str, examples: list, texts: list[str], rollouts, samples: int, tags, judge: Judge
+):
+    """Verdicts for `samples` responses per example (grouped), judged on their final answers."""
+    parses = [parse_alphaalign(text, *tags) for text in texts]
+    refused = detect_refusals([p.final for p in parses], judge.classifier, judge.label, judge.threshold)
+    verdicts = []
+    for row, (text, parse, is_refusal) in enumerate(zip(texts, parses, refused, strict=True)):
+        ex = examples[row // samples]
+        verdicts.append(Verdict(benchmark, row // samples, row % samples, ex.label, ex.prompt, text, is_refusal,
+                                parse.format_ok, parse.answer, len(rollouts.completion_ids[row]),
+                                rollouts.finish_reasons[row]))  # fmt: skip
+    return verdicts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -125,7 +166,7 @@ class EvalSettings:
     seed: int  # the in-process engine reseeds torch with it before each benchmark
 
 
-def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, out: Path) -> dict:
+def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, judge: Judge, out: Path) -> dict:
     """Generate `settings.samples` responses per prompt with the recipe's engine, judge them, write
     <out>/<benchmark>/responses.jsonl and <out>/summary.json; returns the summary."""
     import torch
@@ -140,7 +181,7 @@ def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, out: P
     template = compile_template(settings.template)
     rc = recipe.rollout
     sampling = SamplingParams(settings.max_new_tokens, settings.temperature, rc.top_p, rc.top_k)
-    summary = {"model": recipe.model.name_or_path, "engine": rc.engine, "judge": "rules (refusal verifier V_r)",
+    summary = {"model": recipe.model.name_or_path, "engine": rc.engine, "judge": judge.describe(),
                "settings": asdict(settings), "benchmarks": {}}  # fmt: skip
     with contextlib.ExitStack() as resources:
         tokenizer = load_tokenizer(recipe.model)
@@ -154,11 +195,7 @@ def evaluate_benchmarks(recipe, benchmarks: dict, settings: EvalSettings, out: P
                                      recipe.data.max_prompt_tokens) for ex in examples]  # fmt: skip
             rollouts = engine.generate(prompts, settings.samples, sampling)
             texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-            verdicts = []
-            for row, text in enumerate(texts):
-                ex = examples[row // settings.samples]
-                verdicts.append(judge(name, row // settings.samples, row % settings.samples, ex.label, ex.prompt,
-                                      text, len(rollouts.completion_ids[row]), rollouts.finish_reasons[row], tags))  # fmt: skip
+            verdicts = judge_responses(name, examples, texts, rollouts, settings.samples, tags, judge)
             (out / name).mkdir(parents=True, exist_ok=True)
             with (out / name / "responses.jsonl").open("w") as f:
                 f.writelines(json.dumps(asdict(v)) + "\n" for v in verdicts)

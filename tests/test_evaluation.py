@@ -12,7 +12,7 @@ from alphaalign.cli import main
 from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
 from alphaalign.evaluation import Verdict, all_safe_at_k, benchmark_metrics, pass_at_k
-from alphaalign.rewards import refusal_of
+from alphaalign.rewards import parse_alphaalign, refusal_of
 from alphaalign.rl.trainer import train
 
 EVAL_DATA = ROOT / "recipes" / "data" / "eval"
@@ -235,6 +235,29 @@ def test_eval_of_a_run_folder_uses_its_newest_checkpoint_and_maps_local_csv_fiel
         json.loads(line) for line in (out / "harmful_behaviors" / "responses.jsonl").read_text().splitlines()
     ]
     assert [r["prompt"] for r in rows] == behaviours and {r["label"] for r in rows} == {"harmful"}
+
+
+def test_eval_judged_by_a_refusal_classifier(tiny_policy, tmp_path):
+    """--refusal-classifier replaces the rules: the verdicts are the classifier's, recomputable from the answers."""
+    from conftest import build_tiny_classifier
+
+    from alphaalign.rewards.alphaalign_safety import detect_refusals
+
+    classifier = build_tiny_classifier(tmp_path / "clf", num_labels=2, labels=["answer", "refusal"])
+    common = ["eval", "--model", str(tiny_policy), "--suite", "xstest", "--data-dir", str(EVAL_DATA), "--template",
+              "none", "--max-new-tokens", "12", "--refusal-classifier", str(classifier)]  # fmt: skip
+    assert main([*common, "--refusal-threshold", "0", "--out", str(tmp_path / "all")]) == 0
+    metrics = json.loads((tmp_path / "all" / "summary.json").read_text())["benchmarks"]["xstest"]
+    assert metrics["harmful_refusal_rate"] == 1.0 and metrics["over_refusal_rate"] == 1.0  # P ≥ 0 always
+    assert main([*common, "--out", str(tmp_path / "half")]) == 0
+    summary = json.loads((tmp_path / "half" / "summary.json").read_text())
+    assert summary["judge"] == f"classifier {classifier} (refusal when P(refusal) >= 0.5)"
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "half" / "xstest" / "responses.jsonl").read_text().splitlines()
+    ]
+    finals = [parse_alphaalign(r["response"]).final for r in rows]
+    assert [r["refused"] for r in rows] == detect_refusals(finals, str(classifier), "refusal", 0.5)
 
 
 def test_report_renders_tables_and_plots_for_runs_and_evals(small_run, eval_out, tmp_path):
