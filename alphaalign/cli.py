@@ -104,6 +104,18 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_train_rm(args) -> int:
+    """Train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
+    from alphaalign.config import RewardModelRecipe, load_recipe
+    from alphaalign.rm.train import train_rm
+
+    recipe_path, overrides = args.recipe, args.overrides
+    if "=" in recipe_path:  # no recipe file: the arguments are the recipe
+        recipe_path, overrides = None, [args.recipe, *overrides]
+    train_rm(load_recipe(recipe_path, overrides, schema=RewardModelRecipe))
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
     recipe = validate(args.recipe, args.overrides)
@@ -141,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--recipe", help="use this recipe's rewards (default: rule-based alphaalign_safety)")
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
     score.set_defaults(fn=cmd_score)
+    train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
+    train_rm.add_argument(
+        "recipe", help="train-rm recipe YAML file, or a first key=value to give the recipe inline"
+    )
+    train_rm.add_argument(
+        "overrides", nargs="*", help="dotted overrides: training.epochs=3 data.pairs=[p.jsonl]"
+    )
+    train_rm.set_defaults(fn=cmd_train_rm)
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )

@@ -150,3 +150,26 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"demo policy ready: {n_params / 1e6:.2f}M parameters, warm-start loss {loss:.3f}", flush=True)
     return target
+
+
+def build_tiny_classifier(
+    path: Path, texts: list[str], num_labels: int = 1, labels: list[str] | None = None,
+    hidden: int = 32, layers: int = 1, vocab_size: int = 400, seed: int | None = None,
+) -> Path:  # fmt: skip
+    """A random Qwen2ForSequenceClassification (~50k parameters by default) with a tokenizer trained on
+    ``texts`` that has a chat template: a stand-in for a reward model (one output) or a classifier."""
+    from transformers import Qwen2ForSequenceClassification
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(num_labels if seed is None else seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=4096, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
