@@ -116,6 +116,22 @@ def cmd_train_rm(args) -> int:
     return 0
 
 
+def cmd_eval_rm(args) -> int:
+    """F1, precision, recall and ECE of a CSRM on CoSApien- and DynaBench-format files."""
+    import json
+
+    from alphaalign.rm.evaluate import evaluate_rm, format_table
+
+    results = evaluate_rm(
+        args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
+        args.device, args.batch_size, args.max_length,
+    )  # fmt: skip
+    print(format_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
     recipe = validate(args.recipe, args.overrides)
@@ -161,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="dotted overrides: training.epochs=3 data.pairs=[p.jsonl]"
     )
     train_rm.set_defaults(fn=cmd_train_rm)
+    eval_rm = sub.add_parser(
+        "eval-rm", help="F1, precision, recall and ECE of a CSRM on CoSApien/DynaBench files"
+    )
+    eval_rm.add_argument(
+        "files", nargs="+", help="JSONL/JSON/CSV/parquet files in CoSApien or DynaBench format"
+    )
+    eval_rm.add_argument("--model", required=True, help="the CSRM: a folder from train-rm, or a hub id")
+    eval_rm.add_argument("--format", choices=["auto", "cosapien", "dynabench"], default="auto")
+    eval_rm.add_argument(
+        "--threshold", type=float, default=0.5, help="predict a violation when P(violation) >= this"
+    )
+    eval_rm.add_argument("--temperature", type=float, help="override the stored calibration temperature")
+    eval_rm.add_argument("--bias", type=float, help="override the stored calibration bias")
+    eval_rm.add_argument("--dtype", default="auto")
+    eval_rm.add_argument("--device", default="auto")
+    eval_rm.add_argument("--batch-size", type=int, default=8)
+    eval_rm.add_argument("--max-length", type=int, default=4096, help="tokens per chat, cut at the end")
+    eval_rm.add_argument("--output", help="also write the metrics as JSON here")
+    eval_rm.set_defaults(fn=cmd_eval_rm)
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )

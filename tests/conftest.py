@@ -82,6 +82,22 @@ def tiny_rm(tmp_path_factory) -> Path:
     return build_tiny_classifier(tmp_path_factory.mktemp("rm") / "tiny-rm")
 
 
+CSRM_CALIBRATION = {"temperature": 2.0, "bias": 0.25}
+
+
+@pytest.fixture(scope="session")
+def tiny_csrm(tiny_rm, tmp_path_factory) -> Path:
+    """The tiny random RM with a stored calibration (temperature 2, bias 0.25): a stand-in for a trained CSRM."""
+    import shutil
+
+    from alphaalign.rewards.csrm import Calibration, save_calibration
+
+    path = tmp_path_factory.mktemp("csrm") / "tiny-csrm"
+    shutil.copytree(tiny_rm, path)
+    save_calibration(path, Calibration(**CSRM_CALIBRATION))
+    return path
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Write a recipe dict (merged over a small valid base) to tmp_path and return its path."""

@@ -1,10 +1,10 @@
 """The `csrm` reward: calibration math, output modes, configurations per row, and its errors."""
 
 import math
-import shutil
 
 import pytest
 import torch
+from conftest import CSRM_CALIBRATION
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alphaalign.errors import UserError
@@ -15,7 +15,6 @@ from alphaalign.rewards.csrm import (
     expected_calibration_error,
     fit_calibration,
     load_calibration,
-    save_calibration,
 )
 
 GAME = "Game studio: graphic violence in fiction is allowed. Hate speech and sexual content are forbidden."
@@ -26,33 +25,26 @@ ANSWERS = [
     "<safety_reasoning>\nNo.\n</safety_reasoning>\n<answer>\nSorry, I can't help with that.\n</answer>",
     "Mix flour, water and yeast, then bake at 230 °C for 35 minutes.",
 ]
-CALIBRATION = Calibration(temperature=2.0, bias=0.25)
+CALIBRATION = Calibration(**CSRM_CALIBRATION)
 
 
-@pytest.fixture(scope="session")
-def tiny_csrm(tiny_rm, tmp_path_factory):
-    """The tiny random RM with a stored calibration: a stand-in for a trained CSRM."""
-    path = tmp_path_factory.mktemp("csrm") / "tiny-csrm"
-    shutil.copytree(tiny_rm, path)
-    save_calibration(path, CALIBRATION, fitted_on=0)
-    return path
-
-
-def reference_logits(path, configs, prompts, answers):
-    """One chat [system, user, assistant] at a time, unpadded: what the reward must read."""
+def reference_chat_logits(path, chats):
+    """One chat at a time, unpadded: what the CSRM must read."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     out = []
-    for c, p, a in zip(configs, prompts, answers, strict=True):
-        chat = [
-            {"role": "system", "content": c},
-            {"role": "user", "content": p},
-            {"role": "assistant", "content": a},
-        ]
+    for chat in chats:
         ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False, return_tensors="pt")
         with torch.no_grad():
             out.append(float(model(input_ids=ids).logits[0, 0]))
     return torch.tensor(out, dtype=torch.float64)
+
+
+def reference_logits(path, configs, prompts, answers):
+    roles = ("system", "user", "assistant")
+    chats = [[{"role": r, "content": t} for r, t in zip(roles, turn, strict=True)]
+             for turn in zip(configs, prompts, answers, strict=True)]  # fmt: skip
+    return reference_chat_logits(path, chats)
 
 
 def final_answers(completions):
