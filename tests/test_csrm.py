@@ -199,3 +199,17 @@ def test_score_cli_reads_each_rows_config_field(tiny_csrm, write_recipe, tmp_pat
         PROMPTS, ANSWERS, model=str(tiny_csrm), device="cpu", config=[GAME, KIDS, GAME]
     )
     assert [r["rewards"]["csrm"] for r in scored] == pytest.approx(direct, abs=1e-6)
+
+
+def test_alphaalign_qwen_csrm_differs_from_alphaalign_qwen_only_in_its_rewards():
+    from conftest import ROOT
+
+    from alphaalign.config import load_recipe
+
+    full = load_recipe(ROOT / "recipes" / "alphaalign-qwen.yaml").model_dump()
+    with_csrm = load_recipe(ROOT / "recipes" / "alphaalign-qwen-csrm.yaml").model_dump()
+    assert [r["name"] for r in with_csrm["rewards"]] == ["alphaalign_safety", "csrm"]
+    assert with_csrm["rewards"][0] == full["rewards"][0]
+    for recipe in (full, with_csrm):
+        del recipe["rewards"], recipe["trainer"]["output_dir"], recipe["logging"]["run_name"]
+    assert with_csrm == full
