@@ -244,9 +244,20 @@ class RMModelConfig(_Section):
 class RMDataConfig(_Section):
     # JSONL rows {config, prompt, chosen, rejected[, chosen_compliant, rejected_compliant]}
     pairs: list[str] = []
+    # the pair files' column for a key whose column is named differently, e.g. {config: system_prompt}
+    pair_fields: dict[str, str] = {}
     # JSONL rows {prompt, categories, responses: [{text, categories, addresses}]}, expanded by augmentation
     categorized: list[str] = []
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of prompts kept out of training, for calibration
+
+    @field_validator("pair_fields")
+    @classmethod
+    def _known_pair_keys(cls, fields: dict[str, str]) -> dict[str, str]:
+        keys = ("config", "prompt", "chosen", "rejected", "chosen_compliant", "rejected_compliant")
+        for key in fields:
+            if key not in keys:
+                raise ValueError(f"unknown key {key!r}; the keys are {', '.join(keys)}")
+        return fields
 
     @model_validator(mode="after")
     def _some_data(self) -> RMDataConfig:

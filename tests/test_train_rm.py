@@ -10,7 +10,7 @@ import yaml
 from conftest import ROOT
 
 from alphaalign.cli import main
-from alphaalign.config import AugmentationConfig
+from alphaalign.config import AugmentationConfig, RewardModelRecipe, load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rm.data import (
     CategorizedPrompt,
@@ -169,6 +169,18 @@ def test_bad_pair_rows_and_files(tmp_path):
         read_pairs(tmp_path / "nope.jsonl")
 
 
+def test_pair_files_with_other_column_names(tmp_path):
+    row = {"system_prompt": "c", "prompt": "p", "chosen_response": "a", "rejected_response": "b", "ok": False}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+    fields = {"config": "system_prompt", "chosen": "chosen_response", "rejected": "rejected_response",
+              "rejected_compliant": "ok"}  # fmt: skip
+    pairs, labelled = read_pairs(tmp_path / "p.jsonl", fields)
+    assert [(p.config, p.prompt, p.chosen, p.rejected) for p in pairs] == [("c", "p", "a", "b")]
+    assert [(x.answer, x.compliant) for x in labelled] == [("b", False)]
+    with pytest.raises(UserError, match="p.jsonl:1: 'config' must be a non-empty string"):
+        read_pairs(tmp_path / "p.jsonl")
+
+
 def test_recipe_errors_name_the_file_and_key(tmp_path, capsys):
     def fails(recipe: dict, message: str, *overrides):
         path = tmp_path / "rm.yaml"
@@ -191,6 +203,7 @@ def test_recipe_errors_name_the_file_and_key(tmp_path, capsys):
     )
     fails(base, "override 'training.epoch=2': training.epoch: unknown key", "training.epoch=2")
     fails(base, "p.jsonl: data file not found")
+    fails(base, "data.pair_fields: unknown key 'answer'", "data.pair_fields={answer: text}")
     fails(
         {**base, "augmentation": {"templates": ["{{ nope }}"]}},
         "augmentation.templates.0: 'nope' is undefined",
@@ -243,3 +256,9 @@ def test_train_rm_will_not_overwrite_a_foreign_folder(trained, tmp_path, capsys)
     assert main(["train-rm", *args, f"training.output_dir={tmp_path}"]) == 2
     assert "exists and is not a train-rm output; choose another folder" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").exists()
+
+
+def test_shipped_train_rm_recipes_load():
+    for path in sorted((ROOT / "recipes" / "rm").glob("*.yaml")):
+        recipe = load_recipe(path, schema=RewardModelRecipe)
+        assert recipe.data.pairs or recipe.data.categorized

@@ -101,15 +101,23 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def read_pairs(path: Path) -> tuple[list[Pair], list[Labelled]]:
-    """The file's preference pairs, and the compliance labels it gives for their responses."""
+def read_pairs(path: Path, fields: dict[str, str] | None = None) -> tuple[list[Pair], list[Labelled]]:
+    """The file's preference pairs, and the compliance labels it gives for their responses. ``fields`` names
+    the file's column for a key whose column has another name (e.g. ``{"config": "system_prompt"}``)."""
+    column = (fields or {}).get
     pairs, labelled = [], []
     for where, row in _rows(path):
-        config, prompt = _text(row, "config", where), _text(row, "prompt", where)
-        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        config, prompt = (
+            _text(row, column("config", "config"), where),
+            _text(row, column("prompt", "prompt"), where),
+        )
+        chosen, rejected = (
+            _text(row, column("chosen", "chosen"), where),
+            _text(row, column("rejected", "rejected"), where),
+        )
         pairs.append(Pair(config, prompt, chosen, rejected))
         for answer, key in ((chosen, "chosen_compliant"), (rejected, "rejected_compliant")):
-            compliant = _optional_bool(row, key, where)
+            compliant = _optional_bool(row, column(key, key), where)
             if compliant is not None:
                 labelled.append(Labelled(config, prompt, answer, compliant))
     return pairs, labelled
@@ -230,7 +238,7 @@ def load_rm_data(recipe: RewardModelRecipe) -> tuple[list[Pair], list[Labelled]]
     rng = random.Random(recipe.training.seed)
     pairs, labelled = [], []
     for path in recipe.data.pairs:
-        p, lab = read_pairs(_resolve(path, base))
+        p, lab = read_pairs(_resolve(path, base), recipe.data.pair_fields)
         pairs += p
         labelled += lab
     for path in recipe.data.categorized:
