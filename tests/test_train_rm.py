@@ -258,6 +258,21 @@ def test_train_rm_will_not_overwrite_a_foreign_folder(trained, tmp_path, capsys)
     assert (tmp_path / "keep.txt").exists()
 
 
+def test_unlabelled_held_out_prompts_fail_before_training(tmp_path, capsys):
+    rows = [{"config": "c", "prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "model.name_or_path=never-loaded",
+        f"data.pairs=[{tmp_path / 'p.jsonl'}]",
+        f"training.output_dir={tmp_path / 'o'}",
+    ]
+    assert main(["train-rm", *args]) == 2
+    assert (
+        "data.heldout_fraction: the held-out prompts need compliant and non-compliant labels"
+        in capsys.readouterr().err
+    )
+
+
 def test_shipped_train_rm_recipes_load():
     for path in sorted((ROOT / "recipes" / "rm").glob("*.yaml")):
         recipe = load_recipe(path, schema=RewardModelRecipe)

@@ -95,15 +95,10 @@ def labelled_logits(
     model, tokenizer, items: list[Labelled], max_length: int, batch_size: int
 ) -> torch.Tensor:
     model.eval()
-    out = [
-        forward_logits(
-            model,
-            tokenizer,
-            [chat(x.config, x.prompt, x.answer) for x in items[s : s + batch_size]],
-            max_length,
-        ).cpu()  # fmt: skip
-        for s in range(0, len(items), batch_size)
-    ]
+    out = []
+    for start in range(0, len(items), batch_size):
+        chats = [chat(x.config, x.prompt, x.answer) for x in items[start : start + batch_size]]
+        out.append(forward_logits(model, tokenizer, chats, max_length).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -156,6 +151,11 @@ def train_rm(recipe: RewardModelRecipe, log=print) -> dict:
     )
     if not train_pairs:
         raise UserError("train-rm: no preference pairs left for training after holding out prompts")
+    if len({x.compliant for x in held_labels}) < 2:
+        raise UserError(
+            "data.heldout_fraction: the held-out prompts need compliant and non-compliant labels for the "
+            f"calibration, got {len(held_labels)} labels of {len({x.compliant for x in held_labels})} kind(s)"
+        )
     if recipe.model.build == "demo" and not Path(recipe.model.name_or_path).exists():
         _build_demo_model(recipe, pairs, labelled)
     device = pick_device(tc.device)
