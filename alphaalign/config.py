@@ -89,6 +89,8 @@ class RolloutConfig(_Section):
     engine: Literal["transformers", "vllm_server"] = "transformers"
     num_generations: int = Field(8, ge=2)
     max_new_tokens: int = Field(256, gt=0)
+    # End-of-sequence is suppressed until this many tokens were generated (benchmarks: fixed-length rollouts)
+    min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -117,6 +119,13 @@ class RolloutConfig(_Section):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} is not an http(s):// URL")
         return [url.rstrip("/") for url in servers]
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_within_max(cls, min_new_tokens: int, info: ValidationInfo) -> int:
+        if min_new_tokens > info.data.get("max_new_tokens", min_new_tokens):
+            raise ValueError(f"{min_new_tokens} is more than max_new_tokens ({info.data['max_new_tokens']})")
+        return min_new_tokens
 
     @field_validator("async_steps")
     @classmethod

@@ -69,10 +69,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
 
 
 def random_qwen2(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 512, seed: int = 0) -> Qwen2ForCausalLM:  # fmt: skip
+                 intermediate: int = 512, seed: int = 0, vocab_size: int | None = None) -> Qwen2ForCausalLM:  # fmt: skip
+    """`vocab_size` None: the tokenizer's size (a larger table mimics a real model's padded vocabulary)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=1024,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,

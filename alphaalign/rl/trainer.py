@@ -64,7 +64,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
     ref = load_reference(recipe.model, policy, device) if ac.beta > 0 else None
     engine = make_engine(recipe, policy, tokenizer, out, resources)
-    sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k)
+    sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
     template = compile_template(recipe.data.template)
 
     def encode(example: Example) -> list[int]:
