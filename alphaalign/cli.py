@@ -1,4 +1,4 @@
-"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM.
+"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM, benchmark.
 
 User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -149,6 +149,24 @@ def cmd_serve(args) -> int:
     os.execve(command[0], command, server_env(recipe))
 
 
+def cmd_bench(args) -> int:
+    """Time trl's GRPOTrainer, alphaalign and the bare-transformers floor side by side; see docs/benchmarks.md."""
+    from alphaalign.bench.harness import default_systems, format_table, run_bench
+
+    workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA device is visible to torch")
+    out = Path(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"))
+    result = run_bench(workload, device, args.systems or default_systems(), args.rounds, out, Path(args.cache),
+                       rewards=not args.no_rewards)  # fmt: skip
+    print(format_table(result))
+    print(f"results in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -204,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(fn=cmd_serve)
+    bench = sub.add_parser(
+        "bench", help="benchmark against trl's GRPOTrainer and the bare-transformers floor"
+    )
+    bench.add_argument("--workload", default="w1", choices=["w1", "tiny"], help="CPU workload (default: w1)")
+    bench.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B's shape in bf16 on the GPU instead")
+    bench.add_argument("--systems", nargs="+", help="systems to run (default: all that are installed)")
+    bench.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds; each runs every system once"
+    )
+    bench.add_argument("--out", help="results JSON (default: bench/results.json, or bench/results_gpu.json)")
+    bench.add_argument("--cache", default=".cache/bench", help="folder for the built models (reused)")
+    bench.add_argument(
+        "--no-rewards", action="store_true", help="skip the reward throughput and accuracy part"
+    )
+    bench.set_defaults(fn=cmd_bench)
     return parser
 
 

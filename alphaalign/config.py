@@ -89,7 +89,8 @@ class RolloutConfig(_Section):
     engine: Literal["transformers", "vllm_server"] = "transformers"
     num_generations: int = Field(8, ge=2)
     max_new_tokens: int = Field(256, gt=0)
-    # End-of-sequence is suppressed until this many tokens were generated (benchmarks: fixed-length rollouts)
+    # End-of-sequence cannot be sampled before this many tokens (benchmarks use fixed-length rollouts); the
+    # engine's log-probs are then those of that constrained distribution
     min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

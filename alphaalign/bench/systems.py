@@ -13,11 +13,13 @@ and one AdamW step. The per-step wall-clock seconds are printed as one JSON line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from alphaalign.bench.workload import WORKLOADS, Workload
 
 RESULT_MARK = "BENCH_RESULT "
-SYSTEMS = ("trl", "trl_defaults", "alphaalign", "alphaalign_vllm_async", "floor")
+SYSTEMS = ("trl", "trl_defaults", "alphaalign", "alphaalign_vllm_async", "floor")  # see run_system
 
 
 def prompt_rows(folder: Path) -> list[dict]:
@@ -159,7 +161,9 @@ def run_floor(folder: Path, w: Workload, device: str) -> list[float]:
         logp = completion_logprobs(policy, sequences)
         advantages = torch.randn(logp.shape[0], 1, device=device)  # scoring is not model work
         log_ratio = ref_logp - logp
-        loss = (-torch.exp(logp - logp.detach()) * advantages + w.beta * (log_ratio.exp() - log_ratio - 1)).mean()
+        loss = (
+            -torch.exp(logp - logp.detach()) * advantages + w.beta * (log_ratio.exp() - log_ratio - 1)
+        ).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,30 +175,55 @@ def run_floor(folder: Path, w: Workload, device: str) -> list[float]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def peak_rss_mb() -> dict:
-    """Peak resident memory of this process and of its largest finished child (a vLLM server), in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mb": round(own + child, 1), "peak_rss_trainer_mb": round(own, 1),
-            "peak_rss_children_mb": round(child, 1)}  # fmt: skip
+class PeakRSS:
+    """Samples the resident memory of this process plus all its descendants (a vLLM server and its engine
+    process) every `interval` seconds in a background thread; `peak_mb` is the largest sum seen."""
+
+    def __init__(self, interval: float = 0.2):
+        import psutil
+
+        self.process, self.interval, self.peak_mb = psutil.Process(), interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for p in [self.process, *self.process.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def run_system(system: str, folder: Path, workload: Workload, device: str) -> dict:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
-        out = Path(tmp)
-        if system == "trl":
-            seconds = run_trl(folder, workload, device, out, TRL_FASTEST)
-        elif system == "trl_defaults":
-            seconds = run_trl(folder, workload, device, out, {})
-        elif system == "alphaalign":
-            seconds = run_alphaalign(folder, workload, device, out, "transformers")
-        elif system == "alphaalign_vllm_async":
-            seconds = run_alphaalign(folder, workload, device, out, "vllm_server")
-        elif system == "floor":
-            seconds = run_floor(folder, workload, device)
-        else:
-            raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
-    return {"step_seconds": seconds, "torch_threads": torch.get_num_threads(), **peak_rss_mb()}
+    runners = {
+        "trl": lambda out: run_trl(folder, workload, device, out, TRL_FASTEST),
+        "trl_defaults": lambda out: run_trl(folder, workload, device, out, {}),
+        "alphaalign": lambda out: run_alphaalign(folder, workload, device, out, "transformers"),
+        "alphaalign_vllm_async": lambda out: run_alphaalign(folder, workload, device, out, "vllm_server"),
+        "floor": lambda out: run_floor(folder, workload, device),
+    }
+    with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp, PeakRSS() as memory:
+        try:
+            seconds = runners[system](Path(tmp))
+        except Exception:
+            for log in sorted(Path(tmp).rglob("*.log")):  # a vLLM server's output
+                print(f"---- {log.name}\n{log.read_text(errors='replace')}", file=sys.stderr)
+            raise
+    own_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_seconds": seconds, "torch_threads": torch.get_num_threads(),
+            "peak_rss_mb": round(max(memory.peak_mb, own_peak_mb), 1)}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 W1 (CPU): hidden 256, 4 layers, intermediate 1024, 4 heads, 2 KV heads, tied embeddings, vocabulary 4096;
 8 prompts × 8 generations of exactly 64 new tokens; β = 0.04 (k3, frozen reference); loss dapo; one update
-per batch; 6 steps, the first not counted. `qwen2.5-1.5b` has Qwen2.5-1.5B's shape (bf16, for a GPU).
+per batch; 6 steps, the first not counted. `qwen2.5-1.5b` has Qwen2.5-1.5B's shape (bf16, for a GPU);
+`tiny` is a seconds-long version of W1 for the tests.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ WORKLOADS = {
     "w1": Workload("w1", hidden=256, layers=4, intermediate=1024, heads=4, kv_heads=2, vocab=4096),
     "qwen2.5-1.5b": Workload("qwen2.5-1.5b", hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2,
                              vocab=4096, model_vocab=151936, dtype="bfloat16"),
+    "tiny": Workload("tiny", hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1, vocab=512, prompts=2,
+                     generations=2, new_tokens=8, steps=3),
 }  # fmt: skip
 
 
