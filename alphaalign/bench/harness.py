@@ -141,9 +141,14 @@ def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, 
                 print(
                     f"  step seconds {[round(s, 2) for s in runs[name][-1]['step_seconds']]}", file=sys.stderr
                 )
-    result["load_average_after"] = os.getloadavg()
-    result["systems"] = {name: summarise(system_runs, workload) for name, system_runs in runs.items()}
-    result.update(comparisons(result["systems"]))
+                summary = {
+                    name: summarise(system_runs, workload)
+                    for name, system_runs in runs.items()
+                    if system_runs
+                }
+                result.update(systems=summary, **comparisons(summary), load_average_after=os.getloadavg())
+                out.write_text(json.dumps(result, indent=2) + "\n")  # a run cut short keeps what it measured
+            result["rounds_completed"] = r + 1
     result["targets"] = TARGETS
     if rewards:
         from alphaalign.bench.rewards import refusal_accuracy, reward_throughput
