@@ -26,17 +26,16 @@ def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
         s = result["systems"][name]
         steps = s["runs"][0]["step_seconds"]
         assert len(steps) == w.steps and s["counted_steps"] == w.steps - 1  # the first step is not counted
-        assert s["median_step_s"] == pytest.approx(statistics.median(steps[1:]), abs=1e-3)
-        assert s["completions_per_s"] == pytest.approx(
-            w.prompts * w.generations / s["median_step_s"], rel=1e-2
-        )
+        median = statistics.median(steps[1:])
+        assert s["median_step_s"] == pytest.approx(median, rel=1e-3)
+        assert s["completions_per_s"] == pytest.approx(w.prompts * w.generations / median, rel=1e-3)
         assert s["peak_rss_mb"] > 100
     ratios = result["ratios_vs_trl"]
     assert result["ratio_vs_trl"] == max(ratios.values()) == ratios[result["ratio_vs_trl_system"]]
     expected = (
         result["systems"]["alphaalign"]["median_step_s"] / result["systems"]["floor"]["median_step_s"] - 1
     )
-    assert result["overhead_vs_floor"] == pytest.approx(expected, abs=2e-3)
+    assert result["overhead_vs_floor"] == pytest.approx(expected, rel=1e-2, abs=1e-3)
     assert result["versions"]["trl"] == "1.16.0" and result["machine"]["cores"] >= 1
     assert "| alphaalign |" in format_table(result)
 

@@ -51,27 +51,31 @@ def run_one(system: str, folder: Path, workload: Workload, device: str, log) -> 
     return {**json.loads(results[-1]), "process_wall_s": round(wall, 1)}
 
 
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
 def summarise(runs: list[dict], workload: Workload) -> dict:
     """Median seconds per step over the counted steps of all runs, and what it means per second."""
     counted = [s for run in runs for s in run["step_seconds"][1:]]
     median = statistics.median(counted)
     completions = workload.prompts * workload.generations
     return {
-        "median_step_s": round(median, 3),
-        "completions_per_s": round(completions / median, 2),
-        "completion_tokens_per_s": round(completions * workload.new_tokens / median, 1),
-        "step_s_min_max": [round(min(counted), 3), round(max(counted), 3)],
+        "median_step_s": significant(median),
+        "completions_per_s": significant(completions / median),
+        "completion_tokens_per_s": significant(completions * workload.new_tokens / median),
+        "step_s_min_max": [significant(min(counted)), significant(max(counted))],
         "counted_steps": len(counted),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
         "torch_threads": runs[0]["torch_threads"],
         "runs": [
             {
-                "step_seconds": [round(s, 3) for s in run["step_seconds"]],
+                "step_seconds": [significant(s) for s in run["step_seconds"]],
                 "peak_rss_mb": run["peak_rss_mb"],
                 "process_wall_s": run["process_wall_s"],
             }
             for run in runs
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -79,7 +83,7 @@ def comparisons(systems: dict) -> dict:
     """Ratios of alphaalign's completions/s to trl's, and the in-process engine's overhead above the floor."""
     out: dict = {}
     if "trl" in systems:
-        ratios = {name: round(systems[name]["completions_per_s"] / systems["trl"]["completions_per_s"], 3)
+        ratios = {name: significant(systems[name]["completions_per_s"] / systems["trl"]["completions_per_s"])
                   for name in ALPHAALIGN_SYSTEMS if name in systems}  # fmt: skip
         if ratios:
             best = max(ratios, key=ratios.get)
@@ -87,7 +91,7 @@ def comparisons(systems: dict) -> dict:
             out["ratio_target_met"] = ratios[best] >= TARGETS["ratio_vs_trl_min"]
     if "floor" in systems and "alphaalign" in systems:
         overhead = systems["alphaalign"]["median_step_s"] / systems["floor"]["median_step_s"] - 1
-        out.update(overhead_vs_floor=round(overhead, 3),
+        out.update(overhead_vs_floor=significant(overhead, 3),
                    overhead_target_met=overhead <= TARGETS["overhead_vs_floor_max"])  # fmt: skip
     return out
 
