@@ -1,4 +1,5 @@
-"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM, benchmark.
+"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM, benchmark,
+launch runs on Slurm or on this machine.
 
 User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -64,7 +65,10 @@ def format_eval_table(before: dict, after: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    recipe = validate(args.recipe, args.overrides)
+    return train_and_report(validate(args.recipe, args.overrides))
+
+
+def train_and_report(recipe) -> int:
     from alphaalign.rl.trainer import train
 
     result = train(recipe)
@@ -167,6 +171,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_launch_slurm(args) -> int:
+    from alphaalign import launch
+
+    layout = launch.SlurmLayout(args.nodes, args.gpus_per_node, args.vllm_nodes, args.vllm_gpus)
+    launch.check_layout(layout)
+    launch.check_sbatch_value("--partition", args.partition)
+    launch.check_sbatch_value("--account", args.account)
+    launch.check_sbatch_value("--time", args.time, launch.SLURM_TIME)
+    recipe, run_dir = validate_for_launch(args)
+    launch.check_recipe_for_launch(args.recipe, recipe, layout)
+    launch.check_run_dir(run_dir)
+    script = launch.render_slurm(
+        args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
+    )
+    if args.dry_run:
+        print(script, end="")
+    elif args.submit:
+        job_id, path = launch.submit(script, run_dir)
+        print(f"submitted job {job_id}: script {path}, logs in {run_dir / 'logs'}")
+    else:
+        path = launch.write_script(script, run_dir)
+        print(f"wrote {path}; submit it with: sbatch {path}")
+    return 0
+
+
+def validate_for_launch(args):
+    """The recipe with --output-dir applied, and the run's output folder as an absolute path."""
+    extra = [f"trainer.output_dir={args.output_dir}"] if args.output_dir else []
+    recipe = validate(args.recipe, [*args.overrides, *extra])
+    return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -237,11 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-rewards", action="store_true", help="skip the reward throughput and accuracy part"
     )
     bench.set_defaults(fn=cmd_bench)
+    add_launch_parsers(sub)
     return parser
 
 
+def add_launch_parsers(sub) -> None:
+    launch = sub.add_parser(
+        "launch", help="run the trainer and its vLLM servers as a Slurm job or on this machine"
+    )
+    where = launch.add_subparsers(dest="where", required=True)
+    slurm = where.add_parser(
+        "slurm",
+        help="write (and submit) an sbatch script: vLLM servers on the first nodes, torchrun trainer on the rest",
+    )
+    slurm.add_argument("recipe", help="recipe YAML file")
+    slurm.add_argument("overrides", nargs="*", help="dotted overrides for the trainer and the servers")
+    slurm.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes)")
+    slurm.add_argument("--vllm-nodes", type=int, default=0, help="nodes that run vLLM servers (default 0)")
+    slurm.add_argument(
+        "--vllm-gpus", type=int, default=0, help="with --nodes 1 --vllm-nodes 1: GPUs of the node that serve"
+    )
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--time", help="time limit, in Slurm's format (minutes, HH:MM:SS, D-HH:MM)")
+    slurm.add_argument("--account", help="Slurm account")
+    slurm.add_argument("--output-dir", help="the run's shared output folder (default: trainer.output_dir)")
+    mode = slurm.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
+    mode.add_argument(
+        "--submit", action="store_true", help="write the script into the output folder and sbatch it"
+    )
+    slurm.set_defaults(fn=cmd_launch_slurm)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides written after options: `launch slurm r.yaml --nodes 2 a.b=1`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.fn(args)

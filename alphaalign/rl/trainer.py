@@ -87,6 +87,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         state = load_checkpoint(resume, optimizer, scheduler)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
+        print(f"resuming from {resume} (step {step})", flush=True)
     else:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
     engine.update_weights(step)  # a server may hold another run's weights

@@ -1,0 +1,177 @@
+"""`alphaalign launch`: the rendered sbatch script's structure, argument checks, and runs on a real Slurm.
+
+The Slurm tests need a running cluster (`bash launch/ci/slurm_setup.sh` brings one up on localhost; `.ci/run`
+does it before the tests) and skip with the reason otherwise.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from alphaalign.cli import main
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"}
+
+
+def launch(capsys, *args) -> tuple[int, str, str]:
+    code = main(["launch", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_recipe(write_recipe, tiny_policy, tmp_path, **trainer):
+    return write_recipe({
+        "model": {"name_or_path": str(tiny_policy)},
+        "data": {"template": "none"},
+        "rollout": {"num_generations": 2, "max_new_tokens": 8},
+        "trainer": {"prompts_per_step": 2, "max_steps": 2, "save_every": 2, "progress_bar": False,
+                    "output_dir": str(tmp_path / "run"), **trainer},
+        "logging": {"wandb_mode": "disabled"},
+    })  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The rendered script
+
+
+def test_dry_run_trainer_only_on_four_gpu_nodes(capsys, write_recipe, tmp_path):
+    recipe = write_recipe({"trainer": {"output_dir": str(tmp_path / "run")}})
+    code, script, _ = launch(capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--partition", "gpu",
+                             "--time", "2-00:00:00", "--account", "lab", "--dry-run", "trainer.max_steps=7")  # fmt: skip
+    assert code == 0
+    assert script.startswith("#!/bin/bash\n")
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, re.M))
+    assert directives["nodes"] == "4" and directives["gpus-per-node"] == "8"
+    assert (
+        directives["partition"] == "gpu"
+        and directives["time"] == "2-00:00:00"
+        and directives["account"] == "lab"
+    )
+    assert "requeue" in directives and directives["output"] == f"{tmp_path}/run/logs/job-%j.out"
+    steps = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert len(steps) == 1 and "--overlap" in steps[0] and "--nodes=4" in steps[0]
+    assert "--nnodes=4 --nproc-per-node=8" in script
+    assert '--rdzv-endpoint="${TRAINER_NODES[0]}:$RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"' in script
+    assert "RDZV_PORT=$PORT_BASE" in script and "PORT_BASE=$((20000 + SLURM_JOB_ID % 1000 * 32))" in script
+    assert f"OVERRIDES=(trainer.max_steps=7 trainer.output_dir={tmp_path}/run)" in script
+    assert "alphaalign.cli serve" not in script
+    assert not (tmp_path / "run").exists()  # --dry-run writes nothing
+
+
+def test_the_script_is_valid_bash(capsys, write_recipe, tmp_path):
+    recipe = write_recipe({"trainer": {"output_dir": str(tmp_path / "run")}})
+    _, script, _ = launch(capsys, "slurm", recipe, "--nodes", 2, "--gpus-per-node", 0, "--dry-run")
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 2], "--vllm-nodes: must be at least 0 and less than"),
+        (["--nodes", 0, "--gpus-per-node", 8], "--nodes: must be at least 1"),
+        (["--nodes", 2, "--gpus-per-node", -1], "--gpus-per-node: must be 0 (CPU) or more"),
+        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-gpus", 2], "--vllm-gpus: only for --nodes 1 --vllm-nodes 1"),
+        (["--nodes", 2, "--gpus-per-node", 8, "--time", "two hours"], "--time: 'two hours' is not a valid value"),
+        (["--nodes", 2, "--gpus-per-node", 8, "--partition", "gpu\n#SBATCH --x"], "--partition:"),
+        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 1], "rollout.engine: --vllm-nodes 1 needs engine: vllm_server"),
+        (["--nodes", 2, "--gpus-per-node", 8, "trainer.resume_from=none"], "trainer.resume_from: must be 'auto'"),
+        (["--nodes", 2, "--gpus-per-node", 8, "trainer.max_steps=0"], "trainer.max_steps:"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_and_recipes_exit_2_with_one_line_and_write_nothing(
+    capsys, write_recipe, tmp_path, args, message
+):
+    recipe = write_recipe({"trainer": {"output_dir": str(tmp_path / "run")}})
+    code, out, err = launch(capsys, "slurm", recipe, *args, "--submit")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real Slurm
+
+
+def slurm_unavailable() -> str | None:
+    if shutil.which("sbatch") is None:
+        return (
+            "sbatch not found: run `bash launch/ci/slurm_setup.sh` (as root, Debian) to start a local Slurm"
+        )
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    if done.returncode != 0 or not {"idle", "mixed"} & set(done.stdout.split()):
+        return f"no idle Slurm node (sinfo: {(done.stdout + done.stderr).strip()!r}); run launch/ci/slurm_setup.sh"
+    return None
+
+
+needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
+
+
+def job_field(job_id: str, name: str) -> str:
+    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    found = re.search(rf"\b{name}=(\S*)", line)
+    return found.group(1) if found else ""
+
+
+def wait_for(job_id: str, states: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := job_field(job_id, "JobState")) not in states:
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} still {state} after {timeout:.0f} s")
+        time.sleep(0.5)
+    return state
+
+
+def submit(capsys, recipe, *args) -> str:
+    code, out, err = launch(
+        capsys, "slurm", recipe, "--nodes", 1, "--gpus-per-node", 0, "--time", 10, "--submit", *args
+    )
+    assert code == 0, err
+    return re.fullmatch(r"submitted job (\d+): .*\n", out).group(1)
+
+
+def job_report(job_id: str, run) -> str:
+    logs = sorted((run / "logs").glob("*")) if (run / "logs").is_dir() else []
+    return f"job {job_id}: {job_field(job_id, 'JobState')} {job_field(job_id, 'Reason')}\n" + "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs
+    )
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_slurm_trainer_only_job_completes_and_resumes_after_requeue(
+    capsys, write_recipe, tiny_policy, tmp_path
+):
+    """A 4-step run: requeued once its step-2 checkpoint exists, it resumes there and completes."""
+    recipe = tiny_recipe(write_recipe, tiny_policy, tmp_path, max_steps=4)
+    run = tmp_path / "run"
+    job = submit(capsys, recipe, "--vllm-nodes", 0)
+    assert (run / "slurm.sbatch").is_file()
+
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "step-000002" / "state.json").exists():
+        assert job_field(job, "JobState") in {"PENDING", "RUNNING"}, job_report(job, run)
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for(job, {"PENDING"}, 60)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no requeue delay
+
+    assert wait_for(job, FINISHED, 240) == "COMPLETED", job_report(job, run)
+    assert job_field(job, "Restarts") == "1"
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "step-000004" / "state.json").is_file()
+    (trainer_log_path,) = (run / "logs").glob("trainer-*.log")  # named after the node's host name
+    trainer_log = trainer_log_path.read_text()
+    assert "resuming from" in trainer_log and "(step 2)" in trainer_log
+    assert "finished step 4" in trainer_log
+    job_log = (run / "logs" / f"job-{job}.out").read_text()
+    assert "(restart 0)" in job_log and "(restart 1)" in job_log and "trainer exited with 0" in job_log
