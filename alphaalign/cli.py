@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def cmd_launch_slurm(args) -> int:
     launch.check_sbatch_value("--account", args.account)
     launch.check_sbatch_value("--time", args.time, launch.SLURM_TIME)
     recipe, run_dir = validate_for_launch(args)
-    launch.check_recipe_for_launch(args.recipe, recipe, layout)
+    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-nodes", layout.vllm_nodes)
     launch.check_run_dir(run_dir)
     script = launch.render_slurm(
         args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
@@ -194,6 +195,23 @@ def cmd_launch_slurm(args) -> int:
         path = launch.write_script(script, run_dir)
         print(f"wrote {path}; submit it with: sbatch {path}")
     return 0
+
+
+def cmd_launch_local(args) -> int:
+    from alphaalign import launch
+
+    layout = launch.LocalLayout(args.gpus, args.vllm_servers)
+    launch.check_local_layout(layout)
+    recipe, run_dir = validate_for_launch(args)
+    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-servers", layout.servers)
+    launch.check_run_dir(run_dir)
+    script = launch.render_local(args.recipe, recipe, args.overrides, layout, run_dir)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    path = launch.write_script(script, run_dir, "local.sh")
+    print(f"running {path}", flush=True)
+    return subprocess.run(["bash", str(path)]).returncode
 
 
 def validate_for_launch(args):
@@ -286,8 +304,7 @@ def add_launch_parsers(sub) -> None:
         "slurm",
         help="write (and submit) an sbatch script: vLLM servers on the first nodes, torchrun trainer on the rest",
     )
-    slurm.add_argument("recipe", help="recipe YAML file")
-    slurm.add_argument("overrides", nargs="*", help="dotted overrides for the trainer and the servers")
+    add_recipe_arguments(slurm)
     slurm.add_argument("--nodes", type=int, required=True, help="nodes in the job")
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes)")
     slurm.add_argument("--vllm-nodes", type=int, default=0, help="nodes that run vLLM servers (default 0)")
@@ -297,13 +314,28 @@ def add_launch_parsers(sub) -> None:
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--time", help="time limit, in Slurm's format (minutes, HH:MM:SS, D-HH:MM)")
     slurm.add_argument("--account", help="Slurm account")
-    slurm.add_argument("--output-dir", help="the run's shared output folder (default: trainer.output_dir)")
     mode = slurm.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
     mode.add_argument(
         "--submit", action="store_true", help="write the script into the output folder and sbatch it"
     )
     slurm.set_defaults(fn=cmd_launch_slurm)
+    local = where.add_parser(
+        "local", help="run vLLM servers and the torchrun trainer on this machine (rerun to resume)"
+    )
+    add_recipe_arguments(local)
+    local.add_argument("--gpus", type=int, required=True, help="GPUs of this machine to use (0: CPU)")
+    local.add_argument(
+        "--vllm-servers", type=int, default=0, help="vLLM servers to start, server i on GPU i (default 0)"
+    )
+    local.add_argument("--dry-run", action="store_true", help="print the script, write and run nothing")
+    local.set_defaults(fn=cmd_launch_local)
+
+
+def add_recipe_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the trainer and the servers")
+    parser.add_argument("--output-dir", help="the run's output folder (default: trainer.output_dir)")
 
 
 def main(argv: list[str] | None = None) -> int:

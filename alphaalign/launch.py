@@ -20,6 +20,7 @@ import jinja2
 
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
+from alphaalign.rollout.vllm_launch import free_port
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "launch"
 PORT_STRIDE = 32  # ports reserved per job: the rendezvous, then one per server on a node
@@ -86,16 +87,17 @@ def check_layout(layout: SlurmLayout) -> None:
         raise UserError(f"--gpus-per-node: at most {PORT_STRIDE - 1} servers per node (got {g})")
 
 
-def check_recipe_for_launch(recipe_path: str, recipe: Recipe, layout: SlurmLayout) -> None:
-    """What a launched run needs from its recipe beyond `alphaalign validate`."""
+def check_recipe_for_launch(recipe_path: str, recipe: Recipe, servers_flag: str, servers: int) -> None:
+    """What a launched run needs from its recipe beyond `alphaalign validate`; `servers_flag` is the option
+    that asked for `servers` vLLM server nodes or processes."""
     if recipe.trainer.resume_from != "auto":
         raise UserError(
             f"{recipe_path}: trainer.resume_from: must be 'auto' for a launched run, so that a requeued or "
             f"restarted job resumes from its newest checkpoint (got {recipe.trainer.resume_from!r})"
         )
-    if layout.vllm_nodes and recipe.rollout.engine != "vllm_server":
+    if servers and recipe.rollout.engine != "vllm_server":
         raise UserError(
-            f"{recipe_path}: rollout.engine: --vllm-nodes {layout.vllm_nodes} needs engine: vllm_server "
+            f"{recipe_path}: rollout.engine: {servers_flag} {servers} needs engine: vllm_server "
             f"(got {recipe.rollout.engine!r})"
         )
 
@@ -105,21 +107,38 @@ def check_sbatch_value(flag: str, value: str | None, pattern: re.Pattern = SAFE_
         raise UserError(f"{flag}: {value!r} is not a valid value here")
 
 
-def render_slurm(
-    recipe_path: str, recipe: Recipe, overrides: list[str], layout: SlurmLayout, run_dir: Path,
-    partition: str | None = None, time: str | None = None, account: str | None = None,
-) -> str:  # fmt: skip
-    """The sbatch script for this recipe and layout (arguments already checked)."""
-    if not (TEMPLATE_DIR / "slurm.sbatch.j2").is_file():
+def render(
+    template: str, recipe_path: str, recipe: Recipe, overrides: list[str], run_dir: Path, **values
+) -> str:
+    """Render a launch/ template with what every launcher needs: the recipe, its overrides (the run's output
+    folder appended), the folders, this Python, and the servers' start timeout."""
+    if not (TEMPLATE_DIR / template).is_file():
         raise UserError(
-            f"{TEMPLATE_DIR}/slurm.sbatch.j2 is missing: launching needs a source checkout (pip install -e .)"
+            f"{TEMPLATE_DIR}/{template} is missing: launching needs a source checkout (pip install -e .)"
         )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
     )  # fmt: skip
-    server_start_timeout = getattr(recipe.rollout, "server_start_timeout", 600)
-    return env.get_template("slurm.sbatch.j2").render(
+    return env.get_template(template).render(
+        workdir=Path.cwd(),
+        run_dir=shlex.quote(str(run_dir)),
+        log_dir=run_dir / "logs",
+        python=shlex.quote(sys.executable),
+        recipe=shlex.quote(str(Path(recipe_path).resolve())),
+        overrides=" ".join(shlex.quote(o) for o in [*overrides, f"trainer.output_dir={run_dir}"]),
+        server_start_timeout=int(recipe.rollout.server_start_timeout),
+        **values,
+    )
+
+
+def render_slurm(
+    recipe_path: str, recipe: Recipe, overrides: list[str], layout: SlurmLayout, run_dir: Path,
+    partition: str | None = None, time: str | None = None, account: str | None = None,
+) -> str:  # fmt: skip
+    """The sbatch script for this recipe and layout (arguments already checked)."""
+    return render(
+        "slurm.sbatch.j2", recipe_path, recipe, overrides, run_dir,
         job_name=f"alphaalign-{Path(recipe_path).stem}",
         nodes=layout.nodes,
         gpus_per_node=layout.gpus_per_node,
@@ -132,22 +151,63 @@ def render_slurm(
         partition=partition,
         account=account,
         time=time,
-        workdir=Path.cwd(),
-        run_dir=shlex.quote(str(run_dir)),
-        log_dir=run_dir / "logs",
-        python=shlex.quote(sys.executable),
-        recipe=shlex.quote(str(Path(recipe_path).resolve())),
-        overrides=" ".join(shlex.quote(o) for o in [*overrides, f"trainer.output_dir={run_dir}"]),
         port_stride=PORT_STRIDE,
-        server_start_timeout=int(server_start_timeout),
-    )
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """One machine: `servers` vLLM servers (server i on GPU i), the trainer on the remaining GPUs."""
+
+    gpus: int
+    servers: int
+
+    @property
+    def trainer_procs(self) -> int:
+        return self.gpus - self.servers if self.gpus else 1
+
+    @property
+    def trainer_gpus(self) -> str:
+        return ",".join(str(i) for i in range(self.servers, self.gpus))
+
+
+def check_local_layout(layout: LocalLayout) -> None:
+    if layout.gpus < 0:
+        raise UserError(f"--gpus: must be 0 (CPU) or more (got {layout.gpus})")
+    if layout.servers < 0 or (layout.gpus and layout.servers >= layout.gpus):
+        raise UserError(
+            f"--vllm-servers: must be at least 0{f' and less than --gpus {layout.gpus}' if layout.gpus else ''}"
+            f" (got {layout.servers})"
+        )
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different ports that are free now on 127.0.0.1."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def render_local(
+    recipe_path: str, recipe: Recipe, overrides: list[str], layout: LocalLayout, run_dir: Path
+) -> str:
+    """The bash script that runs the servers and the trainer on this machine."""
+    return render(
+        "local.sh.j2", recipe_path, recipe, overrides, run_dir,
+        servers=layout.servers,
+        server_ports=free_ports(layout.servers),
+        gpus=layout.gpus,
+        trainer_procs=layout.trainer_procs,
+        trainer_gpus=layout.trainer_gpus,
+    )  # fmt: skip
 
 
 def check_run_dir(run_dir: Path) -> None:
     if not SAFE_VALUE.fullmatch(str(run_dir)) or not SAFE_VALUE.fullmatch(str(Path.cwd())):
         raise UserError(
             f"--output-dir: {run_dir} (and the current folder {Path.cwd()}) must not contain spaces or "
-            "shell characters: they go into #SBATCH lines"
+            "shell characters: they go into the launch script's #SBATCH lines and paths"
         )
 
 
@@ -164,9 +224,9 @@ def submit(script: str, run_dir: Path) -> tuple[str, Path]:
     return done.stdout.strip().split(";")[0], path
 
 
-def write_script(script: str, run_dir: Path) -> Path:
-    """Write `<run_dir>/slurm.sbatch`; the logs folder must exist before Slurm opens the job's output file."""
+def write_script(script: str, run_dir: Path, name: str = "slurm.sbatch") -> Path:
+    """Write `<run_dir>/<name>`; the logs folder must exist before Slurm opens the job's output file."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    path = run_dir / "slurm.sbatch"
+    path = run_dir / name
     path.write_text(script)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -35,8 +36,20 @@ from alphaalign.rollout.base import Rollouts, SamplingParams
 
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final metrics (and the before/after evaluation when data.eval is set)."""
+    check_single_process()
     with contextlib.ExitStack() as resources:  # servers, connections and threads the run starts end with it
         return run(recipe, resources)
+
+
+def check_single_process() -> None:
+    """torchrun (as `alphaalign launch` uses it) may start several copies; this trainer updates the policy
+    in one process, so more would train the same run twice over."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise UserError(
+            f"WORLD_SIZE={world_size}: the trainer runs in one process; launch it with one trainer process "
+            "(alphaalign launch: --gpus-per-node 1 and one trainer node, or --gpus 1 locally)"
+        )
 
 
 def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:

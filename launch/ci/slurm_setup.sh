@@ -14,7 +14,8 @@ if [[ "${1:-}" == "--stop" ]]; then
 fi
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "slurm_setup.sh: needs root (it installs packages and starts daemons)" >&2
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then exec sudo -n bash "$0" "$@"; fi
+    echo "slurm_setup.sh: needs root or passwordless sudo (it installs packages and starts daemons)" >&2
     exit 1
 fi
 
@@ -70,8 +71,9 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$memory_mb State=UNK
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 CONF
 
-# ---- daemons (a running slurmctld rereads the conf)
-if running slurmctld; then scontrol reconfigure; else /usr/sbin/slurmctld; fi
+# ---- daemons. A running slurmctld rereads the conf; a fresh one drops the jobs saved by a slurmctld that
+# died (-c): they would show as running forever and hold the node.
+if running slurmctld; then scontrol reconfigure; else /usr/sbin/slurmctld -c; fi
 running slurmd || /usr/sbin/slurmd
 
 for _ in $(seq 150); do
