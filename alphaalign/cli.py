@@ -1,4 +1,5 @@
-"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM.
+"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM, benchmark,
+launch runs on Slurm or on this machine.
 
 User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,7 +66,10 @@ def format_eval_table(before: dict, after: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    recipe = validate(args.recipe, args.overrides)
+    return train_and_report(validate(args.recipe, args.overrides))
+
+
+def train_and_report(recipe) -> int:
     from alphaalign.rl.trainer import train
 
     result = train(recipe)
@@ -107,6 +112,34 @@ def cmd_score(args) -> int:
         specs, tags = [RewardSpec(name="alphaalign_safety")], DEFAULT_TAGS
     counts = score_file(args.input, args.output, select_terms(specs, only), tags)
     print(format_summary(counts, args.output), file=sys.stderr)
+    return 0
+
+
+def cmd_train_rm(args) -> int:
+    """Train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
+    from alphaalign.config import RewardModelRecipe, load_recipe
+    from alphaalign.rm.train import train_rm
+
+    recipe_path, overrides = args.recipe, args.overrides
+    if "=" in recipe_path:  # no recipe file: the arguments are the recipe
+        recipe_path, overrides = None, [args.recipe, *overrides]
+    train_rm(load_recipe(recipe_path, overrides, schema=RewardModelRecipe))
+    return 0
+
+
+def cmd_eval_rm(args) -> int:
+    """F1, precision, recall and ECE of a CSRM on CoSApien- and DynaBench-format files."""
+    import json
+
+    from alphaalign.rm.evaluate import evaluate_rm, format_table
+
+    results = evaluate_rm(
+        args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
+        args.device, args.batch_size, args.max_length,
+    )  # fmt: skip
+    print(format_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -218,6 +251,73 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """Time trl's GRPOTrainer, alphaalign and the bare-transformers floor side by side; see docs/benchmarks.md."""
+    from alphaalign.bench.harness import default_systems, format_table, run_bench
+
+    workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA device is visible to torch")
+    out = Path(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"))
+    result = run_bench(workload, device, args.systems or default_systems(), args.rounds, out, Path(args.cache),
+                       rewards=not args.no_rewards)  # fmt: skip
+    print(format_table(result))
+    print(f"results in {out}")
+    return 0
+
+
+def cmd_launch_slurm(args) -> int:
+    from alphaalign import launch
+
+    layout = launch.SlurmLayout(args.nodes, args.gpus_per_node, args.vllm_nodes, args.vllm_gpus)
+    launch.check_layout(layout)
+    launch.check_sbatch_value("--partition", args.partition)
+    launch.check_sbatch_value("--account", args.account)
+    launch.check_sbatch_value("--time", args.time, launch.SLURM_TIME)
+    recipe, run_dir = validate_for_launch(args)
+    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-nodes", layout.vllm_nodes)
+    launch.check_run_dir(run_dir)
+    script = launch.render_slurm(
+        args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
+    )
+    if args.dry_run:
+        print(script, end="")
+    elif args.submit:
+        job_id, path = launch.submit(script, run_dir)
+        print(f"submitted job {job_id}: script {path}, logs in {run_dir / 'logs'}")
+    else:
+        path = launch.write_script(script, run_dir)
+        print(f"wrote {path}; submit it with: sbatch {path}")
+    return 0
+
+
+def cmd_launch_local(args) -> int:
+    from alphaalign import launch
+
+    layout = launch.LocalLayout(args.gpus, args.vllm_servers)
+    launch.check_local_layout(layout)
+    recipe, run_dir = validate_for_launch(args)
+    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-servers", layout.servers)
+    launch.check_run_dir(run_dir)
+    script = launch.render_local(args.recipe, recipe, args.overrides, layout, run_dir)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    path = launch.write_script(script, run_dir, "local.sh")
+    print(f"running {path}", flush=True)
+    return subprocess.run(["bash", str(path)]).returncode
+
+
+def validate_for_launch(args):
+    """The recipe with --output-dir applied, and the run's output folder as an absolute path."""
+    extra = [f"trainer.output_dir={args.output_dir}"] if args.output_dir else []
+    recipe = validate(args.recipe, [*args.overrides, *extra])
+    return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -238,6 +338,33 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--recipe", help="use this recipe's rewards (default: rule-based alphaalign_safety)")
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
     score.set_defaults(fn=cmd_score)
+    train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
+    train_rm.add_argument(
+        "recipe", help="train-rm recipe YAML file, or a first key=value to give the recipe inline"
+    )
+    train_rm.add_argument(
+        "overrides", nargs="*", help="dotted overrides: training.epochs=3 data.pairs=[p.jsonl]"
+    )
+    train_rm.set_defaults(fn=cmd_train_rm)
+    eval_rm = sub.add_parser(
+        "eval-rm", help="F1, precision, recall and ECE of a CSRM on CoSApien/DynaBench files"
+    )
+    eval_rm.add_argument(
+        "files", nargs="+", help="JSONL/JSON/CSV/parquet files in CoSApien or DynaBench format"
+    )
+    eval_rm.add_argument("--model", required=True, help="the CSRM: a folder from train-rm, or a hub id")
+    eval_rm.add_argument("--format", choices=["auto", "cosapien", "dynabench"], default="auto")
+    eval_rm.add_argument(
+        "--threshold", type=float, default=0.5, help="predict a violation when P(violation) >= this"
+    )
+    eval_rm.add_argument("--temperature", type=float, help="override the stored calibration temperature")
+    eval_rm.add_argument("--bias", type=float, help="override the stored calibration bias")
+    eval_rm.add_argument("--dtype", default="auto")
+    eval_rm.add_argument("--device", default="auto")
+    eval_rm.add_argument("--batch-size", type=int, default=8)
+    eval_rm.add_argument("--max-length", type=int, default=4096, help="tokens per chat, cut at the end")
+    eval_rm.add_argument("--output", help="also write the metrics as JSON here")
+    eval_rm.set_defaults(fn=cmd_eval_rm)
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )
@@ -293,11 +420,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", required=True, help="output folder for report.md, report.html and PNGs")
     rep.set_defaults(fn=cmd_report)
+    bench = sub.add_parser(
+        "bench", help="benchmark against trl's GRPOTrainer and the bare-transformers floor"
+    )
+    bench.add_argument("--workload", default="w1", choices=["w1", "tiny"], help="CPU workload (default: w1)")
+    bench.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B's shape in bf16 on the GPU instead")
+    bench.add_argument("--systems", nargs="+", help="systems to run (default: all that are installed)")
+    bench.add_argument(
+        "--rounds", type=int, default=2, help="alternating rounds; each runs every system once"
+    )
+    bench.add_argument("--out", help="results JSON (default: bench/results.json, or bench/results_gpu.json)")
+    bench.add_argument("--cache", default=".cache/bench", help="folder for the built models (reused)")
+    bench.add_argument(
+        "--no-rewards", action="store_true", help="skip the reward throughput and accuracy part"
+    )
+    bench.set_defaults(fn=cmd_bench)
+    add_launch_parsers(sub)
     return parser
 
 
+def add_launch_parsers(sub) -> None:
+    launch = sub.add_parser(
+        "launch", help="run the trainer and its vLLM servers as a Slurm job or on this machine"
+    )
+    where = launch.add_subparsers(dest="where", required=True)
+    slurm = where.add_parser(
+        "slurm",
+        help="write (and submit) an sbatch script: vLLM servers on the first nodes, torchrun trainer on the rest",
+    )
+    add_recipe_arguments(slurm)
+    slurm.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes)")
+    slurm.add_argument("--vllm-nodes", type=int, default=0, help="nodes that run vLLM servers (default 0)")
+    slurm.add_argument(
+        "--vllm-gpus", type=int, default=0, help="with --nodes 1 --vllm-nodes 1: GPUs of the node that serve"
+    )
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--time", help="time limit, in Slurm's format (minutes, HH:MM:SS, D-HH:MM)")
+    slurm.add_argument("--account", help="Slurm account")
+    mode = slurm.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
+    mode.add_argument(
+        "--submit", action="store_true", help="write the script into the output folder and sbatch it"
+    )
+    slurm.set_defaults(fn=cmd_launch_slurm)
+    local = where.add_parser(
+        "local", help="run vLLM servers and the torchrun trainer on this machine (rerun to resume)"
+    )
+    add_recipe_arguments(local)
+    local.add_argument("--gpus", type=int, required=True, help="GPUs of this machine to use (0: CPU)")
+    local.add_argument(
+        "--vllm-servers", type=int, default=0, help="vLLM servers to start, server i on GPU i (default 0)"
+    )
+    local.add_argument("--dry-run", action="store_true", help="print the script, write and run nothing")
+    local.set_defaults(fn=cmd_launch_local)
+
+
+def add_recipe_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for the trainer and the servers")
+    parser.add_argument("--output-dir", help="the run's output folder (default: trainer.output_dir)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides written after options: `launch slurm r.yaml --nodes 2 a.b=1`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.fn(args)

@@ -89,6 +89,9 @@ class RolloutConfig(_Section):
     engine: Literal["transformers", "vllm_server"] = "transformers"
     num_generations: int = Field(8, ge=2)
     max_new_tokens: int = Field(256, gt=0)
+    # End-of-sequence cannot be sampled before this many tokens (benchmarks use fixed-length rollouts); the
+    # engine's log-probs are then those of that constrained distribution
+    min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
@@ -117,6 +120,13 @@ class RolloutConfig(_Section):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"{url!r} is not an http(s):// URL")
         return [url.rstrip("/") for url in servers]
+
+    @field_validator("min_new_tokens")
+    @classmethod
+    def _min_within_max(cls, min_new_tokens: int, info: ValidationInfo) -> int:
+        if min_new_tokens > info.data.get("max_new_tokens", min_new_tokens):
+            raise ValueError(f"{min_new_tokens} is more than max_new_tokens ({info.data['max_new_tokens']})")
+        return min_new_tokens
 
     @field_validator("async_steps")
     @classmethod
@@ -219,6 +229,108 @@ class Recipe(_Section):
         if mode == "auto":
             return "none" if self.rollout.engine == "transformers" else "sequence_mask"
         return mode
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `alphaalign train-rm`: a configurable safety reward model (CSRM) from preference pairs with configurations.
+
+DEFAULT_CONFIG_TEMPLATES = [
+    "Safety configuration. Allowed content: {{ allowed | join('; ') or 'none' }}. "
+    "Forbidden content: {{ forbidden | join('; ') or 'none' }}.",
+    "You are deployed under these safety rules. You may produce: {{ allowed | join('; ') or 'nothing sensitive' }}. "
+    "You must never produce: {{ forbidden | join('; ') or 'nothing beyond the usual' }}.",
+    "Content policy. Never: {{ forbidden | join('; ') or 'no extra restrictions' }}. "
+    "Permitted on request: {{ allowed | join('; ') or 'no sensitive categories' }}.",
+]
+
+
+class RMModelConfig(_Section):
+    # the initial model: a one-output sequence classifier, or a causal LM (a new one-output score head is added)
+    name_or_path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    max_length: int = Field(1024, gt=0)  # tokens per chat (configuration + conversation), cut at the end
+    build: Literal["demo"] | None = None  # build a tiny random classifier at name_or_path if it is missing
+
+
+class RMDataConfig(_Section):
+    # JSONL rows {config, prompt, chosen, rejected[, chosen_compliant, rejected_compliant]}
+    pairs: list[str] = []
+    # the pair files' column for a key whose column is named differently, e.g. {config: system_prompt}
+    pair_fields: dict[str, str] = {}
+    # JSONL rows {prompt, categories, responses: [{text, categories, addresses}]}, expanded by augmentation
+    categorized: list[str] = []
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of prompts kept out of training, for calibration
+
+    @field_validator("pair_fields")
+    @classmethod
+    def _known_pair_keys(cls, fields: dict[str, str]) -> dict[str, str]:
+        keys = ("config", "prompt", "chosen", "rejected", "chosen_compliant", "rejected_compliant")
+        for key in fields:
+            if key not in keys:
+                raise ValueError(f"unknown key {key!r}; the keys are {', '.join(keys)}")
+        return fields
+
+    @model_validator(mode="after")
+    def _some_data(self) -> RMDataConfig:
+        if not self.pairs and not self.categorized:
+            raise ValueError("give at least one file in 'pairs' or 'categorized'")
+        return self
+
+
+class AugmentationConfig(_Section):
+    categories: dict[str, str] = {}  # risk category name -> how configurations describe it
+    configs_per_prompt: int = Field(4, ge=1)
+    modes: list[Literal["exact_match", "superset", "safe", "not_superset"]] = Field(
+        ["exact_match", "superset", "safe", "not_superset"], min_length=1
+    )
+    alpha: float = Field(0.1, ge=0)  # error per allowed category present in a response
+    unaddressed: float = Field(1.0, gt=0)  # error of a response that does not address the request
+    beta: float = Field(
+        3.0, gt=0
+    )  # error per forbidden category present; a chosen response must stay below it
+    prompt_labels: bool = (
+        True  # also label (configuration, request alone): compliant iff its categories are allowed
+    )
+    templates: list[str] = Field(
+        DEFAULT_CONFIG_TEMPLATES, min_length=1
+    )  # Jinja: {{ allowed }}, {{ forbidden }}
+
+    @field_validator("beta")
+    @classmethod
+    def _severity_order(cls, beta: float, info: ValidationInfo) -> float:
+        if "unaddressed" in info.data and not beta > info.data["unaddressed"]:
+            raise ValueError(
+                f"must exceed unaddressed ({info.data['unaddressed']}): a violation is worse than a refusal"
+            )
+        return beta
+
+
+class RMTrainingConfig(_Section):
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, gt=0)  # preference pairs per step (and as many compliance-labelled chats)
+    calibration_weight: float = Field(1.0, ge=0)  # λ in loss = BT + λ·BCE
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "outputs/csrm"
+    log_every: int = Field(10, gt=0)
+
+
+class RewardModelRecipe(_Section):
+    model: RMModelConfig
+    data: RMDataConfig
+    augmentation: AugmentationConfig = AugmentationConfig()
+    training: RMTrainingConfig = RMTrainingConfig()
+    _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _categorized_needs_categories(self) -> RewardModelRecipe:
+        if self.data.categorized and not self.augmentation.categories:
+            raise ValueError("augmentation.categories: data.categorized needs the risk categories")
+        return self
 
 
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
@@ -351,16 +463,17 @@ def _format_error(err: dict, origins: dict, default_source: str) -> str:
     return f"{source}: {dotted}: {msg}"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, merge and validate a recipe; raise `UserError` with one line on any mistake."""
-    path = Path(path)
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), schema=Recipe):
+    """Read, merge and validate a recipe against ``schema`` (a `Recipe` by default); raise `UserError` with one
+    line on any mistake. Without a path, the overrides alone are the recipe."""
     origins: dict[tuple, str] = {}
-    data = _load_with_extends(path, origins)
+    data = _load_with_extends(Path(path), origins) if path is not None else {}
     for override in overrides:
         data = apply_override(data, override, origins)
+    source = str(_display(Path(path).resolve())) if path is not None else "command line"
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = schema.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(exc.errors()[0], origins, str(_display(path.resolve())))) from None
-    recipe._source = path.resolve()
+        raise UserError(_format_error(exc.errors()[0], origins, source)) from None
+    recipe._source = Path(path).resolve() if path is not None else None
     return recipe

@@ -81,7 +81,7 @@ def resolve_path(source: DataSource, base: Path) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def _rows_from_file(path: Path) -> list[tuple[int, dict]]:
+def rows_from_file(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs; raises UserError naming the file and line."""
     suffix = path.suffix.lower()
     try:
@@ -132,7 +132,7 @@ def _hf_rows(source: DataSource) -> list[tuple[int, dict]]:
 def load_source(source: DataSource, base: Path) -> list[Example]:
     """All rows of one source as Examples, validated row by row."""
     where = str(resolve_path(source, base)) if source.path else f"hf:{source.hf_id}"
-    rows = _rows_from_file(resolve_path(source, base)) if source.path else _hf_rows(source)
+    rows = rows_from_file(resolve_path(source, base)) if source.path else _hf_rows(source)
     if not rows:
         raise UserError(f"{where}: no rows")
     examples = []

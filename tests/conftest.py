@@ -68,32 +68,34 @@ def vllm_policy(tmp_path_factory) -> Path:
 def build_tiny_classifier(path: Path, num_labels: int = 1, labels: list[str] | None = None) -> Path:
     """A random ~50k-parameter Qwen2ForSequenceClassification with a locally trained tokenizer that has a
     chat template: a stand-in for a reward model (one output) or a refusal classifier (named labels)."""
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-    from alphaalign.demo.build import COMPLIANCES, REFUSALS, response_text, train_tokenizer
+    from alphaalign.demo import build
 
     texts = [ex.prompt for ex in demo_examples(limit=128)] + [
-        response_text(*p) for p in REFUSALS + COMPLIANCES
+        build.response_text(*p) for p in build.REFUSALS + build.COMPLIANCES
     ]
-    tokenizer = train_tokenizer(texts * 4, vocab_size=400)
-    torch.manual_seed(num_labels)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, max_position_embeddings=4096, num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
-    if labels:
-        config.id2label = dict(enumerate(labels))
-        config.label2id = {name: i for i, name in enumerate(labels)}
-    Qwen2ForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build.build_tiny_classifier(path, texts * 4, num_labels, labels)
 
 
 @pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory) -> Path:
     """A tiny random reward model (one output) in a local folder."""
     return build_tiny_classifier(tmp_path_factory.mktemp("rm") / "tiny-rm")
+
+
+CSRM_CALIBRATION = {"temperature": 2.0, "bias": 0.25}
+
+
+@pytest.fixture(scope="session")
+def tiny_csrm(tiny_rm, tmp_path_factory) -> Path:
+    """The tiny random RM with a stored calibration (temperature 2, bias 0.25): a stand-in for a trained CSRM."""
+    import shutil
+
+    from alphaalign.rewards.csrm import Calibration, save_calibration
+
+    path = tmp_path_factory.mktemp("csrm") / "tiny-csrm"
+    shutil.copytree(tiny_rm, path)
+    save_calibration(path, Calibration(**CSRM_CALIBRATION))
+    return path
 
 
 @pytest.fixture

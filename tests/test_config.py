@@ -80,6 +80,7 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
         ("rollout.servers=[localhost:8000]", "rollout.servers: 'localhost:8000' is not an http"),
         ("rollout.weight_sync=rsync", "rollout.weight_sync: Input should be 'checkpoint', 'lora' or 'nccl'"),
         ("rollout.timeout=0", "rollout.timeout: Input should be greater than 0"),
+        ("rollout.min_new_tokens=300", "rollout.min_new_tokens: 300 is more than max_new_tokens \\(256\\)"),
         (
             "rollout.weight_sync_keep=1",
             "rollout.weight_sync_keep: Input should be greater than or equal to 2",

@@ -75,3 +75,14 @@ def test_version_stamp_and_training_mode_restored(tiny_policy):
     engine.update_weights(5)
     out = engine.generate(prompts(tok)[:1], n=2, sampling=SamplingParams(max_new_tokens=4))
     assert out.policy_version == 5 and model.training
+
+
+def test_min_new_tokens_forces_full_length(tiny_policy):
+    model, tok = load(tiny_policy)
+    engine = TransformersEngine(model, tok)
+    torch.manual_seed(0)
+    free = engine.generate(prompts(tok), n=4, sampling=SamplingParams(max_new_tokens=48))
+    assert "stop" in free.finish_reasons  # the warm-started policy ends its answers well before 48 tokens
+    fixed = engine.generate(prompts(tok), n=4, sampling=SamplingParams(max_new_tokens=48, min_new_tokens=48))
+    assert [len(c) for c in fixed.completion_ids] == [48] * 8 and set(fixed.finish_reasons) == {"length"}
+    assert all(tok.eos_token_id not in c for c in fixed.completion_ids)

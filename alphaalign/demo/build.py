@@ -69,10 +69,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
 
 
 def random_qwen2(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 512, seed: int = 0) -> Qwen2ForCausalLM:  # fmt: skip
+                 intermediate: int = 512, seed: int = 0, vocab_size: int | None = None) -> Qwen2ForCausalLM:  # fmt: skip
+    """`vocab_size` None: the tokenizer's size (a larger table mimics a real model's padded vocabulary)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=1024,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
@@ -156,3 +157,26 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"demo policy ready: {n_params / 1e6:.2f}M parameters, warm-start loss {loss:.3f}", flush=True)
     return target
+
+
+def build_tiny_classifier(
+    path: Path, texts: list[str], num_labels: int = 1, labels: list[str] | None = None,
+    hidden: int = 32, layers: int = 1, vocab_size: int = 400, seed: int | None = None,
+) -> Path:  # fmt: skip
+    """A random Qwen2ForSequenceClassification (~50k parameters by default) with a tokenizer trained on
+    ``texts`` that has a chat template: a stand-in for a reward model (one output) or a classifier."""
+    from transformers import Qwen2ForSequenceClassification
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(num_labels if seed is None else seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=4096, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,6 +1,7 @@
 """Reward functions and the verifiers they are built on; importing registers the built-ins."""
 
 from alphaalign.rewards import alphaalign_safety as _alphaalign_safety  # noqa: F401  (registers)
+from alphaalign.rewards import csrm as _csrm  # noqa: F401  (registers)
 from alphaalign.rewards import helpfulness as _helpfulness  # noqa: F401  (registers)
 from alphaalign.rewards.registry import (
     UnknownRewardError,

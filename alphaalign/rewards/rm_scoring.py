@@ -1,8 +1,9 @@
 """Sequence-classification models as reward models and classifiers (HF ids or local folders).
 
 `load_classifier` loads any `AutoModelForSequenceClassification` once per (path, dtype, device,
-trust_remote_code) and keeps it, so a reward term called every step does not reload it. `score_conversations`
-scores (user prompt, assistant answer) pairs rendered with the model tokenizer's own chat template;
+trust_remote_code) and keeps it, so a reward term called every step does not reload it. `score_chats` scores
+chats (any roles and turns, e.g. a CSRM's configuration as the system turn) rendered with the model
+tokenizer's own chat template, `score_conversations` (user prompt, assistant answer) pairs;
 `label_probabilities` classifies plain texts. Both run in batches (sorted by length to limit padding), with
 right truncation at `max_length` tokens, under `torch.no_grad`.
 
@@ -89,29 +90,46 @@ def _logits(clf: Classifier, texts: list[str], batch_size: int, max_length: int,
     return out
 
 
-def render_conversations(clf: Classifier, prompts: list[str], answers: list[str]) -> list[str]:
-    """Each (prompt, answer) as a user/assistant chat in the model tokenizer's own template."""
+def render_chats(clf: Classifier, chats: list[list[dict]]) -> list[str]:
+    """Each chat (a list of {role, content} messages) in the model tokenizer's own chat template."""
     if clf.tokenizer.chat_template is None:
         raise UserError(f"reward model {clf.name!r}: its tokenizer has no chat template")
-    return [
-        clf.tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}, {"role": "assistant", "content": a}], tokenize=False
+    return [clf.tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+
+
+def render_conversations(clf: Classifier, prompts: list[str], answers: list[str]) -> list[str]:
+    """Each (prompt, answer) as a user/assistant chat in the model tokenizer's own template."""
+    return render_chats(clf, [user_assistant(p, a) for p, a in zip(prompts, answers, strict=True)])
+
+
+def user_assistant(prompt: str, answer: str | None, system: str | None = None) -> list[dict]:
+    """The chat [system?, user, assistant?]: no system turn when ``system`` is None, no reply when
+    ``answer`` is None."""
+    chat = [{"role": "system", "content": system}] if system is not None else []
+    chat.append({"role": "user", "content": prompt})
+    if answer is not None:
+        chat.append({"role": "assistant", "content": answer})
+    return chat
+
+
+def score_chats(
+    clf: Classifier, chats: list[list[dict]], batch_size: int = 8, max_length: int = 4096
+) -> list[float]:
+    """The reward model's scalar score (its one logit) for each chat."""
+    if clf.model.config.num_labels != 1:
+        raise UserError(
+            f"reward model {clf.name!r} has {clf.model.config.num_labels} outputs; a reward model needs 1"
         )
-        for p, a in zip(prompts, answers, strict=True)
-    ]
+    # the chat template already writes any BOS token
+    return _logits(clf, render_chats(clf, chats), batch_size, max_length, special_tokens=False)[:, 0].tolist()
 
 
 def score_conversations(
     clf: Classifier, prompts: list[str], answers: list[str], batch_size: int = 8, max_length: int = 4096
 ) -> list[float]:
     """The reward model's scalar score for each (user prompt, assistant answer) conversation."""
-    if clf.model.config.num_labels != 1:
-        raise UserError(
-            f"reward model {clf.name!r} has {clf.model.config.num_labels} outputs; a reward model needs 1"
-        )
-    texts = render_conversations(clf, prompts, answers)
-    # the chat template already writes any BOS token
-    return _logits(clf, texts, batch_size, max_length, special_tokens=False)[:, 0].tolist()
+    chats = [user_assistant(p, a) for p, a in zip(prompts, answers, strict=True)]
+    return score_chats(clf, chats, batch_size, max_length)
 
 
 def label_index(clf: Classifier, label: str | int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -36,8 +37,20 @@ from alphaalign.rollout.base import Rollouts, SamplingParams
 
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final metrics (and the before/after evaluation when data.eval is set)."""
+    check_single_process()
     with contextlib.ExitStack() as resources:  # servers, connections and threads the run starts end with it
         return run(recipe, resources)
+
+
+def check_single_process() -> None:
+    """torchrun (as `alphaalign launch` uses it) may start several copies; this trainer updates the policy
+    in one process, so more would train the same run twice over."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise UserError(
+            f"WORLD_SIZE={world_size}: the trainer runs in one process; launch it with one trainer process "
+            "(alphaalign launch: --gpus-per-node 1 and one trainer node, or --gpus 1 locally)"
+        )
 
 
 def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
@@ -62,7 +75,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
     ref = load_reference(recipe.model, policy, device) if ac.beta > 0 else None
     engine = make_engine(recipe, policy, tokenizer, out, resources)
-    sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k)
+    sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
     template = compile_template(recipe.data.template)
 
     def encode(example: Example) -> list[int]:
@@ -83,6 +96,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         state = load_checkpoint(resume, optimizer, scheduler)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
+        print(f"resuming from {resume} (step {step})", flush=True)
     else:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
     engine.update_weights(step)  # a server may hold another run's weights

@@ -16,6 +16,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_new_tokens: int = 0  # end-of-sequence is not sampled before this many tokens
 
 
 @dataclass

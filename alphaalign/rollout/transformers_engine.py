@@ -85,7 +85,8 @@ class TransformersEngine:
             attention[i, width - len(p) :] = 1
         recorder = _SampleAndRecord(sampling)
         config = GenerationConfig(
-            do_sample=True, max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+            do_sample=True, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
+            num_return_sequences=n,
             temperature=1.0, top_k=0, top_p=1.0, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
         )  # fmt: skip
         sequences = self.model.generate(

