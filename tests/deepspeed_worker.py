@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_deepspeed.py: the trainer's policy update through DeepSpeed on fixed data.
 
-argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora]`. BATCH.pt holds a recipe path,
+argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing]` (LoRA adapters,
+gradient checkpointing). BATCH.pt holds a recipe path,
 rollouts and advantages (written by the test). For each case, every rank updates the policy twice on its
 slice of the batch; rank 0 writes the two steps' metrics to OUT_DIR/<case>/metrics.json and the checkpoint
 writer puts the updated policy in OUT_DIR/<case>/policy (consolidated from the ZeRO-3 shards).

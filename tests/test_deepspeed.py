@@ -10,6 +10,7 @@ micro-batches differently; Adam's first steps (≈ lr · sign(g)) do not amplify
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ pytest.importorskip("deepspeed", reason="pip install alphaalign[deepspeed]")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "data" / "demo"
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
-CASES = ["zero2", "zero3", "zero3+lora"]
+CASES = ["zero2", "zero3+checkpointing", "zero3+lora"]  # the reference never checkpoints
 
 
 def recipe_dict(policy: Path, out: Path) -> dict:
@@ -157,8 +158,10 @@ def test_torchrun_training_with_zero3_and_lora_resumes_exactly(batch, tmp_path):
     assert {"deepspeed", "policy", "rng_rank0.pt", "rng_rank1.pt", "state.json"} <= {
         p.name for p in step1.iterdir()
     }
-    torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={resumed}",
-             f"trainer.resume_from={step1}")  # fmt: skip
+    # the run as it stood after step 1 (its checkpoint and its before-RL evaluation), then resumed
+    shutil.copytree(step1, resumed / "checkpoints" / step1.name)
+    shutil.copy(full / "eval_before.json", resumed / "eval_before.json")
+    torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={resumed}")
     assert metrics(resumed) == metrics(full)[1:]
     assert metrics(full)[0]["rollout/harmful_refusal_rate"] >= 0  # safety metrics over the whole batch
     assert json.loads((full / "eval_after.json").read_text())["n_harmful"] == 3  # both ranks' eval prompts
@@ -189,6 +192,7 @@ def test_shipped_configs_are_filled_from_the_recipe(write_recipe, tmp_path):
     assert config["gradient_clipping"] == 0.5 and config["train_micro_batch_size_per_gpu"] == 1
     assert config["managed_gradient_accumulation"] is False
     zero = fill_hidden_size(config, 64)["zero_optimization"]
+    assert "auto" not in json.dumps(config)
     assert zero["stage3_param_persistence_threshold"] == 640 and zero["offload_param"]["device"] == "cpu"
 
 
@@ -205,6 +209,10 @@ def test_shipped_configs_are_filled_from_the_recipe(write_recipe, tmp_path):
             r"ds\.json: gradient_clipping: set by",
         ),
         ("{not json", r"ds\.json: line 1: not valid JSON"),
+        (
+            {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+            r'ds\.json: sub_group_size: "auto" is not',
+        ),
     ],
 )
 def test_bad_deepspeed_configs_fail_with_one_line(write_recipe, tmp_path, content, message):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -87,7 +88,8 @@ def read_config(recipe: Recipe) -> dict:
             raise UserError(
                 f"{path}: {key}: remove it; AdamW and its schedule come from the recipe's trainer section"
             )
-    stage = config.get("zero_optimization", {}).get("stage")
+    zero = config.get("zero_optimization")
+    stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (2, 3):
         raise UserError(f"{path}: zero_optimization.stage: must be 2 or 3 (got {stage!r})")
     for dotted, value in recipe_keys(recipe).items():
@@ -98,20 +100,28 @@ def read_config(recipe: Recipe) -> dict:
         if node.get(leaf, "auto") not in ("auto", value):
             raise UserError(f'{path}: {dotted}: set by the recipe ({value!r}); remove it or write "auto"')
         node[leaf] = value
+    sized = [key for key in HIDDEN_SIZED if zero.get(key) == "auto"]
+    left = [k for k, v in zero.items() if v == "auto" and k not in sized] + [
+        k for k, v in config.items() if v == "auto"
+    ]
+    if left:
+        raise UserError(f'{path}: {left[0]}: "auto" is not supported for this key; give a value')
     return config
 
 
+# ZeRO keys whose "auto" is derived from the model's hidden size h (transformers' rule)
+HIDDEN_SIZED = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
+
+
 def fill_hidden_size(config: dict, hidden: int) -> dict:
-    """ZeRO-3 bucket sizes left "auto", from the model's hidden size (transformers' rule)."""
     zero = config["zero_optimization"]
-    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-             "stage3_param_persistence_threshold": 10 * hidden}  # fmt: skip
-    for key, value in sizes.items():
+    for key, size in HIDDEN_SIZED.items():
         if zero.get(key) == "auto":
-            zero[key] = value
-    left = [f"{k}" for k, v in zero.items() if v == "auto"] + [k for k, v in config.items() if v == "auto"]
-    if left:
-        raise UserError(f'trainer.deepspeed: {left[0]}: "auto" is not supported for this key')
+            zero[key] = size(hidden)
     return config
 
 
@@ -125,8 +135,6 @@ def init_ranks(deepspeed) -> Ranks:
     deepspeed.init_distributed(verbose=False)
     ranks = Ranks()
     if ranks.device.type == "cuda":
-        import os
-
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         ranks.device = torch.device("cuda", local)
