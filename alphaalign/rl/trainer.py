@@ -132,7 +132,8 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         columns = {"label": [ex.label for ex in group]}
         for key in {k for ex in group for k in ex.columns}:
             columns[key] = [ex.columns.get(key) for ex in group]
-        columns["group"] = [i for i in range(len(examples)) for _ in range(rc.num_generations)]
+        first = ranks.rank * len(examples)  # group ids count over the whole batch
+        columns["group"] = [first + i for i in range(len(examples)) for _ in range(rc.num_generations)]
         per_term = rewards.score([ex.prompt for ex in group], texts, columns)
         mine = slice(ranks.rank * len(texts), (ranks.rank + 1) * len(texts))  # this rank's rows in the batch
         local_rollouts = rollouts
