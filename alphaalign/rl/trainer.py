@@ -31,7 +31,7 @@ from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alphaalign.rl.logger import MetricsLogger
 from alphaalign.rl.optim import TorchOptimization
-from alphaalign.rl.parallel import ONE_PROCESS, SingleProcess, launched_world_size
+from alphaalign.rl.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue
 from alphaalign.rollout.base import Rollouts, SamplingParams
@@ -211,7 +211,7 @@ def start_processes(recipe: Recipe):
                 "set (e.g. zero2); or launch one trainer process (alphaalign launch: --gpus-per-node 1 and one "
                 "trainer node, or --gpus 1 locally)"
             )
-        return SingleProcess(), None, None
+        return ONE_PROCESS, None, None
     from alphaalign.rl import zero
 
     config = zero.read_config(recipe)
