@@ -95,6 +95,8 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         state = load_checkpoint(resume, opt)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
+        if ranks.is_main:
+            print(f"resuming from {resume} (step {step})", flush=True)
     elif ranks.is_main:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
     engine.update_weights(step)  # a server may hold another run's weights
