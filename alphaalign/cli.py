@@ -24,6 +24,10 @@ def validate(recipe_path: str, overrides: list[str]):
     check_data(recipe)
     check_rewards(recipe_path, recipe)
     check_output_dir(recipe_path, recipe.trainer.output_dir)
+    if recipe.trainer.deepspeed is not None:
+        from alphaalign.rl.zero import read_config
+
+        read_config(recipe)
     model_path = recipe.model.name_or_path
     looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
     if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
@@ -74,6 +78,8 @@ def train_and_report(recipe) -> int:
 
     result = train(recipe)
     final = result["final"]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return 0
     if final:
         print(
             f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}"

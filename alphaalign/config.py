@@ -183,6 +183,16 @@ class TrainerConfig(_Section):
     # aborts once more than this many have been skipped.
     max_bad_steps: int = Field(3, ge=0)
     progress_bar: bool = True
+    # DeepSpeed ZeRO for the policy update, one process per device (torchrun): a config name in
+    # launch/deepspeed/ (zero2, zero3, zero2_offload, zero3_offload) or a JSON path relative to the recipe.
+    deepspeed: str | None = None
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _config_given(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("give a config name (zero2, zero3, ...) or a .json path, or null")
+        return value
 
 
 class RewardSpec(_Section):
@@ -215,6 +225,15 @@ class Recipe(_Section):
             raise ValueError(
                 f"trainer.micro_batch_tokens: {self.trainer.micro_batch_tokens} is smaller than one sequence "
                 f"(data.max_prompt_tokens + rollout.max_new_tokens = {longest})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_generates_in_process(self) -> Recipe:
+        if self.trainer.deepspeed is not None and self.rollout.engine != "transformers":
+            raise ValueError(
+                "trainer.deepspeed: works with rollout.engine: transformers only (weight sync from sharded "
+                "weights to vLLM servers is not implemented)"
             )
         return self
 

@@ -66,25 +66,23 @@ def test_too_many_bad_steps_abort_with_one_line(write_recipe, tiny_policy, tmp_p
 
 def test_an_infinite_loss_leaves_the_weights_untouched(tiny_policy, write_recipe, tmp_path):
     from alphaalign.models import load_causal_lm, load_tokenizer
-    from alphaalign.rl.trainer import lr_lambda, policy_update
+    from alphaalign.rl.optim import TorchOptimization
+    from alphaalign.rl.trainer import policy_update
     from alphaalign.rollout.base import SamplingParams
     from alphaalign.rollout.transformers_engine import TransformersEngine
 
     recipe = load_recipe(recipe_for(write_recipe, tiny_policy, tmp_path))
     tokenizer = load_tokenizer(recipe.model)
     policy = load_causal_lm(recipe.model, torch.device("cpu"))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.trainer, 10))
+    opt = TorchOptimization(policy, recipe.trainer, 10)
     prompt = tokenizer("how do I bake bread?")["input_ids"]
     rollouts = TransformersEngine(policy, tokenizer, 8).generate([prompt], 4, SamplingParams(8))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     advantages = torch.tensor([1.0, float("inf"), -1.0, 0.0])
-    out = policy_update(
-        policy, None, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id
-    )
+    out = policy_update(opt, None, rollouts, advantages, recipe, tokenizer.pad_token_id)
     assert out == {"nonfinite": "loss"}
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
-    assert scheduler.last_epoch == 0  # no scheduler step either
+    assert opt.scheduler.last_epoch == 0  # no scheduler step either
 
 
 # ---- exact resume after kill -9

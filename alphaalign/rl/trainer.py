@@ -9,6 +9,7 @@ steps' rollouts are generated while this step updates. The math lives in `alphaa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -30,6 +31,8 @@ from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alphaalign.rl.logger import MetricsLogger
+from alphaalign.rl.optim import TorchOptimization
+from alphaalign.rl.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue
 from alphaalign.rollout.base import Rollouts, SamplingParams
@@ -37,30 +40,21 @@ from alphaalign.rollout.base import Rollouts, SamplingParams
 
 def train(recipe: Recipe) -> dict:
     """Run the recipe; returns the final metrics (and the before/after evaluation when data.eval is set)."""
-    check_single_process()
     with contextlib.ExitStack() as resources:  # servers, connections and threads the run starts end with it
         return run(recipe, resources)
 
 
-def check_single_process() -> None:
-    """torchrun (as `alphaalign launch` uses it) may start several copies; this trainer updates the policy
-    in one process, so more would train the same run twice over."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise UserError(
-            f"WORLD_SIZE={world_size}: the trainer runs in one process; launch it with one trainer process "
-            "(alphaalign launch: --gpus-per-node 1 and one trainer node, or --gpus 1 locally)"
-        )
-
-
 def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
+    ranks, deepspeed, ds_config = start_processes(recipe)
     out = prepare_output_dir(tc.output_dir)
-    device = pick_device(tc.device)
+    device = ranks.device if deepspeed else pick_device(tc.device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
 
-    build_if_missing(recipe)
+    if ranks.is_main:
+        build_if_missing(recipe)
+    ranks.barrier()
 
     # ---- data, models, rewards, optimizer
     base = recipe_base(recipe)
@@ -73,8 +67,18 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     resume = resolve_resume(tc.resume_from, tc.output_dir)
     tokenizer = load_tokenizer(recipe.model)
     policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
-    ref = load_reference(recipe.model, policy, device) if ac.beta > 0 else None
-    engine = make_engine(recipe, policy, tokenizer, out, resources)
+    updates = tc.max_steps * ac.num_iterations
+    if deepspeed:
+        from alphaalign.rl.zero import ZeroOptimization
+
+        opt = ZeroOptimization(deepspeed, policy, recipe, updates, ds_config, ranks)
+    else:
+        opt = TorchOptimization(policy, tc, updates)
+    ref = load_reference(recipe.model, opt.module, device) if ac.beta > 0 else None
+    engine = make_engine(recipe, opt.module, tokenizer, out, resources)
+    if deepspeed:
+        ref, engine = opt.reference(ref), opt.generation_engine(engine)
+        torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
     template = compile_template(recipe.data.template)
 
@@ -83,42 +87,38 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             tokenizer, example, template, recipe.data.system_prompt, recipe.data.max_prompt_tokens
         )
 
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad],
-        lr=tc.learning_rate,
-        betas=tc.adam_betas,
-        weight_decay=tc.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, tc.max_steps * ac.num_iterations))
-
     step, bad_steps = 0, 0
     if resume:
-        state = load_checkpoint(resume, optimizer, scheduler)
+        state = load_checkpoint(resume, opt)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
-        print(f"resuming from {resume} (step {step})", flush=True)
-    else:
+        if ranks.is_main:
+            print(f"resuming from {resume} (step {step})", flush=True)
+    elif ranks.is_main:
         (out / "recipe.resolved.yaml").write_text(recipe_yaml(recipe))
     engine.update_weights(step)  # a server may hold another run's weights
 
     evaluate = (
-        (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags))
+        (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags, ranks))
         if eval_examples
         else None
     )
     if evaluate and not (out / "eval_before.json").exists():
         before = evaluate()
-        (out / "eval_before.json").write_text(json.dumps(before, indent=2))
-        print(
-            f"before RL, held-out: harmful refusal {before['harmful_refusal_rate']:.1%}, benign over-refusal "
-            f"{before['benign_refusal_rate']:.1%}, format validity {before['format_valid_rate']:.1%}",
-            flush=True,
-        )
+        if ranks.is_main:
+            (out / "eval_before.json").write_text(json.dumps(before, indent=2))
+            print(
+                f"before RL, held-out: harmful refusal {before['harmful_refusal_rate']:.1%}, benign over-refusal "
+                f"{before['benign_refusal_rate']:.1%}, format validity {before['format_valid_rate']:.1%}",
+                flush=True,
+            )
 
     # ---- the loop
-    logger = MetricsLogger(recipe, out, start_step=step)
-    rollout_queue = RolloutQueue(engine, lambda: stream.take(tc.prompts_per_step), encode, rc.num_generations,
-                                 sampling, rc.async_steps, resources)  # fmt: skip
+    logger = MetricsLogger(recipe, out, start_step=step) if ranks.is_main else None
+    draw = lambda: ranks.shard(stream.take(tc.prompts_per_step))  # noqa: E731 (this rank's slice)
+    rollout_queue = RolloutQueue(
+        engine, draw, encode, rc.num_generations, sampling, rc.async_steps, resources
+    )
     metrics: dict = {}
     while step < tc.max_steps:
         step += 1
@@ -131,8 +131,12 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         columns = {"label": [ex.label for ex in group]}
         for key in {k for ex in group for k in ex.columns}:
             columns[key] = [ex.columns.get(key) for ex in group]
-        columns["group"] = [i for i in range(len(examples)) for _ in range(rc.num_generations)]
+        first = ranks.rank * len(examples)  # group ids count over the whole batch
+        columns["group"] = [first + i for i in range(len(examples)) for _ in range(rc.num_generations)]
         per_term = rewards.score([ex.prompt for ex in group], texts, columns)
+        mine = slice(ranks.rank * len(texts), (ranks.rank + 1) * len(texts))  # this rank's rows in the batch
+        local_rollouts = rollouts
+        rollouts, texts, columns, per_term = gather_batch(ranks, rollouts, texts, columns, per_term)
         scalar = algos.combine_rewards(per_term, rewards.weights, rc.num_generations, ac.reward_aggregation)
         if ac.reward_aggregation == "normalize_then_sum":
             advantages = algos.batch_zscore(scalar)
@@ -147,7 +151,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         update = {}
         if problem is None:
             update = policy_update(
-                policy, ref, optimizer, scheduler, rollouts, advantages, recipe, tokenizer.pad_token_id
+                opt, ref, local_rollouts, advantages[mine], recipe, tokenizer.pad_token_id, ranks
             )
             problem = update.pop("nonfinite", None)
         bad_steps += problem is not None
@@ -178,18 +182,18 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         }
         if evaluate and tc.eval_every and step % tc.eval_every == 0:
             metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
-        logger.log(metrics)
+        if logger:
+            logger.log(metrics)
         if problem is not None:
             check_bad_steps(step, problem, bad_steps, tc.max_bad_steps, out)
         if step % tc.save_every == 0 or step == tc.max_steps:
             draws = stream.draws - rollout_queue.prompts_ahead  # prompts drawn ahead are not consumed yet
-            save_checkpoint(out, step, policy, tokenizer, optimizer, scheduler, draws, tc.keep_last,
-                            bad_steps=bad_steps)  # fmt: skip
-    logger.close()
+            save_checkpoint(out, step, opt, tokenizer, draws, tc.keep_last, bad_steps, ranks)
+    if logger:
+        logger.close()
 
     result = {"final": metrics}
     if evaluate:
-        before = json.loads((out / "eval_before.json").read_text())
         after_path = out / "eval_after.json"
         last_step_eval = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.startswith("eval/")}
         after = (
@@ -197,9 +201,54 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             if after_path.exists() and not metrics
             else last_step_eval or evaluate()
         )
-        after_path.write_text(json.dumps(after, indent=2))
-        result.update(before=before, after=after)
+        if ranks.is_main:
+            after_path.write_text(json.dumps(after, indent=2))
+            result.update(before=json.loads((out / "eval_before.json").read_text()), after=after)
     return result
+
+
+def start_processes(recipe: Recipe):
+    """(ranks, deepspeed module, DeepSpeed config): one plain process, or DeepSpeed's process group."""
+    tc = recipe.trainer
+    if tc.deepspeed is None:
+        if launched_world_size() > 1:
+            raise UserError(
+                f"WORLD_SIZE={launched_world_size()}: the trainer runs in one process unless trainer.deepspeed is "
+                "set (e.g. zero2); or launch one trainer process (alphaalign launch: --gpus-per-node 1 and one "
+                "trainer node, or --gpus 1 locally)"
+            )
+        return ONE_PROCESS, None, None
+    from alphaalign.rl import zero
+
+    config = zero.read_config(recipe)
+    deepspeed = zero.import_deepspeed()
+    ranks = zero.init_ranks(deepspeed)
+    if tc.prompts_per_step % ranks.world_size:
+        raise UserError(
+            f"trainer.prompts_per_step: {tc.prompts_per_step} prompts do not split evenly over "
+            f"{ranks.world_size} processes"
+        )
+    return ranks, deepspeed, config
+
+
+def gather_batch(ranks, rollouts: Rollouts, texts: list[str], columns: dict, per_term: torch.Tensor):
+    """The whole step's rollouts, texts, reward columns and rewards from every rank's slice, in rank order."""
+    if ranks.world_size == 1:
+        return rollouts, texts, columns, per_term
+    parts = ranks.gather((rollouts, texts, columns, per_term))
+    merged = Rollouts(*([row for part in parts for row in getattr(part[0], field)]
+                        for field in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons")),
+                      policy_version=rollouts.policy_version)  # fmt: skip
+    keys = {key for part in parts for key in part[2]}
+    merged_columns = {
+        key: [v for part in parts for v in part[2].get(key, [None] * len(part[1]))] for key in keys
+    }
+    return (
+        merged,
+        [t for part in parts for t in part[1]],
+        merged_columns,
+        torch.cat([part[3] for part in parts]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,14 +340,23 @@ def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, rec
 
 
 def policy_update(
-    policy, ref, optimizer, scheduler, rollouts: Rollouts, advantages, recipe: Recipe, pad_id
+    opt, ref, rollouts: Rollouts, advantages, recipe: Recipe, pad_id, ranks=ONE_PROCESS
 ) -> dict:
+    """One batch's update on this rank's rollouts (`advantages` are theirs); returns batch-wide metrics.
+
+    `opt` is a TorchOptimization or a ZeroOptimization; losses are normalized by counts summed over ranks.
+    """
     ac, temperature = recipe.algorithm, recipe.rollout.temperature
-    device = next(policy.parameters()).device
+    device = next(opt.module.parameters()).device
     keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
     mbs = micro_batches(rollouts, recipe.trainer.micro_batch_tokens, keep, pad_id, device)
-    totals = {"sequences": len(rollouts.completion_ids), "tokens": float(sum(mb.mask.sum() for mb in mbs)),
-              "micro_batches": len(mbs)}  # fmt: skip
+    sequences, tokens, count = ranks.sum([len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)),
+                                          len(mbs)])  # fmt: skip
+    totals = {"sequences": int(sequences), "tokens": tokens, "micro_batches": int(count)}
+    # ZeRO-3 gathers parameters collectively in every forward and backward, so all ranks run as many
+    # micro-batches; the extra ones are copies whose loss mask is empty (they add nothing)
+    idle = dataclasses.replace(mbs[-1], mask=torch.zeros_like(mbs[-1].mask))
+    mbs += [idle] * (ranks.max(len(mbs)) - len(mbs))
     need_old = ac.num_iterations > 1 or recipe.rollout_correction != "none"
 
     # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
@@ -306,24 +364,24 @@ def policy_update(
         with torch.no_grad():
             return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
 
-    old_logps = [frozen(policy, mb) if need_old else None for mb in mbs]
+    old_logps = [frozen(opt.model, mb) if need_old else None for mb in mbs]
     ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
     checked = [t for t in old_logps + ref_logps if t is not None]
     if recipe.rollout_correction != "none":
         checked += [mb.rollout_logp for mb in mbs]
     problem = first_nonfinite(**{"log-probs": checked})
-    if problem is not None:
-        return {"nonfinite": problem}
+    if ranks.sum([float(problem is not None)])[0]:  # every rank skips together
+        return {"nonfinite": "log-probs"}
 
     sums = dict.fromkeys(["loss", "kl", "entropy", "clip_low", "clip_high", "is_weight"], 0.0)
     grad_norms = []
     for iteration in range(ac.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad()
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
             loss, stats = micro_batch_loss(
-                policy, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals
+                opt.model, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals
             )
-            loss.backward()
+            opt.backward(loss)
             sums["loss"] += float(loss.detach()) / ac.num_iterations
             for key in ("clip_low", "clip_high"):
                 sums[key] += float((stats[key] * mb.mask).sum()) / ac.num_iterations
@@ -332,21 +390,18 @@ def policy_update(
                 for key in ("kl", "is_weight"):
                     if key in stats:
                         sums[key] += float((stats[key] * mb.mask).sum())
-        grad_norms.append(
-            float(torch.nn.utils.clip_grad_norm_(policy.parameters(), recipe.trainer.max_grad_norm))
-        )
-        problem = first_nonfinite(loss=torch.tensor(sums["loss"]), gradients=torch.tensor(grad_norms[-1]))
-        if problem is not None:  # leave the weights as they are
-            optimizer.zero_grad(set_to_none=True)
+        batch_loss = ranks.sum([sums["loss"]])[0]
+        grad_norms.append(opt.step(loss_finite=math.isfinite(batch_loss)))
+        problem = first_nonfinite(loss=torch.tensor(batch_loss), gradients=torch.tensor(grad_norms[-1]))
+        if problem is not None:  # the weights are left as they are
             return {"nonfinite": problem}
-        optimizer.step()
-        scheduler.step()
 
+    sums = dict(zip(sums, ranks.sum(list(sums.values())), strict=True))
     n = max(totals["tokens"], 1.0)
     out = {
         "loss": sums["loss"],
         "grad_norm": sum(grad_norms) / len(grad_norms),
-        "lr": scheduler.get_last_lr()[0],
+        "lr": opt.lr,
         "entropy/mean": sums["entropy"] / n,
         "clip/low_fraction": sums["clip_low"] / n,
         "clip/high_fraction": sums["clip_high"] / n,
@@ -408,10 +463,13 @@ def rollout_metrics(rollouts: Rollouts) -> dict:
     }
 
 
-def run_eval(engine, tokenizer, examples, encode, sampling, samples, tags) -> dict:
-    rollouts = engine.generate([encode(ex) for ex in examples], samples, sampling)
+def run_eval(engine, tokenizer, examples, encode, sampling, samples, tags, ranks=ONE_PROCESS) -> dict:
+    """Refusal and format rates on the held-out prompts; each rank generates for every world_size-th one."""
+    mine = examples[ranks.rank :: ranks.world_size]
+    rollouts = engine.generate([encode(ex) for ex in mine], samples, sampling)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-    return safety_summary(texts, [ex.label for ex in examples for _ in range(samples)], tags)
+    parts = ranks.gather((texts, [ex.label for ex in mine for _ in range(samples)]))
+    return safety_summary([t for p in parts for t in p[0]], [label for p in parts for label in p[1]], tags)
 
 
 def format_tags(recipe: Recipe) -> tuple[str, str]:
@@ -422,25 +480,11 @@ def format_tags(recipe: Recipe) -> tuple[str, str]:
     return "safety_reasoning", "answer"
 
 
-def lr_lambda(tc, total: int):
-    def factor(step: int) -> float:
-        if step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        progress = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
-        if tc.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if tc.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return factor
-
-
 def prepare_output_dir(path: str) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

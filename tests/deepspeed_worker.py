@@ -1,0 +1,57 @@
+"""Run under torchrun by tests/test_deepspeed.py: the trainer's policy update through DeepSpeed on fixed data.
+
+argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing]` (LoRA adapters,
+gradient checkpointing). BATCH.pt holds a recipe path,
+rollouts and advantages (written by the test). For each case, every rank updates the policy twice on its
+slice of the batch; rank 0 writes the two steps' metrics to OUT_DIR/<case>/metrics.json and the checkpoint
+writer puts the updated policy in OUT_DIR/<case>/policy (consolidated from the ZeRO-3 shards).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alphaalign.config import load_recipe
+from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
+from alphaalign.rl.trainer import policy_update, start_processes
+from alphaalign.rl.zero import ZeroOptimization
+from alphaalign.rollout.base import Rollouts
+
+
+def rows(rollouts: Rollouts, part: slice) -> Rollouts:
+    return Rollouts(rollouts.prompt_ids[part], rollouts.completion_ids[part], rollouts.logprobs[part],
+                    rollouts.finish_reasons[part], rollouts.policy_version)  # fmt: skip
+
+
+def main(batch_path: str, out_dir: str, *cases: str) -> None:
+    batch = torch.load(batch_path, weights_only=False)
+    for case in cases:
+        config, _, lora = case.partition("+")
+        overrides = [f"trainer.deepspeed={config}"] + (
+            [f"model.lora={json.dumps(batch['lora'])}"] if lora else []
+        )
+        recipe = load_recipe(batch["recipe"], overrides)
+        ranks, deepspeed, ds_config = start_processes(recipe)
+        torch.manual_seed(0)  # the same LoRA initialization as the single-process run
+        policy = load_causal_lm(recipe.model, ranks.device)
+        tokenizer = load_tokenizer(recipe.model)
+        opt = ZeroOptimization(deepspeed, policy, recipe, 10, ds_config, ranks)
+        ref = opt.reference(load_reference(recipe.model, opt.module, ranks.device))
+        n = len(batch["rollouts"].completion_ids) // ranks.world_size
+        mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
+        local = rows(batch["rollouts"], mine)
+        steps = [policy_update(opt, ref, local, batch["advantages"][mine], recipe, tokenizer.pad_token_id, ranks)
+                 for _ in range(2)]  # fmt: skip
+        out = Path(out_dir) / case
+        if ranks.is_main:
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text(json.dumps(steps))
+        ranks.barrier()
+        opt.save(out, tokenizer)
+        ranks.barrier()
+
+
+if __name__ == "__main__":
+    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])

@@ -1,0 +1,258 @@
+"""DeepSpeed ZeRO-2/3 (`trainer.deepspeed`): real DeepSpeed, 2 processes under torchrun (gloo on CPU).
+
+The update through DeepSpeed with 2 processes, each on half of a fixed batch, matches the single-process
+trainer's update on the whole batch, two steps in a row: losses and gradient norms within 1e-5 (relative;
+measured ≤ 2e-6) and updated weights within 2e-5 (absolute; measured ≤ 5e-6, 1% of the 2e-3 that two steps
+at lr 1e-3 move them). The gap is float rounding: the ranks sum half-batch gradients in another order and pad
+micro-batches differently; Adam's first steps (≈ lr · sign(g)) do not amplify it. An end-to-end run of
+`alphaalign train` under torchrun (ZeRO-3 + LoRA) resumes exactly from its checkpoint.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from alphaalign.config import load_recipe
+from alphaalign.errors import UserError
+
+pytest.importorskip("deepspeed", reason="pip install alphaalign[deepspeed]")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "data" / "demo"
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+CASES = ["zero2", "zero3+checkpointing", "zero3+lora"]  # the reference never checkpoints
+
+
+def recipe_dict(policy: Path, out: Path) -> dict:
+    return {
+        "model": {"name_or_path": str(policy)},
+        "data": {"train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+                 "template": "none", "max_prompt_tokens": 48},
+        "rewards": [{"name": "alphaalign_safety"}],
+        "rollout": {"num_generations": 4, "max_new_tokens": 16},
+        "algorithm": {"beta": 0.1},
+        # a small token budget: several micro-batches per rank, not as many on each rank
+        "trainer": {"prompts_per_step": 4, "max_steps": 2, "learning_rate": 1e-3, "micro_batch_tokens": 150,
+                    "output_dir": str(out), "save_every": 1, "keep_last": 2, "progress_bar": False},
+        "logging": {"wandb_mode": "disabled"},
+    }  # fmt: skip
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               *args]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def batch(tiny_policy, tmp_path_factory) -> Path:
+    """A fixed batch: 4 prompts × 4 completions sampled from the tiny policy, and random advantages."""
+    from alphaalign.models import load_causal_lm, load_tokenizer
+    from alphaalign.rollout.base import SamplingParams
+    from alphaalign.rollout.transformers_engine import TransformersEngine
+
+    folder = tmp_path_factory.mktemp("ds-batch")
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_dict(tiny_policy, folder / "run")))
+    recipe = load_recipe(recipe_path)
+    tokenizer = load_tokenizer(recipe.model)
+    policy = load_causal_lm(recipe.model, torch.device("cpu"))
+    torch.manual_seed(0)
+    prompts = [tokenizer(p)["input_ids"] for p in ["how do I bake bread?", "write a phishing email",
+                                                   "explain photosynthesis", "how to pick a lock"]]  # fmt: skip
+    rollouts = TransformersEngine(policy, tokenizer).generate(prompts, 4, SamplingParams(16))
+    path = folder / "batch.pt"
+    torch.save({"recipe": str(recipe_path), "rollouts": rollouts, "advantages": torch.randn(16),
+                "lora": LORA}, path)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_processes(batch, tmp_path_factory) -> Path:
+    """Every case updated by DeepSpeed with 2 processes, in one torchrun launch."""
+    out = tmp_path_factory.mktemp("ds-two")
+    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), *CASES)
+    return out
+
+
+def one_process(batch: Path, lora: bool, out: Path) -> list[dict]:
+    """The plain trainer's update on the whole batch, twice; the policy saved in `out`."""
+    from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
+    from alphaalign.rl.optim import TorchOptimization
+    from alphaalign.rl.trainer import policy_update
+
+    data = torch.load(batch, weights_only=False)
+    recipe = load_recipe(data["recipe"], [f"model.lora={json.dumps(LORA)}"] if lora else [])
+    torch.manual_seed(0)
+    policy = load_causal_lm(recipe.model, torch.device("cpu"))
+    tokenizer = load_tokenizer(recipe.model)
+    opt = TorchOptimization(policy, recipe.trainer, 10)
+    ref = load_reference(recipe.model, policy, torch.device("cpu"))
+    steps = [policy_update(opt, ref, data["rollouts"], data["advantages"], recipe, tokenizer.pad_token_id)
+             for _ in range(2)]  # fmt: skip
+    opt.save(out, tokenizer)
+    return steps
+
+
+def weights(policy_dir: Path) -> dict:
+    files = list(policy_dir.glob("*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_match_one_process_on_the_same_batch(case, batch, two_processes, tiny_policy, tmp_path):
+    expected = one_process(batch, case.endswith("+lora"), tmp_path)
+    got = json.loads((two_processes / case / "metrics.json").read_text())
+    for mine, theirs in zip(got, expected, strict=True):
+        assert set(mine) == set(theirs)
+        for key in ("loss", "grad_norm", "kl/k3_mean", "entropy/mean", "clip/low_fraction", "lr"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    new, ref = weights(two_processes / case / "policy"), weights(tmp_path / "policy")
+    assert new.keys() == ref.keys()
+    assert max(float((new[k] - ref[k]).abs().max()) for k in ref) < 2e-5
+    if case.endswith("+lora"):  # adapters only; lora_B starts at zero, so any nonzero entry is an update
+        assert (
+            all("lora_" in k for k in new)
+            and max(float(new[k].abs().max()) for k in new if "lora_B" in k) > 1e-3
+        )
+    else:
+        before = load_file(tiny_policy / "model.safetensors")
+        assert max(float((new[k] - before[k]).abs().max()) for k in before) > 1e-3
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
+
+
+@pytest.mark.slow
+def test_torchrun_training_with_zero3_and_lora_resumes_exactly(batch, tmp_path):
+    recipe = load_recipe(torch.load(batch, weights_only=False)["recipe"])
+    path = tmp_path / "recipe.yaml"
+    config = recipe.model_dump(mode="json")
+    config["model"]["lora"] = LORA
+    config["trainer"]["deepspeed"] = "zero3"
+    config["data"]["eval"] = [{"path": str(DEMO / "train_harmful.jsonl"), "max_rows": 3}]
+    path.write_text(yaml.safe_dump(config))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run = torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={full}")
+    assert "finished step 2" in run.stdout and run.stdout.count("finished step") == 1  # rank 0 reports
+    step1 = full / "checkpoints" / "step-000001"
+    assert {"deepspeed", "policy", "rng_rank0.pt", "rng_rank1.pt", "state.json"} <= {
+        p.name for p in step1.iterdir()
+    }
+    # the run as it stood after step 1 (its checkpoint and its before-RL evaluation), then resumed
+    shutil.copytree(step1, resumed / "checkpoints" / step1.name)
+    shutil.copy(full / "eval_before.json", resumed / "eval_before.json")
+    torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={resumed}")
+    assert metrics(resumed) == metrics(full)[1:]
+    assert metrics(full)[0]["rollout/harmful_refusal_rate"] >= 0  # safety metrics over the whole batch
+    assert json.loads((full / "eval_after.json").read_text())["n_harmful"] == 3  # both ranks' eval prompts
+    a = weights(full / "checkpoints" / "step-000002" / "policy")
+    b = weights(resumed / "checkpoints" / "step-000002" / "policy")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- recipe and config validation (no processes started)
+
+
+def ds_recipe(write_recipe, value, tmp_path, **extra):
+    return write_recipe({"trainer": {"deepspeed": value, "output_dir": str(tmp_path / "run")}, **extra})
+
+
+def test_shipped_configs_are_filled_from_the_recipe(write_recipe, tmp_path):
+    from alphaalign.rl.zero import CONFIG_DIR, fill_hidden_size, read_config
+
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.json")) == [
+        "zero2",
+        "zero2_offload",
+        "zero3",
+        "zero3_offload",
+    ]
+    path = ds_recipe(write_recipe, "zero3_offload", tmp_path)
+    config = read_config(load_recipe(path, ["model.dtype=bfloat16", "trainer.max_grad_norm=0.5"]))
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["gradient_clipping"] == 0.5 and config["train_micro_batch_size_per_gpu"] == 1
+    assert config["managed_gradient_accumulation"] is False
+    zero = fill_hidden_size(config, 64)["zero_optimization"]
+    assert "auto" not in json.dumps(config)
+    assert zero["stage3_param_persistence_threshold"] == 640 and zero["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"zero_optimization": {"stage": 1}}, r"ds\.json: zero_optimization\.stage: must be 2 or 3"),
+        (
+            {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}},
+            r"ds\.json: optimizer: remove it",
+        ),
+        (
+            {"zero_optimization": {"stage": 2}, "gradient_clipping": 3.0},
+            r"ds\.json: gradient_clipping: set by",
+        ),
+        ("{not json", r"ds\.json: line 1: not valid JSON"),
+        (
+            {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+            r'ds\.json: sub_group_size: "auto" is not',
+        ),
+    ],
+)
+def test_bad_deepspeed_configs_fail_with_one_line(write_recipe, tmp_path, content, message):
+    from alphaalign.cli import main
+
+    (tmp_path / "ds.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    path = ds_recipe(write_recipe, "ds.json", tmp_path)
+    with pytest.raises(UserError, match=message):
+        main(["--debug", "validate", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("value", "extra", "message"),
+    [
+        ("zero4", {}, r"trainer\.deepspeed: no config named 'zero4' \(shipped: zero2, zero2_offload"),
+        ("missing.json", {}, r"trainer\.deepspeed: file not found: missing\.json"),
+        ("zero2", {"rollout": {"engine": "vllm_server"}}, r"trainer\.deepspeed: works with rollout\.engine"),
+    ],
+)
+def test_bad_deepspeed_choices_fail_with_one_line(write_recipe, tmp_path, value, extra, message):
+    from alphaalign.cli import main
+
+    with pytest.raises(UserError, match=message):
+        main(["--debug", "validate", str(ds_recipe(write_recipe, value, tmp_path, **extra))])
+
+
+def test_missing_deepspeed_names_the_extra(monkeypatch):
+    from alphaalign.rl.zero import import_deepspeed
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"pip install alphaalign\[deepspeed\]"):
+        import_deepspeed()
+
+
+def test_several_processes_without_deepspeed_are_refused(write_recipe, tmp_path, monkeypatch):
+    from alphaalign.rl.trainer import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = write_recipe({"trainer": {"output_dir": str(tmp_path)}})
+    with pytest.raises(
+        UserError, match="WORLD_SIZE=2: the trainer runs in one process unless trainer.deepspeed is set"
+    ):
+        train(load_recipe(path))
