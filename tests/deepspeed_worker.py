@@ -28,10 +28,12 @@ def rows(rollouts: Rollouts, part: slice) -> Rollouts:
 def main(batch_path: str, out_dir: str, *cases: str) -> None:
     batch = torch.load(batch_path, weights_only=False)
     for case in cases:
-        config, _, lora = case.partition("+")
-        overrides = [f"trainer.deepspeed={config}"] + (
-            [f"model.lora={json.dumps(batch['lora'])}"] if lora else []
-        )
+        config, *options = case.split("+")
+        overrides = [f"trainer.deepspeed={config}"]
+        if "lora" in options:
+            overrides.append(f"model.lora={json.dumps(batch['lora'])}")
+        if "checkpointing" in options:
+            overrides.append("model.gradient_checkpointing=true")
         recipe = load_recipe(batch["recipe"], overrides)
         ranks, deepspeed, ds_config = start_processes(recipe)
         torch.manual_seed(0)  # the same LoRA initialization as the single-process run
