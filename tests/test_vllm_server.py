@@ -128,6 +128,10 @@ def test_generation_groups_finish_reasons_and_logprobs_match_the_policy(server, 
             assert reason == "length" and len(completion) == 24 and eos not in completion
     assert "stop" in out.finish_reasons
     assert max_logprob_error(model, out, 0.7) < 1e-4
+    served = VLLMServerEngine([server], None, timeout=60, retries=1)  # no sync: whatever the server holds
+    served.update_weights(1)
+    out = served.generate(prompts[:1], n=2, sampling=SamplingParams(max_new_tokens=8, temperature=1.0))
+    assert out.policy_version == 1 and max_logprob_error(model, out, 1.0) < 1e-4
 
 
 @pytest.mark.parametrize("backend", ["lora", "checkpoint"])  # lora first: it needs the served base

@@ -137,11 +137,17 @@ class LocalServer:
         )
 
     def stop(self, grace: float = 30.0) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        """SIGTERM to the server's process group (its engine processes too), SIGKILL after `grace` seconds."""
+        _signal_group(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # the whole group has exited already
+        pass

@@ -107,7 +107,8 @@ def parse_completions(reply: dict, n_prompts: int, n: int, endpoint: str) -> lis
 
 
 class VLLMServerEngine:
-    """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them."""
+    """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them (None: the
+    servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
     def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0):
         self.clients = [ServerClient(url, timeout, retries) for url in servers]
@@ -119,7 +120,8 @@ class VLLMServerEngine:
         self.base_model = self.clients[0].call("GET", "/v1/models", timeout=min(timeout, 30.0))["data"][0][
             "id"
         ]
-        self.sync.attach(self.clients)
+        if sync is not None:
+            sync.attach(self.clients)
 
     def check_health(self) -> None:
         for client in self.clients:
@@ -129,7 +131,7 @@ class VLLMServerEngine:
         with self._lock:
             version, call = self.version, self._calls_at_version
             self._calls_at_version += 1
-            model = self.sync.model_name or self.base_model
+            model = getattr(self.sync, "model_name", None) or self.base_model
             chunks = split_evenly(prompts, len(self.clients))
             jobs = [(self.clients[i], chunk, self._seed(version, call, i)) for i, chunk in enumerate(chunks)]
             with ThreadPoolExecutor(len(jobs)) as pool:
@@ -161,7 +163,8 @@ class VLLMServerEngine:
         """Push the trainer's weights to every server (after in-flight generation ends); returns seconds."""
         with self._lock:
             start = time.perf_counter()
-            self.sync.push(version)
+            if self.sync is not None:
+                self.sync.push(version)
             self.version, self._calls_at_version = version, 0
             return time.perf_counter() - start
 
