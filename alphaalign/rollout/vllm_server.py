@@ -2,8 +2,8 @@
 
 Prompts go as token ids to `/v1/completions` with `n`, `return_token_ids` and `logprobs: 0`; the server
 must run with `--logprobs-mode processed_logprobs` so that the log-probs are log softmax(logits / T), the
-quantity the trainer computes (`alphaalign serve RECIPE` starts it that way). With several servers the
-prompts are split evenly across them and the requests run concurrently.
+quantity the trainer computes (`alphaalign serve RECIPE` starts it that way). Each prompt is one request
+with its own seed; with several servers the prompts are dealt round-robin, and requests run concurrently.
 
 Every request is bounded by `rollout.timeout` seconds, retries included: connection failures, timeouts and
 5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
@@ -13,6 +13,7 @@ lock, so each batch is sampled by exactly one policy version, which is stamped o
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from alphaalign.errors import UserError
 from alphaalign.rollout.base import Rollouts, SamplingParams
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
+MAX_REQUESTS_IN_FLIGHT = 64  # per engine; each server batches the requests it holds
 
 
 class ServerError(UserError):
@@ -75,20 +77,8 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def split_evenly(items: list, parts: int) -> list[list]:
-    """Contiguous chunks whose sizes differ by at most one; no empty chunk."""
-    size, extra = divmod(len(items), parts)
-    chunks, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        if end > start:
-            chunks.append(items[start:end])
-        start = end
-    return chunks
-
-
-def parse_completions(reply: dict, n_prompts: int, n: int, endpoint: str) -> list[tuple[list, list, str]]:
-    """(completion ids, log-probs, finish reason) per choice, in prompt-major order (index = prompt*n + j)."""
+def parse_completions(reply: dict, n: int, endpoint: str) -> list[tuple[list, list, str]]:
+    """(completion ids, log-probs, finish reason) of the `n` choices for one prompt, in index order."""
     try:
         choices = sorted(reply["choices"], key=lambda c: c["index"])
         out = [(c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
@@ -96,8 +86,8 @@ def parse_completions(reply: dict, n_prompts: int, n: int, endpoint: str) -> lis
         raise ServerError(
             f"{endpoint}: the reply lacks token ids or log-probs (is it a vLLM server started by `alphaalign serve`?)"
         ) from None
-    if len(out) != n_prompts * n:
-        raise ServerError(f"{endpoint}: expected {n_prompts * n} completions, got {len(out)}")
+    if len(out) != n:
+        raise ServerError(f"{endpoint}: expected {n} completions, got {len(out)}")
     for ids, logprobs, reason in out:
         if reason not in FINISH_REASONS:
             raise ServerError(f"{endpoint}: a completion ended with finish_reason {reason!r}")
@@ -128,36 +118,39 @@ class VLLMServerEngine:
             client.call("GET", "/health", timeout=min(client.timeout, 30.0))
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> Rollouts:
+        """One request per prompt, each with its own seed (one seed shared by the prompts of a request would
+        correlate their samples), dealt round-robin to the servers and sent concurrently."""
         with self._lock:
             version, call = self.version, self._calls_at_version
             self._calls_at_version += 1
             model = getattr(self.sync, "model_name", None) or self.base_model
-            chunks = split_evenly(prompts, len(self.clients))
-            jobs = [(self.clients[i], chunk, self._seed(version, call, i)) for i, chunk in enumerate(chunks)]
-            with ThreadPoolExecutor(len(jobs)) as pool:
-                parts = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))
+            jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, i))
+                    for i, prompt in enumerate(prompts)]  # fmt: skip
+            with ThreadPoolExecutor(min(len(jobs), MAX_REQUESTS_IN_FLIGHT)) as pool:
+                groups = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))
         out = Rollouts([], [], [], [], version)
-        for chunk, completions in zip(chunks, parts, strict=True):
-            for k, (ids, logprobs, reason) in enumerate(completions):
-                out.prompt_ids.append(list(chunk[k // n]))
+        for prompt, group in zip(prompts, groups, strict=True):
+            for ids, logprobs, reason in group:
+                out.prompt_ids.append(list(prompt))
                 out.completion_ids.append(ids)
                 out.logprobs.append(logprobs)
                 out.finish_reasons.append(reason)
         return out
 
-    def _seed(self, version: int, call: int, replica: int) -> int:
-        """Per-request sampling seed: a pure function of the run seed, policy version and call number."""
-        return (self.seed * 1_000_003 + version * 10_007 + call * 101 + replica) % 2**31
+    def _seed(self, version: int, call: int, prompt: int) -> int:
+        """A request's sampling seed: a pure function of the run seed, policy version, call and prompt number."""
+        key = f"{self.seed}/{version}/{call}/{prompt}".encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big") % 2**31
 
-    def _complete(self, client, prompts, seed, n, sampling: SamplingParams, model: str):
+    def _complete(self, client, prompt, seed, n, sampling: SamplingParams, model: str):
         payload = {
-            "model": model, "prompt": prompts, "n": n, "max_tokens": sampling.max_new_tokens,
+            "model": model, "prompt": prompt, "n": n, "max_tokens": sampling.max_new_tokens,
             "min_tokens": sampling.min_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
             "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
         }  # fmt: skip
         reply = client.call("POST", "/v1/completions", payload)
-        return parse_completions(reply, len(prompts), n, client.url + "/v1/completions")
+        return parse_completions(reply, n, client.url + "/v1/completions")
 
     def update_weights(self, version: int) -> float:
         """Push the trainer's weights to every server (after in-flight generation ends); returns seconds."""
