@@ -254,17 +254,17 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
     write_recipe, vllm_policy, tmp_path
 ):
     """rollout.servers empty: the trainer starts its own server, syncs by checkpoint, generates one step ahead."""
-    recipe = load_recipe(
-        e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
-    )
+    path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
+    recipe = load_recipe(path, ["rewards=[{name: 'reward_fixtures:async_length', args: {scale: 0.01}}]"])  # every step learns
     assert recipe.rollout_correction == "sequence_mask"
     train(recipe)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/policy_staleness"] for r in rows] == [0, 1, 1]  # step k+1 sampled before update k
-    assert all(r["time/weight_sync_s"] > 0 for r in rows)
-    weights = [r["rollout_correction/weight_mean"] for r in rows]  # π_trainer / π_engine per sequence
-    assert abs(weights[0] - 1) < 1e-3  # fresh rollouts: the server's log-probs are the trainer's
-    assert all(abs(w - 1) > 1e-3 for w in weights[1:])  # stale rollouts: the correction sees the gap
+    assert all(r["time/weight_sync_s"] > 0 and r["grad_norm"] > 0 for r in rows)
+    gaps = [r["rollout_correction/logp_abs_diff_max"] for r in rows]  # |log π_trainer − log π_engine|
+    assert gaps[0] < 1e-4  # fresh rollouts: the server's log-probs are the trainer's
+    assert all(gap > 1e-2 for gap in gaps[1:])  # stale rollouts: the correction sees the gap
+    assert abs(rows[0]["rollout_correction/weight_mean"] - 1) < 1e-3
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())
     assert state["data_draws"] == 8  # the batch drawn ahead for step 3 is not counted as consumed
     log = (tmp_path / "run" / "logs" / "vllm_server.log").read_text()
