@@ -255,7 +255,9 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
 ):
     """rollout.servers empty: the trainer starts its own server, syncs by checkpoint, generates one step ahead."""
     path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
-    recipe = load_recipe(path, ["rewards=[{name: 'reward_fixtures:async_length', args: {scale: 0.01}}]"])  # every step learns
+    recipe = load_recipe(
+        path, ["rewards=[{name: 'reward_fixtures:async_length', args: {scale: 0.01}}]"]
+    )  # every step learns
     assert recipe.rollout_correction == "sequence_mask"
     train(recipe)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
