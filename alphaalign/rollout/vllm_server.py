@@ -7,7 +7,10 @@ with its own seed; with several servers the prompts are dealt round-robin, and r
 
 Every request is bounded by `rollout.timeout` seconds, retries included: connection failures, timeouts and
 5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
-endpoint and the last failure in one line. Weight sync (`weight_sync.py`) and generation take the same
+endpoint and the last failure in one line. The budget runs from a server's first failure, not from each
+call: once a server has failed for `rollout.timeout` seconds without a success, every further call to it
+fails at once, so a dead server stops the run within `rollout.timeout` however many calls were waiting on
+it. A server that answers again within the budget is used again. Weight sync (`weight_sync.py`) and generation take the same
 lock, so each batch is sampled by exactly one policy version, which is stamped on the rollouts.
 """
 
@@ -25,6 +28,7 @@ from alphaalign.rollout.base import Rollouts, SamplingParams
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 MAX_REQUESTS_IN_FLIGHT = 64  # per engine; each server batches the requests it holds
+MAX_BACKOFF_S = 10.0  # longest pause between attempts: a server that comes back is noticed within 10 s
 
 
 class ServerError(UserError):
@@ -32,33 +36,54 @@ class ServerError(UserError):
 
 
 class ServerClient:
-    """JSON over HTTP to one server, each call bounded by a time budget and a number of retries."""
+    """JSON over HTTP to one server, each call bounded by a time budget and a number of retries.
+
+    The budget counts from the server's first failure since its last success (`failing_since`), so calls
+    queued behind a dead server do not each wait the whole budget again."""
 
     def __init__(self, url: str, timeout: float, retries: int):
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
         self.http = httpx.Client()
+        self.failing_since: float | None = None  # monotonic time of the first failure since the last success
+        self.last_failure = ""
 
     def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
         budget = self.timeout if timeout is None else timeout
         endpoint = self.url + path
-        deadline = time.monotonic() + budget
-        failure, attempts = "no attempt made", 0
+        start = time.monotonic() if self.failing_since is None else self.failing_since
+        deadline = start + budget
+        attempts = 0
         while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
             attempts += 1
             try:
                 response = self.http.request(method, endpoint, json=payload, timeout=remaining)
             except httpx.HTTPError as exc:  # refused, reset, timed out
-                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             else:
-                if response.status_code < 400:
-                    return _json(response)
-                failure = f"HTTP {response.status_code}: {_short(response.text)}"
                 if response.status_code < 500:
-                    raise ServerError(f"{endpoint}: {failure}")
-            time.sleep(min(0.5 * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+                    self.failing_since = None  # it answers
+                    if response.status_code < 400:
+                        return _json(response)
+                    raise ServerError(f"{endpoint}: HTTP {response.status_code}: {_short(response.text)}")
+                self._failed(f"HTTP {response.status_code}: {_short(response.text)}")
+            time.sleep(min(0.5 * 2 ** (attempts - 1), MAX_BACKOFF_S, max(0.0, deadline - time.monotonic())))
+        if attempts == 0:
+            raise ServerError(
+                f"{endpoint}: failing for more than rollout.timeout={budget:g} s, the last: {self.last_failure}"
+            )
         raise ServerError(
-            f"{endpoint}: {attempts} failed attempt(s) within rollout.timeout={budget:g} s, the last: {failure}"
+            f"{endpoint}: {attempts} failed attempt(s) within rollout.timeout={budget:g} s, "
+            f"the last: {self.last_failure}"
         )
+
+    def _failed(self, failure: str) -> None:
+        self.last_failure = failure
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def reset(self) -> None:
+        """Forget past failures (the server was replaced)."""
+        self.failing_since = None
 
     def close(self) -> None:
         self.http.close()

@@ -66,6 +66,7 @@ class CheckpointSync(_FolderSync):
                 raise ServerError(f"{exc} (restart that server on {folder} to go on)") from None
             print(f"weight sync: {exc}; restarting the server on {folder}", file=sys.stderr, flush=True)
             self.restart(folder)
+            client.reset()
 
 
 class LoraSync(_FolderSync):
