@@ -59,6 +59,7 @@ def server(vllm_policy, tmp_path_factory):
     deadline = time.monotonic() + 240
     while True:
         try:
+            probe.reset()
             probe.call("GET", "/health")
             break
         except ServerError:

@@ -128,6 +128,7 @@ class LocalServer:
                         f"the vLLM server exited with code {self.process.returncode} while starting; see {self.log_path}"
                     )
                 try:
+                    probe.reset()  # each probe gets its own budget: the server is not up yet, not failing
                     probe.call("GET", "/health")
                     return self.url
                 except ServerError:
