@@ -7,11 +7,11 @@ with its own seed; with several servers the prompts are dealt round-robin, and r
 
 Every request is bounded by `rollout.timeout` seconds, retries included: connection failures, timeouts and
 5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
-endpoint and the last failure in one line. The budget runs from a server's first failure, not from each
-call: once a server has failed for `rollout.timeout` seconds without a success, every further call to it
-fails at once, so a dead server stops the run within `rollout.timeout` however many calls were waiting on
-it. A server that answers again within the budget is used again. Weight sync (`weight_sync.py`) and generation take the same
-lock, so each batch is sampled by exactly one policy version, which is stamped on the rollouts.
+endpoint and the last failure in one line. The budget runs from the start of the first call that failed
+since the server's last answer, not from each call: once that budget is spent, every further call fails at
+once, so a dead server stops the run within `rollout.timeout` however many calls were waiting on it. A
+server that answers again within the budget is used again. Weight sync (`weight_sync.py`) and generation
+take the same lock, so each batch is sampled by exactly one policy version, which is stamped on the rollouts.
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ class ServerError(UserError):
 class ServerClient:
     """JSON over HTTP to one server, each call bounded by a time budget and a number of retries.
 
-    The budget counts from the server's first failure since its last success (`failing_since`), so calls
-    queued behind a dead server do not each wait the whole budget again."""
+    The budget counts from the start of the first call that failed since the last answer (`failing_since`),
+    so calls queued behind a dead server do not each wait the whole budget again."""
 
     def __init__(self, url: str, timeout: float, retries: int):
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
         self.http = httpx.Client()
-        self.failing_since: float | None = None  # monotonic time of the first failure since the last success
+        self.failing_since: float | None = (
+            None  # when the first call that failed since the last success began
+        )
         self.last_failure = ""
 
     def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
@@ -58,14 +60,14 @@ class ServerClient:
             try:
                 response = self.http.request(method, endpoint, json=payload, timeout=remaining)
             except httpx.HTTPError as exc:  # refused, reset, timed out
-                self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, start)
             else:
                 if response.status_code < 500:
                     self.failing_since = None  # it answers
                     if response.status_code < 400:
                         return _json(response)
                     raise ServerError(f"{endpoint}: HTTP {response.status_code}: {_short(response.text)}")
-                self._failed(f"HTTP {response.status_code}: {_short(response.text)}")
+                self._failed(f"HTTP {response.status_code}: {_short(response.text)}", start)
             time.sleep(min(0.5 * 2 ** (attempts - 1), MAX_BACKOFF_S, max(0.0, deadline - time.monotonic())))
         if attempts == 0:
             raise ServerError(
@@ -76,10 +78,10 @@ class ServerClient:
             f"the last: {self.last_failure}"
         )
 
-    def _failed(self, failure: str) -> None:
+    def _failed(self, failure: str, call_start: float) -> None:
         self.last_failure = failure
-        if self.failing_since is None:
-            self.failing_since = time.monotonic()
+        if self.failing_since is None:  # the budget of the call that saw the first failure is the shared one
+            self.failing_since = call_start
 
     def reset(self) -> None:
         """Forget past failures (the server was replaced)."""
