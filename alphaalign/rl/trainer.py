@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from alphaalign.config import Recipe
 from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
@@ -48,6 +49,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
     ranks, deepspeed, ds_config = start_processes(recipe)
     out = prepare_output_dir(tc.output_dir)
+    transformers.utils.logging.disable_progress_bar()  # a bar per weight push or checkpoint buries the step bar
     device = ranks.device if deepspeed else pick_device(tc.device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
