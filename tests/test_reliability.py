@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from safetensors.torch import load_file
 from test_train import read_metrics, recipe_for, strip_timing
 
 from alphaalign.cli import main
-from alphaalign.config import load_recipe
+from alphaalign.config import ModelConfig, load_recipe
+from alphaalign.models import load_causal_lm
 from alphaalign.rl.trainer import first_nonfinite, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +140,36 @@ def test_secrets_never_reach_outputs(write_recipe, tiny_policy, tmp_path, monkey
         for secret in [*secrets.values(), "arg-s3cr3t-4713"]:
             assert secret.encode() not in data, f"{secret} leaked into {p}"
     assert "api_key: '***'" in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+
+
+CUSTOM_CODE = """
+from pathlib import Path
+from transformers import Qwen2ForCausalLM
+
+MARKER = Path({marker!r})
+MARKER.write_text("custom code ran")
+
+
+class CustomQwen2(Qwen2ForCausalLM):
+    pass
+"""
+
+
+def test_model_code_from_the_model_folder_runs_only_when_the_recipe_allows_it(tiny_policy, tmp_path):
+    """A model folder that ships Python (`auto_map`) loads with transformers' own class and never runs that
+    code unless `model.trust_remote_code: true`."""
+    folder, marker = tmp_path / "model-with-code", tmp_path / "marker"
+    shutil.copytree(tiny_policy, folder)
+    (folder / "custom.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "custom.CustomQwen2"}})
+    )
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(folder)), torch.device("cpu"))
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not marker.exists()
+    model = load_causal_lm(ModelConfig(name_or_path=str(folder), trust_remote_code=True), torch.device("cpu"))
+    assert type(model).__name__ == "CustomQwen2" and marker.exists()
 
 
 # ---- input errors: one line naming file and key or line, exit 2, no traceback

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -264,6 +265,15 @@ def test_calls_to_a_dead_server_share_one_timeout():
     assert time.monotonic() - start < 0.5
     assert str(err.value).startswith(f"{down}/collective_rpc: failing for more than rollout.timeout=2 s")
     assert "ConnectError" in str(err.value)
+
+
+def test_alphaalign_serve_listens_on_localhost_only(server):
+    """Without --host, `alphaalign serve` binds the loopback address: a dev-mode server (it can reload weights
+    from any path) is not reachable from other machines unless asked for."""
+    port = int(server.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+    assert listening == {"127.0.0.1"}
 
 
 def test_a_4xx_answer_is_not_retried_and_names_the_endpoint(server):
