@@ -5,16 +5,19 @@ The Slurm tests need a running cluster (`bash launch/ci/slurm_setup.sh` brings o
 does it before the tests) and skip with the reason otherwise.
 """
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from alphaalign.cli import main
@@ -204,32 +207,47 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def freeze_trainer(run) -> None:
+    """SIGSTOP this run's trainer processes, so that a requeue lands mid-run however fast the steps are (Slurm
+    sends SIGCONT with the SIGTERM that ends them)."""
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "alphaalign.cli" in command and "train" in command and any(str(run) in arg for arg in command):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGSTOP)
+
+
 @pytest.mark.slow
 @needs_slurm
 def test_slurm_demo_trainer_only_completes_and_resumes_after_requeue(capsys, tiny_policy, tmp_path):
-    """The demo for 4 steps, --vllm-nodes 0: requeued once its step-2 checkpoint exists, the job runs its
-    script again, the trainer resumes at step 2 and the job completes."""
+    """The demo for 20 steps, --vllm-nodes 0: frozen and requeued once its step-2 checkpoint exists, the job
+    runs its script again, the trainer resumes from its newest checkpoint before the end and completes."""
+    steps = 20
     run = tmp_path / "run"
-    job = submit(capsys, tmp_path, "--vllm-nodes", 0, *demo_overrides(tiny_policy, steps=4))
+    job = submit(capsys, tmp_path, "--vllm-nodes", 0, *demo_overrides(tiny_policy, steps=steps))
     assert (run / "slurm.sbatch").is_file()
 
-    deadline = time.monotonic() + 180
-    while not (run / "checkpoints" / "step-000002" / "state.json").exists():
-        assert job_field(job, "JobState") in {"PENDING", "RUNNING"}, job_report(job, run)
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.2)
+    deadline, polls = time.monotonic() + 180, 0
+    while not (run / "checkpoints" / "step-000002" / "state.json").exists():  # a step takes ~0.1 s: poll fast
+        polls += 1
+        if polls % 100 == 0:
+            assert job_field(job, "JobState") in {"PENDING", "RUNNING"}, job_report(job, run)
+            assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.01)
+    freeze_trainer(run)
     subprocess.run(["scontrol", "requeue", job], check=True)
     wait_for(job, {"PENDING"}, 60)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # no requeue delay
 
     assert wait_for(job, FINISHED, 240) == "COMPLETED", job_report(job, run)
     assert job_field(job, "Restarts") == "1"
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
-    assert (run / "checkpoints" / "step-000004" / "state.json").is_file()
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))
+    assert (run / "checkpoints" / f"step-{steps:06d}" / "state.json").is_file()
     (trainer_log_path,) = (run / "logs").glob("trainer-*.log")  # named after the node's host name
     trainer_log = trainer_log_path.read_text()
-    assert "resuming from" in trainer_log and "(step 2)" in trainer_log
-    assert "finished step 4" in trainer_log
+    resumed = re.search(r"resuming from \S+/step-(\d+) \(step (\d+)\)", trainer_log)
+    assert resumed and 2 <= int(resumed.group(2)) < steps, trainer_log[-2000:]
+    assert f"finished step {steps}" in trainer_log
     job_log = (run / "logs" / f"job-{job}.out").read_text()
     assert "(restart 0)" in job_log and "(restart 1)" in job_log and "trainer exited with 0" in job_log
 

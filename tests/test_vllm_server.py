@@ -369,7 +369,7 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
 
 def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recipe, vllm_policy, tmp_path):
     """async_steps 0 on a running server: every batch comes from the current policy, and seeded requests make
-    two runs identical."""
+    two runs sample the same tokens."""
     runs = []
     for name in ("a", "b"):
         path = e2e_recipe(
@@ -383,7 +383,14 @@ def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recip
             [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
         )
     assert [r["rollout/policy_staleness"] for r in runs[0]] == [0, 0, 0]
-    assert runs[0] == runs[1]
+    # the same tokens: rewards, lengths and rates match exactly; the server's log-probs (rollout correction)
+    # can differ in the last bits when it batches the concurrent requests differently, and with them the loss
+    sampled = ("reward/", "completion/", "rollout/", "groups/", "step")
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert {k: v for k, v in a.items() if k.startswith(sampled)} == {
+            k: v for k, v in b.items() if k.startswith(sampled)
+        }
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
 def test_eval_through_the_server_gives_the_in_process_engines_responses(
