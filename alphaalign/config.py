@@ -229,11 +229,12 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
-    def _deepspeed_generates_in_process(self) -> Recipe:
-        if self.trainer.deepspeed is not None and self.rollout.engine != "transformers":
+    def _deepspeed_syncs_through_files(self) -> Recipe:
+        rc = self.rollout
+        if self.trainer.deepspeed is not None and rc.engine == "vllm_server" and rc.weight_sync == "nccl":
             raise ValueError(
-                "trainer.deepspeed: works with rollout.engine: transformers only (weight sync from sharded "
-                "weights to vLLM servers is not implemented)"
+                "rollout.weight_sync: 'nccl' is not supported with trainer.deepspeed (streaming sharded "
+                "weights is not implemented); use 'checkpoint' or 'lora'"
             )
         return self
 

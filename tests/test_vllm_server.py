@@ -119,6 +119,11 @@ def test_prompts_in_one_batch_are_sampled_independently(server, vllm_policy, tmp
     engine.update_weights(3)  # same version, call counter reset: the same seeds
     again = engine.generate(encode(tokenizer, TEXTS[:1]) * 8, n=1, sampling=sampling)
     assert again.completion_ids == first.completion_ids
+    # another trainer rank (DeepSpeed) numbers its prompts after this one's: other seeds, other samples
+    rank1 = VLLMServerEngine([server], CheckpointSync(model, tmp_path, 2), timeout=60, retries=1, rank=1)
+    rank1.update_weights(3)
+    other = rank1.generate(encode(tokenizer, TEXTS[:1]) * 8, n=1, sampling=sampling)
+    assert sum(a != b for a, b in zip(other.completion_ids, first.completion_ids, strict=True)) >= 6
 
 
 def test_generation_groups_finish_reasons_and_logprobs_match_the_policy(server, vllm_policy, tmp_path):

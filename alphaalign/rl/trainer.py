@@ -77,7 +77,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     else:
         opt = TorchOptimization(policy, tc, updates)
     ref = load_reference(recipe.model, opt.module, device) if ac.beta > 0 else None
-    engine = make_engine(recipe, opt.module, tokenizer, out, resources)
+    engine = make_engine(recipe, opt.module, tokenizer, out, resources, ranks)
     if deepspeed:
         ref, engine = opt.reference(ref), opt.generation_engine(engine)
         torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions

@@ -184,17 +184,27 @@ class ZeroOptimization:
         return engine
 
     def generation_engine(self, engine):
+        """The in-process engine gathers ZeRO-3 weights to generate; a server engine's weight pushes become
+        collective (`GatheredSync`)."""
+        if getattr(engine, "sync", None) is not None:
+            engine.sync = GatheredSync(engine.sync, self)
+            return engine
         return GatheredGeneration(engine, self.engine, self.deepspeed) if self.stage == 3 else engine
+
+    def full_state_dict(self) -> dict | None:
+        """The whole weights on rank 0 under ZeRO-3 (a collective: every rank sends its shards; LoRA: the
+        adapters only); None under ZeRO-2, where every rank's module is whole."""
+        if self.stage != 3:
+            return None
+        lora = hasattr(self.module, "peft_config")
+        return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
 
     # ---- checkpoints: HF-format policy from rank 0, optimizer shards and RNG states from every rank
 
     def save(self, folder: Path, tokenizer) -> None:
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
         torch.save(rng_state(), folder / f"rng_rank{self.ranks.rank}.pt")
-        lora = hasattr(self.module, "peft_config")
-        state = None
-        if self.stage == 3:  # collective: every rank sends its shards, rank 0 gets the whole state dict
-            state = self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+        state = self.full_state_dict()
         if self.ranks.is_main:
             self.module.save_pretrained(folder / "policy", state_dict=state)
             tokenizer.save_pretrained(folder / "policy")
@@ -229,3 +239,23 @@ class GatheredGeneration:
                 return self.engine.generate(prompts, n, sampling)
             finally:
                 add_hooks(self.ds_engine)
+
+
+class GatheredSync:
+    """Weight pushes to vLLM servers from a DeepSpeed run: every rank takes part, rank 0 pushes.
+
+    The server engine calls `push` holding its lock, so when all ranks have passed the first barrier none of
+    them is generating; the weights are gathered (ZeRO-3), rank 0 saves and loads them on the servers, and
+    the second barrier keeps every rank from generating before the servers have the new version."""
+
+    def __init__(self, sync, opt: ZeroOptimization):
+        self.sync, self.opt = sync, opt
+        self.model_name = sync.model_name
+
+    def push(self, version: int) -> None:
+        ranks = self.opt.ranks
+        ranks.barrier()
+        state = self.opt.full_state_dict()
+        if ranks.is_main:
+            self.sync.push(version, state)
+        ranks.barrier()

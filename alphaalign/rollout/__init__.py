@@ -6,10 +6,14 @@ import contextlib
 from pathlib import Path
 
 from alphaalign.config import Recipe
+from alphaalign.rl.parallel import ONE_PROCESS
 
 
-def make_engine(recipe: Recipe, policy, tokenizer, out: Path, resources: contextlib.ExitStack):
-    """The recipe's engine; servers, clients and threads it starts are released by `resources`."""
+def make_engine(
+    recipe: Recipe, policy, tokenizer, out: Path, resources: contextlib.ExitStack, ranks=ONE_PROCESS
+):
+    """The recipe's engine; servers, clients and threads it starts are released by `resources`. Under
+    DeepSpeed every rank has its own engine; a server the trainer starts is started by rank 0 alone."""
     rc = recipe.rollout
     if rc.engine == "transformers":
         from alphaalign.rollout.transformers_engine import TransformersEngine
@@ -26,11 +30,18 @@ def make_engine(recipe: Recipe, policy, tokenizer, out: Path, resources: context
     )  # fails fast on a bad choice
     servers = rc.servers
     if not servers:
-        require_vllm()
-        server = LocalServer(recipe, out / "logs" / "vllm_server.log", start_timeout=rc.server_start_timeout)
-        resources.callback(server.stop)
-        servers = [server.wait_ready()]
-        sync.restart = server.restart  # its own server: restarting it is the last resort of checkpoint sync
-    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed)
+        url = None
+        if ranks.is_main:
+            require_vllm()
+            server = LocalServer(
+                recipe, out / "logs" / "vllm_server.log", start_timeout=rc.server_start_timeout
+            )
+            resources.callback(server.stop)
+            url = server.wait_ready()
+            sync.restart = (
+                server.restart
+            )  # its own server: restarting it is the last resort of checkpoint sync
+        servers = [ranks.gather(url)[0]]
+    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank)
     resources.callback(engine.close)
     return engine

@@ -127,9 +127,11 @@ class VLLMServerEngine:
     """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them (None: the
     servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
-    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0):
+    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0, rank: int = 0):
+        """`rank`: this trainer process's rank; its prompts are numbered after those of the ranks before it,
+        so every process samples with its own seeds."""
         self.clients = [ServerClient(url, timeout, retries) for url in servers]
-        self.sync, self.seed = sync, seed
+        self.sync, self.seed, self.rank = sync, seed, rank
         self.version = 0
         self._calls_at_version = 0
         self._lock = threading.Lock()
@@ -151,7 +153,8 @@ class VLLMServerEngine:
             version, call = self.version, self._calls_at_version
             self._calls_at_version += 1
             model = getattr(self.sync, "model_name", None) or self.base_model
-            jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, i))
+            first = self.rank * len(prompts)
+            jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, first + i))
                     for i, prompt in enumerate(prompts)]  # fmt: skip
             with ThreadPoolExecutor(min(len(jobs), MAX_REQUESTS_IN_FLIGHT)) as pool:
                 groups = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))

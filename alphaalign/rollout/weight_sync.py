@@ -38,10 +38,11 @@ class _FolderSync:
     def attach(self, clients: list) -> None:
         self.clients = clients
 
-    def push(self, version: int) -> None:
+    def push(self, version: int, state_dict: dict | None = None) -> None:
+        """`state_dict`: the whole weights when the policy's own are sharded (DeepSpeed ZeRO-3)."""
         folder = self.root / f"v{version:06d}"
         shutil.rmtree(folder, ignore_errors=True)  # left by an interrupted run
-        self.policy.save_pretrained(folder)
+        self.policy.save_pretrained(folder, state_dict=state_dict)
         for client in self.clients:
             self.load(client, folder)
         for old in sorted(self.root.glob("v*"))[: -self.keep]:
