@@ -82,7 +82,18 @@ def resolve_path(source: DataSource, base: Path) -> Path:
 
 
 def rows_from_file(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs; raises UserError naming the file and line."""
+    """(line number, row) pairs of a JSONL/JSON/CSV/parquet file: at least one, each an object; raises
+    UserError naming the file and line."""
+    rows = _parse_rows(path)
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    for lineno, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{lineno}: a row must be an object")
+    return rows
+
+
+def _parse_rows(path: Path) -> list[tuple[int, object]]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
@@ -133,12 +144,10 @@ def load_source(source: DataSource, base: Path) -> list[Example]:
     """All rows of one source as Examples, validated row by row."""
     where = str(resolve_path(source, base)) if source.path else f"hf:{source.hf_id}"
     rows = rows_from_file(resolve_path(source, base)) if source.path else _hf_rows(source)
-    if not rows:
+    if not rows:  # a hub split (files are checked by rows_from_file)
         raise UserError(f"{where}: no rows")
     examples = []
     for lineno, row in rows[: source.max_rows]:
-        if not isinstance(row, dict):
-            raise UserError(f"{where}:{lineno}: a row must be an object")
         prompt = row.get(source.prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"{where}:{lineno}: missing or empty prompt field '{source.prompt_field}'")

@@ -113,7 +113,7 @@ def test_eval_rm_metrics_match_the_models_own_probabilities(tiny_csrm, tmp_path,
 def test_eval_rm_errors_are_one_line(tiny_csrm, tmp_path, capsys):
     base = ["eval-rm", "--model", str(tiny_csrm), "--device", "cpu"]
     for args, message in [
-        ([str(tmp_path / "nope.jsonl")], "nope.jsonl: file not found"),
+        ([str(tmp_path / "nope.jsonl")], "nope.jsonl: data file not found"),
         (
             ["--threshold", "1.5", str(CSRM_DATA / "cosapien_demo.jsonl")],
             "--threshold must be between 0 and 1",

@@ -88,17 +88,8 @@ def _optional_bool(row: dict, key: str, where: str) -> bool | None:
 
 
 def _rows(path: Path) -> list[tuple[str, dict]]:
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    rows = rows_from_file(path)
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    out = []
-    for lineno, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{lineno}: a row must be an object")
-        out.append((f"{path}:{lineno}", row))
-    return out
+    """("file:line", row) pairs."""
+    return [(f"{path}:{lineno}", row) for lineno, row in rows_from_file(path)]
 
 
 def read_pairs(path: Path, fields: dict[str, str] | None = None) -> tuple[list[Pair], list[Labelled]]:

@@ -97,16 +97,9 @@ def dynabench_example(row: dict, where: str) -> Example:
 
 def read_examples(path: Path, fmt: str = "auto") -> tuple[str, list[Example]]:
     """The file's format and its examples; errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    rows = rows_from_file(path)
-    if not rows:
-        raise UserError(f"{path}: no rows")
     examples = []
-    for lineno, row in rows:
+    for lineno, row in rows_from_file(path):
         where = f"{path}:{lineno}"
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: a row must be an object")
         if fmt == "auto":
             fmt = detect_format(row, where)
         reader = cosapien_example if fmt == "cosapien" else dynabench_example
