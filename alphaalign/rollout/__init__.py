@@ -38,9 +38,8 @@ def make_engine(
             )
             resources.callback(server.stop)
             url = server.wait_ready()
-            sync.restart = (
-                server.restart
-            )  # its own server: restarting it is the last resort of checkpoint sync
+            # its own server: restarting it is the last resort of checkpoint sync
+            sync.restart = server.restart
         servers = [ranks.gather(url)[0]]
     engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank)
     resources.callback(engine.close)

@@ -44,9 +44,8 @@ class ServerClient:
     def __init__(self, url: str, timeout: float, retries: int):
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
         self.http = httpx.Client()
-        self.failing_since: float | None = (
-            None  # when the first call that failed since the last success began
-        )
+        # when the first call that failed since the server's last answer began; None while it answers
+        self.failing_since: float | None = None
         self.last_failure = ""
 
     def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
@@ -156,7 +155,8 @@ class VLLMServerEngine:
             first = self.rank * len(prompts)
             jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, first + i))
                     for i, prompt in enumerate(prompts)]  # fmt: skip
-            with ThreadPoolExecutor(min(len(jobs), MAX_REQUESTS_IN_FLIGHT)) as pool:
+            # a rank can have no prompts (fewer held-out prompts than ranks): the pool still needs one worker
+            with ThreadPoolExecutor(max(1, min(len(jobs), MAX_REQUESTS_IN_FLIGHT))) as pool:
                 groups = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))
         out = Rollouts([], [], [], [], version)
         for prompt, group in zip(prompts, groups, strict=True):
