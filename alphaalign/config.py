@@ -168,6 +168,9 @@ class TrainerConfig(_Section):
     prompts_per_step: int = Field(16, gt=0)
     max_steps: int = Field(200, gt=0)
     micro_batch_tokens: int = Field(16384, gt=0)  # token budget (prompt + completion) per forward/backward
+    # Completions of one prompt in a micro-batch share one forward pass of the prompt (its cache is reused,
+    # gradients flow through it); off: every row runs its whole sequence. Ignored with gradient checkpointing.
+    share_prompt_forward: bool = True
     seed: int = 0
     output_dir: str = "outputs/run"
     save_every: int = Field(50, gt=0)

@@ -469,8 +469,23 @@ def test_token_logprobs_and_entropy_by_hand():
     lp = algos.token_logprobs(logits, torch.tensor([[1, 0]]), 0.5)
     assert lp[0].tolist() == pytest.approx([math.log(0.9), math.log(0.5)])
     assert algos.token_logprobs(logits.bfloat16(), torch.tensor([[1, 0]])).dtype == torch.float32
-    ent = algos.token_entropy(logits, 1.0)[0]
-    assert ent.tolist() == pytest.approx([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2.0)])
+    lp, ent = algos.token_logprobs_and_entropy(logits, torch.tensor([[1, 0]]), 1.0)
+    assert lp[0].tolist() == pytest.approx([math.log(0.75), math.log(0.5)])
+    assert ent[0].tolist() == pytest.approx([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2.0)])
+    lp, ent = algos.token_logprobs_and_entropy(logits, torch.tensor([[1, 0]]), 0.5)
+    assert lp[0].tolist() == pytest.approx([math.log(0.9), math.log(0.5)])
+    assert ent[0].tolist() == pytest.approx([-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)), math.log(2.0)])
+
+
+def test_fused_logprobs_keep_the_gradient_of_the_plain_ones():
+    logits = torch.randn(2, 3, 50) * 4
+    targets = torch.randint(50, (2, 3))
+    plain = logits.clone().requires_grad_()
+    fused = logits.clone().requires_grad_()
+    algos.token_logprobs(plain, targets, 0.7).sum().backward()
+    lp, ent = algos.token_logprobs_and_entropy(fused, targets, 0.7)
+    lp.sum().backward()
+    assert not ent.requires_grad and torch.allclose(plain.grad, fused.grad, atol=1e-6)
 
 
 def test_registries():

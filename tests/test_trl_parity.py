@@ -33,7 +33,7 @@ from trl.trainer.utils import selective_log_softmax  # noqa: E402
 from alphaalign.config import Recipe  # noqa: E402
 from alphaalign.demo.build import random_qwen2, train_tokenizer  # noqa: E402
 from alphaalign.rl import algos  # noqa: E402
-from alphaalign.rl.trainer import micro_batch_loss, micro_batches  # noqa: E402
+from alphaalign.rl.trainer import completion_logits, micro_batch_loss, micro_batches  # noqa: E402
 from alphaalign.rollout.base import Rollouts  # noqa: E402
 
 LOSS_ATOL = 1e-5
@@ -383,6 +383,26 @@ def per_token_loss_by_hand(batch, recipe):
     eps_high = ac.epsilon_high if ac.epsilon_high is not None else ac.epsilon
     surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - ac.epsilon, 1 + eps_high) * adv)
     return (surrogate + ac.beta * (torch.exp(ref - logp) - (ref - logp) - 1)).float()
+
+
+def test_shared_prompt_forward_matches_whole_sequences(tok, base_model, batch):
+    """Rows that share a prompt reuse one prompt forward (and its backward): same logits and gradients as
+    running every row's whole sequence; a single-token prompt turns sharing off."""
+    mb = micro_batches(rollouts(batch), 10**6, [True] * B, tok.pad_token_id, "cpu")[0]
+    assert mb.prompt_firsts.tolist() == [0, 3] and mb.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    results = []
+    for share in (True, False):
+        model = copy.deepcopy(base_model)
+        logits = completion_logits(model, mb, share)
+        (logits.log_softmax(-1) * mb.mask.unsqueeze(-1)).sum().backward()
+        results.append((logits.detach(), model))
+    (shared, shared_model), (whole, whole_model) = results
+    assert shared.shape == whole.shape == (B, max(COMPLETION_LENGTHS), len(tok))
+    assert torch.allclose(shared, whole, atol=1e-5)
+    grad_diff(whole_model, shared_model)
+
+    one_token = Rollouts([[7], [7], [7, 8], [7, 8]], [[9, 10]] * 4, [[0.0, 0.0]] * 4, ["stop"] * 4, 0)
+    assert micro_batches(one_token, 10**6, [True] * 4, tok.pad_token_id, "cpu")[0].prompt_index is None
 
 
 # ---------------------------------------------------------------------------------------------------------

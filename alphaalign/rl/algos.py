@@ -99,17 +99,31 @@ def batch_zscore(rewards: Tensor) -> Tensor:
 # Log-probabilities
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / T)[target] in fp32; logits [B, T, V] are aligned with targets [B, T]."""
-    logits = logits.float() / temperature
+    logits = _scaled(logits, temperature)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
-def token_entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy (nats) of softmax(logits / T) per position, without gradient."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def token_logprobs_and_entropy(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` (with its gradient) and the entropy in nats of softmax(logits / T) per position (without),
+    from one pass of exponentials: H = logsumexp(x) − Σ softmax(x)·x."""
+    logits = _scaled(logits, temperature)
+    peak = logits.detach().amax(-1, keepdim=True)
+    exps = torch.exp(logits - peak)
+    total = exps.sum(-1, keepdim=True)
+    lse = peak + total.log()
+    logp = (logits.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
+    with torch.no_grad():
+        entropy = lse.squeeze(-1) - torch.linalg.vecdot(exps, logits) / total.squeeze(-1)
+    return logp, entropy
 
 
 # ---------------------------------------------------------------------------------------------------------

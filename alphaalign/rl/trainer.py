@@ -266,6 +266,10 @@ class MicroBatch:
     completion_ids: torch.Tensor  # [b, C]
     mask: torch.Tensor  # [b, C] float, 1 on completion tokens that count in the loss
     rollout_logp: torch.Tensor  # [b, C] the engine's log-probs
+    # rows sharing a prompt: the first row of each distinct prompt, and each row's index into that list;
+    # None when every row has its own prompt or some prompt is a single token
+    prompt_firsts: torch.Tensor | None = None
+    prompt_index: torch.Tensor | None = None
 
 
 def micro_batches(
@@ -297,16 +301,44 @@ def micro_batches(
             logp[j, : len(c)] = torch.tensor(rollouts.logprobs[i])
         mask = attn[:, P:].float() * torch.tensor([float(loss_mask_rows[i]) for i in rows]).unsqueeze(1)
         positions = (attn.cumsum(1) - 1).clamp(min=0)
-        out.append(MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
-                              mask.to(device), logp.to(device)))  # fmt: skip
+        mb = MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
+                        mask.to(device), logp.to(device))  # fmt: skip
+        prompts = [tuple(rollouts.prompt_ids[i]) for i in rows]
+        first_row: dict[tuple[int, ...], int] = {}
+        for j, prompt in enumerate(prompts):
+            first_row.setdefault(prompt, j)
+        if len(first_row) < len(rows) and min(map(len, prompts)) > 1:
+            number = {prompt: k for k, prompt in enumerate(first_row)}
+            mb.prompt_firsts = torch.tensor(list(first_row.values()), device=device)
+            mb.prompt_index = torch.tensor([number[prompt] for prompt in prompts], device=device)
+        out.append(mb)
     return out
 
 
-def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
+def completion_logits(model, mb: MicroBatch, share_prompts: bool) -> torch.Tensor:
+    """[b, C, V] logits predicting each completion token.
+
+    With `share_prompts` (and rows that share a prompt), each distinct prompt's tokens but the last go through
+    the model once; the rows then continue from that prompt's cache, which keeps its autograd graph, so n
+    completions of a prompt cost one prompt forward (and backward) instead of n.
+    """
     C = mb.completion_ids.shape[1]
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                   logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
-    return logits[:, :-1]
+    if not share_prompts or mb.prompt_index is None:
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                       logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
+        return logits[:, :-1]
+    P, firsts = mb.input_ids.shape[1] - C, mb.prompt_firsts
+    cache = transformers.DynamicCache()
+    model(input_ids=mb.input_ids[firsts, : P - 1], attention_mask=mb.attention_mask[firsts, : P - 1],
+          position_ids=mb.position_ids[firsts, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache.batch_select_indices(mb.prompt_index)
+    return model(input_ids=mb.input_ids[:, P - 1 : -1], attention_mask=mb.attention_mask[:, :-1],
+                 position_ids=mb.position_ids[:, P - 1 : -1], past_key_values=cache, use_cache=True).logits  # fmt: skip
+
+
+def share_prompts(recipe: Recipe) -> bool:
+    # gradient checkpointing makes transformers drop the cache in training mode
+    return recipe.trainer.share_prompt_forward and not recipe.model.gradient_checkpointing
 
 
 def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, recipe: Recipe, totals: dict):
@@ -316,12 +348,12 @@ def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, rec
     `totals` holds the batch-wide counts: sequences, tokens, micro_batches. Returns (loss, per-token stats).
     """
     ac, temperature = recipe.algorithm, recipe.rollout.temperature
-    logits = completion_logits(policy, mb)
-    logp = algos.token_logprobs(logits, mb.completion_ids, temperature)
+    logits = completion_logits(policy, mb, share_prompts(recipe))
+    logp, entropy = algos.token_logprobs_and_entropy(logits, mb.completion_ids, temperature)
     old = logp.detach() if old_logp is None else old_logp
     log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
     per_token, low, high = algos.clipped_surrogate(log_w, advantages, ac.epsilon, ac.epsilon_high)
-    stats = {"clip_low": low.expand_as(mb.mask), "clip_high": high.expand_as(mb.mask), "logits": logits}
+    stats = {"clip_low": low.expand_as(mb.mask), "clip_high": high.expand_as(mb.mask), "entropy": entropy}
     correction = recipe.rollout_correction
     if correction != "none":
         is_w = algos.rollout_correction_weights(old, mb.rollout_logp, mb.mask, correction,
@@ -365,7 +397,8 @@ def policy_update(
     # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
     def frozen(model, mb):
         with torch.no_grad():
-            return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
+            return algos.token_logprobs(completion_logits(model, mb, share_prompts(recipe)), mb.completion_ids,
+                                        temperature)  # fmt: skip
 
     old_logps = [frozen(opt.model, mb) if need_old else None for mb in mbs]
     ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
@@ -390,7 +423,7 @@ def policy_update(
             for key in ("clip_low", "clip_high"):
                 sums[key] += float((stats[key] * mb.mask).sum()) / ac.num_iterations
             if iteration == 0:  # measured on the policy that generated the batch
-                sums["entropy"] += float((algos.token_entropy(stats["logits"], temperature) * mb.mask).sum())
+                sums["entropy"] += float((stats["entropy"] * mb.mask).sum())
                 for key in ("kl", "is_weight", "logp_gap"):
                     if key in stats:
                         sums[key] += float((stats[key] * mb.mask).sum())
