@@ -1,0 +1,34 @@
+"""Model loading: the CPU attention implementation with grouped key/value heads."""
+
+import torch
+from transformers import DynamicCache
+
+from alphaalign.config import ModelConfig
+from alphaalign.models import GROUPED_SDPA, load_causal_lm
+
+
+def test_cpu_models_use_grouped_sdpa_with_the_same_outputs(tiny_policy):
+    cfg = ModelConfig(name_or_path=str(tiny_policy))
+    grouped = load_causal_lm(cfg, torch.device("cpu"), trainable=False)
+    plain = load_causal_lm(cfg, torch.device("cpu"), trainable=False)
+    plain.set_attn_implementation("sdpa")
+    assert grouped.config._attn_implementation == GROUPED_SDPA
+    assert grouped.config.num_key_value_heads < grouped.config.num_attention_heads  # grouped heads are used
+
+    torch.manual_seed(0)
+    ids = torch.randint(10, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = mask[2, :2] = 0  # left padding: transformers' sdpa then copies K/V per query head
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    outputs = []
+    for model in (grouped, plain):
+        cache = DynamicCache()
+        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                        past_key_values=cache, use_cache=True).logits  # fmt: skip
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
+                     past_key_values=cache, use_cache=True).logits  # fmt: skip
+        outputs.append((prefill, step))
+    (grouped_prefill, grouped_step), (plain_prefill, plain_step) = outputs
+    keep = mask[:, :-1].bool()
+    assert torch.allclose(grouped_prefill[keep], plain_prefill[keep], atol=1e-5)
+    assert torch.allclose(grouped_step, plain_step, atol=1e-5)
