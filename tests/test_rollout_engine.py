@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alphaalign.rl import algos
 from alphaalign.rollout.base import SamplingParams
-from alphaalign.rollout.transformers_engine import TransformersEngine
+from alphaalign.rollout.transformers_engine import TransformersEngine, sample_from_logits
 
 
 def load(path):
@@ -86,3 +86,13 @@ def test_min_new_tokens_forces_full_length(tiny_policy):
     fixed = engine.generate(prompts(tok), n=4, sampling=SamplingParams(max_new_tokens=48, min_new_tokens=48))
     assert [len(c) for c in fixed.completion_ids] == [48] * 8 and set(fixed.finish_reasons) == {"length"}
     assert all(tok.eos_token_id not in c for c in fixed.completion_ids)
+
+
+def test_inverse_transform_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 5)  # token 1 has probability 0 (logit -inf)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_from_logits(logits), minlength=5).float()
+    assert counts[1] == 0
+    # each frequency within 4.5 standard errors of its probability
+    assert torch.all((counts / 20000 - probs).abs() <= 4.5 * (probs * (1 - probs) / 20000).sqrt() + 1e-9)
