@@ -258,7 +258,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    """Time trl's GRPOTrainer, alphaalign and the bare-transformers floor side by side; see docs/benchmarks.md."""
+    """Time trl's GRPOTrainer, alphaalign and the model-work floors side by side; see docs/benchmarks.md."""
     from alphaalign.bench.harness import default_systems, format_table, run_bench
 
     workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
@@ -426,9 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", required=True, help="output folder for report.md, report.html and PNGs")
     rep.set_defaults(fn=cmd_report)
-    bench = sub.add_parser(
-        "bench", help="benchmark against trl's GRPOTrainer and the bare-transformers floor"
-    )
+    bench = sub.add_parser("bench", help="benchmark against trl's GRPOTrainer and the model-work floors")
     bench.add_argument("--workload", default="w1", choices=["w1", "tiny"], help="CPU workload (default: w1)")
     bench.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B's shape in bf16 on the GPU instead")
     bench.add_argument("--systems", nargs="+", help="systems to run (default: all that are installed)")

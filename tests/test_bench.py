@@ -17,7 +17,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 @pytest.mark.slow
 def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
-    systems = ["trl", "alphaalign", "floor"] + (["alphaalign_vllm_async"] if HAS_VLLM else [])
+    systems = ["trl", "alphaalign", "floor", "floor_plain"] + (["alphaalign_vllm_async"] if HAS_VLLM else [])
     out = tmp_path / "results.json"
     result = run_bench("tiny", "cpu", systems, rounds=1, out=out, cache=tmp_path / "models", rewards=False)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -8,7 +8,8 @@ and one AdamW step. The per-step wall-clock seconds are printed as one JSON line
 * `alphaalign`: `alphaalign.rl.trainer.train` with the in-process transformers engine.
 * `alphaalign_vllm_async`: the same with `rollout.engine: vllm_server` (a local vLLM server, checkpoint
   weight sync) and `rollout.async_steps: 1`.
-* `floor`: the same model calls written as bare transformers/torch code, nothing else.
+* `floor`: the model calls alphaalign makes, called directly without the trainer around them.
+* `floor_plain`: the same model work with transformers' defaults (sampling `generate`, whole-sequence forwards).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ import torch
 from alphaalign.bench.workload import WORKLOADS, Workload
 
 RESULT_MARK = "BENCH_RESULT "
-SYSTEMS = ("trl", "trl_defaults", "alphaalign", "alphaalign_vllm_async", "floor")  # see run_system
+SYSTEMS = (
+    "trl",
+    "trl_defaults",
+    "alphaalign",
+    "alphaalign_vllm_async",
+    "floor",
+    "floor_plain",
+)  # see run_system
 
 
 def prompt_rows(folder: Path) -> list[dict]:
@@ -119,46 +127,63 @@ def run_alphaalign(folder: Path, w: Workload, device: str, out: Path, engine: st
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the floor: bare transformers calls
+# the floors: the model work alone
 
 
-def run_floor(folder: Path, w: Workload, device: str) -> list[float]:
+def run_floor(folder: Path, w: Workload, device: str, plain: bool) -> list[float]:
+    """One step's model work and nothing else: sample, reference forward, policy forward/backward, AdamW.
+
+    `plain`: transformers' defaults, as a hand-written loop (or trl) calls them: `generate` with sampling and
+    `num_return_sequences`, whole-sequence forwards, transformers' sdpa attention. Otherwise the model calls
+    alphaalign makes, called directly: its model loading (grouped sdpa on CPU), its engine's `generate`, its
+    shared-prompt forward and its fused log-prob/entropy; without the trainer around them (recipe, data, reward
+    stack, advantages, metrics, logging).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alphaalign.config import ModelConfig
+    from alphaalign.models import load_causal_lm
+    from alphaalign.rl.algos import token_logprobs, token_logprobs_and_entropy
+    from alphaalign.rl.trainer import completion_logits, micro_batches
+    from alphaalign.rollout.base import SamplingParams
+    from alphaalign.rollout.transformers_engine import TransformersEngine
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, w.dtype)).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, w.dtype)).to(device)
-    ref.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=w.learning_rate)
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                              tokenize=True, return_dict=False) for r in prompt_rows(folder)]  # fmt: skip
-    width = max(map(len, encoded))
-    prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in encoded])
-    prompt_mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in encoded])[:, None]).long()
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    full_mask = torch.cat([prompt_mask.repeat_interleave(w.generations, 0),
-                           torch.ones(len(encoded) * w.generations, w.new_tokens, dtype=torch.long, device=device)], 1)  # fmt: skip
-    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    if plain:
+        policy, ref = (AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, w.dtype)).to(device)
+                       for _ in range(2))  # fmt: skip
+        ref.requires_grad_(False).eval()
+        sample, logprobs = plain_model_calls(policy, tokenizer, encoded, w, device)
+    else:
+        config = ModelConfig(name_or_path=str(folder), dtype=w.dtype)
+        policy = load_causal_lm(config, torch.device(device))
+        ref = load_causal_lm(config, torch.device(device), trainable=False)
+        engine = TransformersEngine(policy, tokenizer, w.prompts * w.generations)
+        sampling = SamplingParams(w.new_tokens, min_new_tokens=w.new_tokens)
 
-    def completion_logprobs(model, sequences):
-        logits = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions,
-                       logits_to_keep=w.new_tokens + 1, use_cache=False).logits[:, :-1]  # fmt: skip
-        targets = sequences[:, -w.new_tokens :]
-        return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        def sample():
+            rollouts = engine.generate(encoded, w.generations, sampling)
+            return micro_batches(rollouts, 10**9, [True] * len(rollouts.completion_ids), tokenizer.pad_token_id,
+                                 device)[0]  # fmt: skip
 
+        def logprobs(model, mb):
+            logits = completion_logits(model, mb, share_prompts=True)
+            if torch.is_grad_enabled():
+                return token_logprobs_and_entropy(logits, mb.completion_ids)[0]
+            return token_logprobs(logits, mb.completion_ids)
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=w.learning_rate)
     seconds = []
     for _ in range(w.steps):
         start = time.perf_counter()
         policy.eval()
         with torch.no_grad():
-            sequences = policy.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=w.new_tokens,
-                min_new_tokens=w.new_tokens, num_return_sequences=w.generations, temperature=1.0, top_k=0,
-                top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )  # fmt: skip
-            ref_logp = completion_logprobs(ref, sequences)
+            batch = sample()
+            ref_logp = logprobs(ref, batch)
         policy.train()
-        logp = completion_logprobs(policy, sequences)
+        logp = logprobs(policy, batch)
         advantages = torch.randn(logp.shape[0], 1, device=device)  # scoring is not model work
         log_ratio = ref_logp - logp
         loss = (
@@ -170,6 +195,32 @@ def run_floor(folder: Path, w: Workload, device: str) -> list[float]:
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+def plain_model_calls(policy, tokenizer, encoded: list[list[int]], w: Workload, device: str):
+    """`sample()` -> token sequences [B, P + C] and `logprobs(model, sequences)` with transformers' defaults."""
+    width = max(map(len, encoded))
+    prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in encoded])
+    prompt_mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in encoded])[:, None]).long()
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(w.generations, 0),
+                           torch.ones(len(encoded) * w.generations, w.new_tokens, dtype=torch.long, device=device)], 1)  # fmt: skip
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+
+    def sample():
+        return policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=w.new_tokens,
+            min_new_tokens=w.new_tokens, num_return_sequences=w.generations, temperature=1.0, top_k=0,
+            top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+
+    def logprobs(model, sequences):
+        logits = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions,
+                       logits_to_keep=w.new_tokens + 1, use_cache=False).logits[:, :-1]  # fmt: skip
+        targets = sequences[:, -w.new_tokens :]
+        return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    return sample, logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +263,8 @@ def run_system(system: str, folder: Path, workload: Workload, device: str) -> di
         "trl_defaults": lambda out: run_trl(folder, workload, device, out, {}),
         "alphaalign": lambda out: run_alphaalign(folder, workload, device, out, "transformers"),
         "alphaalign_vllm_async": lambda out: run_alphaalign(folder, workload, device, out, "vllm_server"),
-        "floor": lambda out: run_floor(folder, workload, device),
+        "floor": lambda out: run_floor(folder, workload, device, plain=False),
+        "floor_plain": lambda out: run_floor(folder, workload, device, plain=True),
     }
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp, PeakRSS() as memory:
         try:
