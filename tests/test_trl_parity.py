@@ -388,12 +388,15 @@ def per_token_loss_by_hand(batch, recipe):
 def test_shared_prompt_forward_matches_whole_sequences(tok, base_model, batch):
     """Rows that share a prompt reuse one prompt forward (and its backward): same logits and gradients as
     running every row's whole sequence; a single-token prompt turns sharing off."""
-    mb = micro_batches(rollouts(batch), 10**6, [True] * B, tok.pad_token_id, "cpu")[0]
-    assert mb.prompt_firsts.tolist() == [0, 3] and mb.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     results = []
     for share in (True, False):
+        mb = micro_batches(rollouts(batch), 10**6, [True] * B, tok.pad_token_id, "cpu", share)[0]
+        if share:
+            assert mb.prompt_firsts.tolist() == [0, 3] and mb.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+        else:
+            assert mb.prompt_index is None
         model = copy.deepcopy(base_model)
-        logits = completion_logits(model, mb, share)
+        logits = completion_logits(model, mb)
         (logits.log_softmax(-1) * mb.mask.unsqueeze(-1)).sum().backward()
         results.append((logits.detach(), model))
     (shared, shared_model), (whole, whole_model) = results

@@ -169,7 +169,7 @@ def run_floor(folder: Path, w: Workload, device: str, plain: bool) -> list[float
                                  device)[0]  # fmt: skip
 
         def logprobs(model, mb):
-            logits = completion_logits(model, mb, share_prompts=True)
+            logits = completion_logits(model, mb)
             if torch.is_grad_enabled():
                 return token_logprobs_and_entropy(logits, mb.completion_ids)[0]
             return token_logprobs(logits, mb.completion_ids)

@@ -266,16 +266,22 @@ class MicroBatch:
     completion_ids: torch.Tensor  # [b, C]
     mask: torch.Tensor  # [b, C] float, 1 on completion tokens that count in the loss
     rollout_logp: torch.Tensor  # [b, C] the engine's log-probs
-    # rows sharing a prompt: the first row of each distinct prompt, and each row's index into that list;
-    # None when every row has its own prompt or some prompt is a single token
+    # the first row of each distinct prompt and each row's index into that list: `completion_logits` then
+    # runs each prompt once; None: every row runs its whole sequence
     prompt_firsts: torch.Tensor | None = None
     prompt_index: torch.Tensor | None = None
 
 
 def micro_batches(
-    rollouts: Rollouts, budget: int, loss_mask_rows: list[bool], pad_id: int, device
+    rollouts: Rollouts,
+    budget: int,
+    loss_mask_rows: list[bool],
+    pad_id: int,
+    device,
+    share_prompts: bool = True,
 ) -> list[MicroBatch]:
-    """Consecutive rows packed while (rows × longest row) stays within the token budget."""
+    """Consecutive rows packed while (rows × longest row) stays within the token budget; with `share_prompts`
+    (and no single-token prompt) the rows of one prompt share its forward pass."""
     lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
     groups, current, longest = [], [], 0
     for i, n in enumerate(lengths):
@@ -304,10 +310,10 @@ def micro_batches(
         mb = MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
                         mask.to(device), logp.to(device))  # fmt: skip
         prompts = [tuple(rollouts.prompt_ids[i]) for i in rows]
-        first_row: dict[tuple[int, ...], int] = {}
-        for j, prompt in enumerate(prompts):
-            first_row.setdefault(prompt, j)
-        if len(first_row) < len(rows) and min(map(len, prompts)) > 1:
+        if share_prompts and min(map(len, prompts)) > 1:
+            first_row: dict[tuple[int, ...], int] = {}
+            for j, prompt in enumerate(prompts):
+                first_row.setdefault(prompt, j)
             number = {prompt: k for k, prompt in enumerate(first_row)}
             mb.prompt_firsts = torch.tensor(list(first_row.values()), device=device)
             mb.prompt_index = torch.tensor([number[prompt] for prompt in prompts], device=device)
@@ -315,15 +321,16 @@ def micro_batches(
     return out
 
 
-def completion_logits(model, mb: MicroBatch, share_prompts: bool) -> torch.Tensor:
+def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
     """[b, C, V] logits predicting each completion token.
 
-    With `share_prompts` (and rows that share a prompt), each distinct prompt's tokens but the last go through
-    the model once; the rows then continue from that prompt's cache, which keeps its autograd graph, so n
-    completions of a prompt cost one prompt forward (and backward) instead of n.
+    With `mb.prompt_index`, each distinct prompt's tokens but the last go through the model once; the rows then
+    continue from that prompt's cache, which keeps its autograd graph, so n completions of a prompt cost one
+    prompt forward (and backward) instead of n. It takes two model calls whether or not rows repeat a prompt,
+    so every rank makes the same calls (ZeRO-3 gathers weights in each).
     """
     C = mb.completion_ids.shape[1]
-    if not share_prompts or mb.prompt_index is None:
+    if mb.prompt_index is None:
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                        logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
         return logits[:, :-1]
@@ -336,11 +343,6 @@ def completion_logits(model, mb: MicroBatch, share_prompts: bool) -> torch.Tenso
                  position_ids=mb.position_ids[:, P - 1 : -1], past_key_values=cache, use_cache=True).logits  # fmt: skip
 
 
-def share_prompts(recipe: Recipe) -> bool:
-    # gradient checkpointing makes transformers drop the cache in training mode
-    return recipe.trainer.share_prompt_forward and not recipe.model.gradient_checkpointing
-
-
 def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, recipe: Recipe, totals: dict):
     """The loss of one micro-batch, scaled so that the micro-batch losses sum to the batch loss.
 
@@ -348,7 +350,7 @@ def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, rec
     `totals` holds the batch-wide counts: sequences, tokens, micro_batches. Returns (loss, per-token stats).
     """
     ac, temperature = recipe.algorithm, recipe.rollout.temperature
-    logits = completion_logits(policy, mb, share_prompts(recipe))
+    logits = completion_logits(policy, mb)
     logp, entropy = algos.token_logprobs_and_entropy(logits, mb.completion_ids, temperature)
     old = logp.detach() if old_logp is None else old_logp
     log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
@@ -384,7 +386,12 @@ def policy_update(
     ac, temperature = recipe.algorithm, recipe.rollout.temperature
     device = next(opt.module.parameters()).device
     keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
-    mbs = micro_batches(rollouts, recipe.trainer.micro_batch_tokens, keep, pad_id, device)
+    # Gradient checkpointing makes transformers drop the cache in training. ZeRO-3 gathers weights in every
+    # model call, so all ranks share prompts or none does.
+    short_prompt = any(len(p) < 2 for p in rollouts.prompt_ids)
+    share = (recipe.trainer.share_prompt_forward and not recipe.model.gradient_checkpointing
+             and not ranks.sum([float(short_prompt)])[0])  # fmt: skip
+    mbs = micro_batches(rollouts, recipe.trainer.micro_batch_tokens, keep, pad_id, device, share)
     sequences, tokens, count = ranks.sum([len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)),
                                           len(mbs)])  # fmt: skip
     totals = {"sequences": int(sequences), "tokens": tokens, "micro_batches": int(count)}
@@ -397,8 +404,7 @@ def policy_update(
     # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
     def frozen(model, mb):
         with torch.no_grad():
-            return algos.token_logprobs(completion_logits(model, mb, share_prompts(recipe)), mb.completion_ids,
-                                        temperature)  # fmt: skip
+            return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
 
     old_logps = [frozen(opt.model, mb) if need_old else None for mb in mbs]
     ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
