@@ -82,7 +82,7 @@ def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy
     )  # fmt: skip
     train(load_recipe(path))
     rows = read_metrics(tmp_path / "run")
-    assert rows[0]["advantage/std"] > 0  # there was something to learn from
+    assert any(r["advantage/std"] > 0 for r in rows)  # there was something to learn from
     assert all(r["kl/k3_mean"] >= 0 for r in rows)
     assert rows[-1]["kl/k3_mean"] > 0  # the policy moved away from the reference
     assert all(0.9 < r["rollout_correction/weight_mean"] < 1.1 for r in rows)  # same weights sampled them
