@@ -1,2 +1,2 @@
 """Benchmarks (`alphaalign bench`, `make bench`): alphaalign vs trl's GRPOTrainer on one workload, the
-bare-transformers floor, and reward throughput. Results go to `bench/results.json`; see docs/benchmarks.md."""
+model-work floors, and reward throughput. Results go to `bench/results.json`; see docs/benchmarks.md."""
