@@ -97,6 +97,9 @@ class TransformersEngine:
         config = GenerationConfig(
             do_sample=False, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            # unused in greedy mode; transformers' neutral values keep a model's generation_config.json (Qwen's
+            # temperature 0.7, top_k 20, ...) from being merged in and warned about on every call
+            temperature=1.0, top_k=50, top_p=1.0,
         )  # fmt: skip
         sequences = self.model.generate(
             input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention.repeat_interleave(n, 0),
