@@ -56,6 +56,22 @@ def test_logprobs_match_a_full_forward_with_temperature(tiny_policy):
         assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
 
 
+def test_the_models_own_generation_defaults_do_not_change_the_samples(tiny_policy):
+    model, tok = load(tiny_policy)
+    model.generation_config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, do_sample=True, top_k=1,
+                                   temperature=0.1)  # fmt: skip
+    torch.manual_seed(2)
+    out = TransformersEngine(model, tok).generate(
+        prompts(tok), n=4, sampling=SamplingParams(max_new_tokens=16)
+    )
+    assert len({tuple(c) for c in out.completion_ids}) > 2  # top_k 1 would make each prompt's 4 identical
+    for prompt, completion, logprobs in zip(out.prompt_ids, out.completion_ids, out.logprobs, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1]
+        expected = algos.token_logprobs(logits, torch.tensor([completion]))[0]
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)  # no penalty was applied
+
+
 def test_top_k_one_is_greedy(tiny_policy):
     model, tok = load(tiny_policy)
     engine = TransformersEngine(model, tok)

@@ -97,9 +97,10 @@ class TransformersEngine:
         config = GenerationConfig(
             do_sample=False, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
             eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            # unused in greedy mode; transformers' neutral values keep a model's generation_config.json (Qwen's
-            # temperature 0.7, top_k 20, ...) from being merged in and warned about on every call
-            temperature=1.0, top_k=50, top_p=1.0,
+            # transformers fills every unset field from the model's generation_config.json (Qwen2.5-Instruct's:
+            # repetition_penalty 1.05, temperature 0.7, top_k 20, top_p 0.8); neutral values keep the samples
+            # from the policy itself (the sampling ones are unused in greedy mode, and not warned about)
+            repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0, top_k=50, top_p=1.0,
         )  # fmt: skip
         sequences = self.model.generate(
             input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention.repeat_interleave(n, 0),
