@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alphaalign.config import LoraSection, ModelConfig
@@ -45,6 +45,15 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
 
 AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
 AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+
+
+def prompt_cache(model, input_ids, attention_mask, position_ids) -> DynamicCache:
+    """The cache of one forward pass over left-padded prompt tokens (the prompts' shared part), for the
+    completions that continue from it; gradients flow through it when the pass records them."""
+    cache = DynamicCache()
+    model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+          use_cache=True, logits_to_keep=1)  # fmt: skip
+    return cache
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):

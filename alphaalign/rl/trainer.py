@@ -27,7 +27,7 @@ from alphaalign.data import Example, PromptStream, compile_template, encode_prom
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
-from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
+from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device, prompt_cache
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -335,9 +335,8 @@ def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
                        logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
         return logits[:, :-1]
     P, firsts = mb.input_ids.shape[1] - C, mb.prompt_firsts
-    cache = transformers.DynamicCache()
-    model(input_ids=mb.input_ids[firsts, : P - 1], attention_mask=mb.attention_mask[firsts, : P - 1],
-          position_ids=mb.position_ids[firsts, : P - 1], past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = prompt_cache(model, mb.input_ids[firsts, : P - 1], mb.attention_mask[firsts, : P - 1],
+                         mb.position_ids[firsts, : P - 1])  # fmt: skip
     cache.batch_select_indices(mb.prompt_index)
     return model(input_ids=mb.input_ids[:, P - 1 : -1], attention_mask=mb.attention_mask[:, :-1],
                  position_ids=mb.position_ids[:, P - 1 : -1], past_key_values=cache, use_cache=True).logits  # fmt: skip

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -19,6 +18,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from alphaalign.models import prompt_cache
 from alphaalign.rollout.base import Rollouts, SamplingParams
 
 
@@ -102,10 +102,14 @@ class TransformersEngine:
             # from the policy itself (the sampling ones are unused in greedy mode, and not warned about)
             repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0, top_k=50, top_p=1.0,
         )  # fmt: skip
+        cache = None  # a single-token prompt has nothing to share: generate computes every row's cache
+        if min(map(len, prompts)) > 1:
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            cache = prompt_cache(self.model, input_ids[:, :-1], attention[:, :-1], positions[:, :-1])
+            cache.batch_repeat_interleave(n)
         sequences = self.model.generate(
             input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention.repeat_interleave(n, 0),
-            past_key_values=self._shared_prompt_cache(input_ids, attention, n), generation_config=config,
-            logits_processor=LogitsProcessorList([recorder]),
+            past_key_values=cache, generation_config=config, logits_processor=LogitsProcessorList([recorder]),
         )  # fmt: skip
         completions = sequences[:, width:].cpu()
         logprobs = recorder.logprobs().cpu()
@@ -118,17 +122,3 @@ class TransformersEngine:
             out.completion_ids.append(tokens[:length])
             out.logprobs.append(logprobs[row, :length].tolist())
             out.finish_reasons.append("stop" if len(stops) else "length")
-
-    def _shared_prompt_cache(
-        self, input_ids: torch.Tensor, attention: torch.Tensor, n: int
-    ) -> DynamicCache | None:
-        """The cache of every prompt's tokens but the last, computed once and repeated for its `n` completions;
-        None (generate computes it for every completion) when some prompt is a single token."""
-        if input_ids.shape[1] < 2 or not bool(attention[:, :-1].any(1).all()):
-            return None
-        cache = DynamicCache(config=self.model.config)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-        cache.batch_repeat_interleave(n)
-        return cache
