@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alphaalign.rewards import is_refusal, parse_alphaalign, refusal_of
+from alphaalign.rewards import is_refusal, parse_alphaalign, refusal_of, verifiers
 from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 
 EVAL_SET = Path(__file__).resolve().parent.parent / "bench" / "refusal_eval.jsonl"
@@ -107,10 +107,43 @@ def test_same_tag_for_both_parts_is_rejected():
         (r"The result is \boxed{\frac{1}{2}} exactly.", r"The result is \frac{1}{2} exactly."),
         (r"\boxed{a} and \boxed{b}", "a and b"),
         (r"\boxed{Sorry, I can't", "Sorry, I can't"),
+        (r"\boxed{x \boxed{y} {z}} w", "x y {z} w"),
+        (r"a \boxed{b \boxed{c} d", "a b c d"),
+        (r"\boxed{}}", "}"),
     ],
 )
 def test_boxed_is_unwrapped(answer, expected):
     assert parse_alphaalign(wrap("r", answer)).answer == expected
+
+
+_PIECES = [
+    "<safety_reasoning>",
+    "</safety_reasoning>",
+    "<answer>",
+    "</answer>",
+    r"\boxed{",
+    "}",
+    " ",
+    "\n",
+    "x",
+]
+
+
+@settings(max_examples=400)
+@given(
+    parts=st.lists(st.lists(st.sampled_from(_PIECES), max_size=6).map("".join), min_size=5, max_size=5),
+    wrapped=st.booleans(),
+)
+def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapped):
+    """parse_alphaalign answers valid outputs with a few str.find calls; any text must parse as the full scan does."""
+    before, reasoning, between, answer, after = parts
+    if wrapped:  # mostly near-valid texts, which are where the two paths could part
+        text = f"{before}<safety_reasoning>{reasoning}</safety_reasoning>{between}<answer>{answer}</answer>{after}"
+    else:
+        text = "".join(parts)
+    fast = verifiers._parse_valid(text, "safety_reasoning", "answer")
+    assert fast is None or fast == verifiers._parse_any(text, "safety_reasoning", "answer")
+    assert parse_alphaalign(text) == verifiers._parse_any(text, "safety_reasoning", "answer")
 
 
 # --- refusal detection ---------------------------------------------------------------------------

@@ -58,8 +58,6 @@ def _tag_pattern(reasoning_tag: str, answer_tag: str) -> re.Pattern[str]:
 
 def _scan(text: str, reasoning_tag: str, answer_tag: str) -> tuple[list[_Block], str, bool]:
     """Split text into tagged blocks, the text outside them, and whether a stray closing tag occurs."""
-    if reasoning_tag == answer_tag:
-        raise ValueError(f"reasoning and answer tags must differ, both are {reasoning_tag!r}")
     pattern = _tag_pattern(reasoning_tag, answer_tag)
     blocks: list[_Block] = []
     outside: list[str] = []
@@ -85,17 +83,29 @@ def _scan(text: str, reasoning_tag: str, answer_tag: str) -> tuple[list[_Block],
     return blocks, "".join(outside), stray
 
 
+_BOX = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
+
+
 def _unbox(text: str) -> str:
     """Replace each ``\\boxed{…}`` by its content (braces balanced; an unclosed box runs to the end)."""
-    start = text.find("\\boxed{")
+    start = text.find(_BOX) if "\\" in text else -1  # the one-character test (memchr) is much faster
     if start < 0:
         return text
-    depth, i = 1, start + 7
-    while i < len(text) and depth:
-        depth += (text[i] == "{") - (text[i] == "}")
-        i += 1
-    inner = text[start + 7 : i - 1 if depth == 0 else i]
-    return text[:start] + _unbox(inner) + _unbox(text[i:])
+    pieces, pos = [], 0
+    while start >= 0:
+        pieces.append(text[pos:start])
+        depth, end = 1, len(text)
+        for brace in _BRACE.finditer(text, start + len(_BOX)):
+            depth += 1 if brace.group() == "{" else -1
+            if depth == 0:
+                end = brace.start()
+                break
+        pieces.append(_unbox(text[start + len(_BOX) : end]))
+        pos = end + 1
+        start = text.find(_BOX, pos)
+    pieces.append(text[pos:])
+    return "".join(pieces)
 
 
 def _problem(
@@ -127,10 +137,51 @@ def _problem(
     return None
 
 
+def _parse_valid(text: str, reasoning_tag: str, answer_tag: str) -> AlphaAlignParse | None:
+    """The parse of a valid output, found with a few ``str.find`` calls; None for any other text.
+
+    Valid means: whitespace, the reasoning block, whitespace, the answer block, whitespace, both bodies
+    non-empty. For such text ``_scan`` finds exactly these two blocks, so the result is the full parse's.
+    """
+    open_reasoning, close_reasoning = f"<{reasoning_tag}>", f"</{reasoning_tag}>"
+    open_answer, close_answer = f"<{answer_tag}>", f"</{answer_tag}>"
+    start = text.find(open_reasoning)
+    if start < 0 or (start and not text[:start].isspace()):
+        return None
+    reasoning_start = start + len(open_reasoning)
+    reasoning_end = text.find(close_reasoning, reasoning_start)
+    if reasoning_end < 0:
+        return None
+    between = reasoning_end + len(close_reasoning)
+    answer_open = text.find(open_answer, between)
+    if answer_open < 0 or (answer_open > between and not text[between:answer_open].isspace()):
+        return None
+    answer_start = answer_open + len(open_answer)
+    # A one-character search (memchr) is much faster than one for the closing tag, and usually lands on it.
+    answer_end = text.find("<", answer_start)
+    if answer_end >= 0 and not text.startswith(close_answer, answer_end):
+        answer_end = text.find(close_answer, answer_end)
+    tail = answer_end + len(close_answer)
+    if answer_end < 0 or (tail < len(text) and not text[tail:].isspace()):
+        return None
+    reasoning = text[reasoning_start:reasoning_end].strip()
+    answer = _unbox(text[answer_start:answer_end]).strip()
+    if not reasoning or not answer:
+        return None
+    return AlphaAlignParse(reasoning, answer, True, None, answer)
+
+
 def parse_alphaalign(
     text: str, reasoning_tag: str = "safety_reasoning", answer_tag: str = "answer"
 ) -> AlphaAlignParse:
     """Parse ``<reasoning_tag>…</reasoning_tag><answer_tag>…</answer_tag>``; see the module docstring."""
+    if reasoning_tag == answer_tag:
+        raise ValueError(f"reasoning and answer tags must differ, both are {reasoning_tag!r}")
+    return _parse_valid(text, reasoning_tag, answer_tag) or _parse_any(text, reasoning_tag, answer_tag)
+
+
+def _parse_any(text: str, reasoning_tag: str, answer_tag: str) -> AlphaAlignParse:
+    """The full parse: every block, the text outside them, and the first format problem."""
     blocks, outside, stray = _scan(text, reasoning_tag, answer_tag)
     reasoning = [b for b in blocks if b.tag == reasoning_tag]
     answers = [b for b in blocks if b.tag == answer_tag]
@@ -251,11 +302,11 @@ def _normalize(text: str) -> bytes:
     if not data.isascii():
         data = _CURLY_QUOTE.sub(b'"', _CURLY_APOSTROPHE.sub(b"'", data))
     data = data.lower().strip()
-    if b"`" in data:
+    if ord("`") in data:  # a byte value: `in` then runs memchr, unlike a one-byte bytes needle
         data = _CODE.sub(b" ", data)
     if data.startswith(b'"') and data.endswith(b'"') and data.count(b'"') == 2:
         data = data[1:-1]
-    if b'"' in data:
+    if ord('"') in data:
         data = _QUOTED.sub(b" ", data)
     return b"\n" + data
 
@@ -279,8 +330,10 @@ def is_refusal(text: str) -> bool:
     data = _normalize(text)
     if not _has_refusal(data):
         return False
-    stripped, found = _DISCLAIMER.subn(b" ", data)
-    if not found or len(stripped.strip()) < _DISCLAIMER_MIN_REST:
+    if _DISCLAIMER.search(data) is None:
+        return True
+    stripped = _DISCLAIMER.sub(b" ", data)
+    if len(stripped.strip()) < _DISCLAIMER_MIN_REST:
         return True
     return _has_refusal(stripped)
 
