@@ -488,6 +488,19 @@ def test_fused_logprobs_keep_the_gradient_of_the_plain_ones():
     assert not ent.requires_grad and torch.allclose(plain.grad, fused.grad, atol=1e-6)
 
 
+def test_fused_logprobs_gradient_with_per_token_weights_and_a_second_backward_is_refused():
+    logits = torch.randn(2, 3, 7) * 3
+    targets = torch.randint(7, (2, 3))
+    upstream = torch.randn(2, 3)  # a different weight per token, as a real loss gives
+    plain, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    (algos.token_logprobs(plain, targets) * upstream).sum().backward()
+    lp, _ = algos.token_logprobs_and_entropy(fused, targets)
+    (lp * upstream).sum().backward(retain_graph=True)
+    assert torch.allclose(plain.grad, fused.grad, atol=1e-6)
+    with pytest.raises(RuntimeError, match="runs once"):
+        lp.sum().backward()  # its buffer became the first gradient
+
+
 def test_registries():
     assert set(algos.ADVANTAGE_ESTIMATORS) == {"grpo", "rloo"}
     assert set(algos.KL_ESTIMATORS) == {"k1", "k2", "k3"}

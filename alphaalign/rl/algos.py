@@ -110,20 +110,41 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0) ->
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _LogprobsAndEntropy(torch.autograd.Function):
+    """log softmax(x)[target] and the entropy of softmax(x), from one tensor of exponentials that the backward
+    pass then turns into the gradient in place: d logp / dx = onehot(target) − softmax(x). Autograd's graph of the
+    same expression allocates and sweeps several more tensors of the logits' size."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        peak = logits.amax(-1, keepdim=True)
+        exps = (logits - peak).exp_()
+        total = exps.sum(-1, keepdim=True)
+        lse = peak + total.log()
+        logp = (logits.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
+        entropy = lse.squeeze(-1) - torch.linalg.vecdot(exps, logits) / total.squeeze(-1)
+        ctx.save_for_backward(exps, total, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor) -> tuple[Tensor, None]:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "token_logprobs_and_entropy: its backward pass reuses its buffer and runs once"
+            )
+        ctx.consumed = True
+        exps, total, targets = ctx.saved_tensors
+        grad = exps.mul_(-grad_logp.unsqueeze(-1) / total)
+        return grad.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1)), None
+
+
 def token_logprobs_and_entropy(
     logits: Tensor, targets: Tensor, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """`token_logprobs` (with its gradient) and the entropy in nats of softmax(logits / T) per position (without),
     from one pass of exponentials: H = logsumexp(x) − Σ softmax(x)·x."""
-    logits = _scaled(logits, temperature)
-    peak = logits.detach().amax(-1, keepdim=True)
-    exps = torch.exp(logits - peak)
-    total = exps.sum(-1, keepdim=True)
-    lse = peak + total.log()
-    logp = (logits.gather(-1, targets.unsqueeze(-1)) - lse).squeeze(-1)
-    with torch.no_grad():
-        entropy = lse.squeeze(-1) - torch.linalg.vecdot(exps, logits) / total.squeeze(-1)
-    return logp, entropy
+    return _LogprobsAndEntropy.apply(_scaled(logits, temperature), targets)
 
 
 # ---------------------------------------------------------------------------------------------------------
