@@ -2,10 +2,12 @@
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicLayer
 
 from alphaalign.rl import algos
+from alphaalign.rollout import transformers_engine
 from alphaalign.rollout.base import SamplingParams
-from alphaalign.rollout.transformers_engine import TransformersEngine, sample_from_logits
+from alphaalign.rollout.transformers_engine import ReservedLayer, TransformersEngine, sample_from_logits
 
 
 def load(path):
@@ -110,3 +112,36 @@ def test_inverse_transform_sampling_follows_the_distribution():
     assert counts[1] == 0
     # each frequency within 4.5 standard errors of its probability
     assert torch.all((counts / 20000 - probs).abs() <= 4.5 * (probs * (1 - probs) / 20000).sqrt() + 1e-9)
+
+
+def test_a_reserved_cache_layer_holds_what_a_copying_one_does():
+    torch.manual_seed(0)
+    copying = DynamicLayer()
+    copying.update(torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4))
+    reserved = ReservedLayer(copying, extra=3)
+    copying_keys = copying.keys
+    for length in (1, 2, 1):  # the third update runs past the room: the layer falls back to copying
+        k, v = torch.randn(3, 2, length, 4), torch.randn(3, 2, length, 4)
+        expected = copying.update(k, v)
+        got = reserved.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+        assert reserved.get_seq_length() == copying.get_seq_length()
+    assert torch.equal(copying_keys, reserved.buffers[0][:, :, :5])  # the prompt part was copied in once
+
+
+def test_generation_with_the_reserved_cache_samples_what_the_copying_cache_does(tiny_policy, monkeypatch):
+    model, tok = load(tiny_policy)
+    engine = TransformersEngine(model, tok)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
+    rooms, reserve = [], transformers_engine.reserve
+    monkeypatch.setattr(
+        transformers_engine, "reserve", lambda cache, extra: rooms.append(extra) or reserve(cache, extra)
+    )
+    torch.manual_seed(3)
+    reserved = engine.generate(prompts(tok), n=3, sampling=sampling)
+    assert rooms == [10]
+    monkeypatch.setattr(transformers_engine, "reserve", lambda cache, extra: cache)
+    torch.manual_seed(3)
+    copying = engine.generate(prompts(tok), n=3, sampling=sampling)
+    assert reserved.completion_ids == copying.completion_ids
+    assert torch.allclose(torch.tensor(reserved.logprobs), torch.tensor(copying.logprobs), atol=1e-6)

@@ -1,7 +1,7 @@
 """In-process rollouts with transformers' `generate` on the policy being trained (it shares the weights).
 
 Prompts are left-padded and batched. Each prompt's tokens but the last go through the model once and their
-cache is repeated for its `n` completions. Sampling happens in one logits processor of ours: temperature,
+cache is repeated for its `n` completions, into buffers with room for the new tokens (`ReservedLayer`). Sampling happens in one logits processor of ours: temperature,
 top-k and top-p, then one uniform draw per row against the cumulative distribution (torch.multinomial costs
 about 30 times more on CPU); `generate` runs in greedy mode and takes the one token the processor left. The
 processor records log softmax(logits / T) of each sampled token, the same quantity the trainer computes.
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer
 
 from alphaalign.models import prompt_cache
 from alphaalign.rollout.base import Rollouts, SamplingParams
@@ -28,6 +30,41 @@ def sample_from_logits(logits: torch.Tensor) -> torch.Tensor:
     draws = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
     # right=True: a token whose probability is 0 (a flat step of the CDF) can never be drawn
     return torch.searchsorted(cdf, draws, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(1)
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer whose keys and values sit in buffers with room for `extra` more positions: a decode step
+    writes its position in place, where `DynamicLayer` copies the whole cache into a new tensor (`torch.cat`)
+    (W1 on CPU: `generate` 1.18 -> 1.10 s). Past the room it falls back to `DynamicLayer`'s copying."""
+
+    def __init__(self, layer: DynamicLayer, extra: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
+        batch, heads, length, dim = layer.keys.shape
+        self.buffers = (layer.keys.new_empty(batch, heads, length + extra, dim),
+                        layer.values.new_empty(batch, heads, length + extra, dim))  # fmt: skip
+        self.buffers[0][:, :, :length] = layer.keys
+        self.buffers[1][:, :, :length] = layer.values
+        self.keys, self.values = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self.buffers[0].shape[-2]:
+            return super().update(key_states, value_states)
+        self.buffers[0][:, :, start:end] = key_states
+        self.buffers[1][:, :, start:end] = value_states
+        self.keys, self.values = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
+        return self.keys, self.values
+
+
+def reserve(cache: DynamicCache, extra: int) -> DynamicCache:
+    """`cache` with its full-attention layers moved into `ReservedLayer`s with room for `extra` more positions
+    (other kinds, such as sliding-window layers, stay as they are)."""
+    cache.layers = [
+        ReservedLayer(layer, extra) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
 
 
 class _SampleAndRecord(LogitsProcessor):
@@ -107,6 +144,7 @@ class TransformersEngine:
             positions = (attention.cumsum(1) - 1).clamp(min=0)
             cache = prompt_cache(self.model, input_ids[:, :-1], attention[:, :-1], positions[:, :-1])
             cache.batch_repeat_interleave(n)
+            cache = reserve(cache, sampling.max_new_tokens)
         sequences = self.model.generate(
             input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention.repeat_interleave(n, 0),
             past_key_values=cache, generation_config=config, logits_processor=LogitsProcessorList([recorder]),
