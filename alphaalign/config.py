@@ -96,6 +96,10 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     generation_batch_size: int = Field(64, gt=0)  # sequences per generate() call (transformers engine)
+    # transformers engine on a GPU: a fixed-size KV cache, whose decode step transformers compiles (once per
+    # prompt-width bucket, ~45 s) and replays as a CUDA graph: bench --gpu step 2.35 -> 0.92 s on an H100. Slower on
+    # CPU (W1 generate 1.30 -> 1.85 s); not with ZeRO-3, which re-gathers the weights every step. docs/gpu.md
+    static_cache: bool = False
     # vllm_server engine: base URLs of servers started with `alphaalign serve RECIPE`; prompts are split
     # across them. Empty: the trainer starts one local server itself and stops it at the end.
     servers: list[str] = []

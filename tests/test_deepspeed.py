@@ -279,6 +279,11 @@ def test_bad_deepspeed_configs_fail_with_one_line(write_recipe, tmp_path, conten
             {"rollout": {"engine": "vllm_server", "weight_sync": "nccl"}},
             r"rollout\.weight_sync: .nccl. is not",
         ),
+        (
+            "zero3",
+            {"rollout": {"static_cache": True}},
+            r"recipe\.yaml: rollout\.static_cache: not supported with ZeRO-3 \(zero3\.json\)",
+        ),
     ],
 )
 def test_bad_deepspeed_choices_fail_with_one_line(write_recipe, tmp_path, value, extra, message):

@@ -145,3 +145,26 @@ def test_generation_with_the_reserved_cache_samples_what_the_copying_cache_does(
     copying = engine.generate(prompts(tok), n=3, sampling=sampling)
     assert reserved.completion_ids == copying.completion_ids
     assert torch.allclose(torch.tensor(reserved.logprobs), torch.tensor(copying.logprobs), atol=1e-6)
+
+
+def test_static_cache_pads_prompts_to_powers_of_two():
+    widths = [transformers_engine.static_width(w) for w in (1, 31, 64, 65, 100, 129, 1000, 1025)]
+    assert widths == [64, 64, 64, 128, 128, 256, 1024, 2048]
+
+
+def test_generation_with_a_static_cache_samples_what_the_shared_prompt_cache_does(tiny_policy, monkeypatch):
+    model, tok = load(tiny_policy)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0)
+    calls, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or generate(**kw))
+    torch.manual_seed(4)
+    static = TransformersEngine(model, tok, static_cache=True).generate(prompts(tok), n=3, sampling=sampling)
+    (call,) = calls
+    assert call["generation_config"].cache_implementation == "static" and call["past_key_values"] is None
+    assert call["input_ids"].shape[1] == 64 > max(map(len, prompts(tok)))  # left-padded to the bucket
+    torch.manual_seed(4)
+    shared = TransformersEngine(model, tok).generate(prompts(tok), n=3, sampling=sampling)
+    assert calls[1]["past_key_values"] is not None
+    assert static.completion_ids == shared.completion_ids and static.prompt_ids == shared.prompt_ids
+    for a, b in zip(static.logprobs, shared.logprobs, strict=True):  # rows end at their EOS
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)

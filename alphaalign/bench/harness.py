@@ -67,6 +67,11 @@ def summarise(runs: list[dict], workload: Workload) -> dict:
         "step_s_min_max": [significant(min(counted)), significant(max(counted))],
         "counted_steps": len(counted),
         "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        **(
+            {"peak_cuda_allocated_mb": max(run["peak_cuda_allocated_mb"] for run in runs)}
+            if "peak_cuda_allocated_mb" in runs[0]
+            else {}
+        ),  # fmt: skip
         "torch_threads": runs[0]["torch_threads"],
         "runs": [
             {
@@ -115,7 +120,8 @@ def versions() -> dict:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+    # "-dirty": the run used uncommitted changes, so the commit alone does not say what ran
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     return {"alphaalign_commit": commit or None, **found}
 
@@ -165,11 +171,13 @@ def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, 
 
 def format_table(result: dict) -> str:
     """A markdown table of the systems, then the comparisons."""
-    lines = ["| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    cuda = result["device"] == "cuda"
+    lines = ["| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |"
+             + (" peak CUDA allocated (MiB) |" if cuda else ""), "|---|---|---|---|---|" + ("---|" if cuda else "")]  # fmt: skip
     for name, s in result["systems"].items():
         lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['completions_per_s']:.1f} | "
-                     f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |")  # fmt: skip
+                     f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |"
+                     + (f" {s['peak_cuda_allocated_mb']:.0f} |" if cuda else ""))  # fmt: skip
     if "ratio_vs_trl" in result:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in result["ratios_vs_trl"].items())
         lines.append(f"\nalphaalign / trl completions/s: {ratios} (target ≥ {TARGETS['ratio_vs_trl_min']}×)")

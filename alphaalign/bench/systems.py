@@ -106,6 +106,8 @@ def alphaalign_recipe(folder: Path, w: Workload, device: str, out: Path, engine:
                "min_new_tokens": w.new_tokens, "temperature": 1.0}  # fmt: skip
     if engine == "vllm_server":
         rollout["async_steps"] = 1
+    else:
+        rollout["static_cache"] = device == "cuda"  # CUDA graphs on a GPU; see docs/gpu.md
     return Recipe.model_validate({
         "model": {"name_or_path": str(folder), "dtype": w.dtype},
         "data": {"train": [{"path": str(folder / "prompts.jsonl")}], "template": "none"},
@@ -160,7 +162,9 @@ def run_floor(folder: Path, w: Workload, device: str, plain: bool) -> list[float
         config = ModelConfig(name_or_path=str(folder), dtype=w.dtype)
         policy = load_causal_lm(config, torch.device(device))
         ref = load_causal_lm(config, torch.device(device), trainable=False)
-        engine = TransformersEngine(policy, tokenizer, w.prompts * w.generations)
+        engine = TransformersEngine(
+            policy, tokenizer, w.prompts * w.generations, static_cache=device == "cuda"
+        )
         sampling = SamplingParams(w.new_tokens, min_new_tokens=w.new_tokens)
 
         def sample():
@@ -274,8 +278,11 @@ def run_system(system: str, folder: Path, workload: Workload, device: str) -> di
                 print(f"---- {log.name}\n{log.read_text(errors='replace')}", file=sys.stderr)
             raise
     own_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_seconds": seconds, "torch_threads": torch.get_num_threads(),
-            "peak_rss_mb": round(max(memory.peak_mb, own_peak_mb), 1)}  # fmt: skip
+    result = {"step_seconds": seconds, "torch_threads": torch.get_num_threads(),
+              "peak_rss_mb": round(max(memory.peak_mb, own_peak_mb), 1)}  # fmt: skip
+    if device == "cuda":  # what torch's allocator held at most in this process (not a vLLM server's memory)
+        result["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
 
 
 if __name__ == "__main__":

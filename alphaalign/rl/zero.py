@@ -92,6 +92,11 @@ def read_config(recipe: Recipe) -> dict:
     stage = zero.get("stage") if isinstance(zero, dict) else None
     if stage not in (2, 3):
         raise UserError(f"{path}: zero_optimization.stage: must be 2 or 3 (got {stage!r})")
+    if stage == 3 and recipe.rollout.static_cache and recipe.rollout.engine == "transformers":
+        raise UserError(
+            f"{recipe._source or 'recipe'}: rollout.static_cache: not supported with ZeRO-3 ({path.name}): its "
+            "gathered weights move between steps, and a CUDA graph replays the addresses it was recorded with"
+        )
     for dotted, value in recipe_keys(recipe).items():
         *parents, leaf = dotted.split(".")
         node = config

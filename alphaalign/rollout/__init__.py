@@ -18,7 +18,7 @@ def make_engine(
     if rc.engine == "transformers":
         from alphaalign.rollout.transformers_engine import TransformersEngine
 
-        return TransformersEngine(policy, tokenizer, rc.generation_batch_size)
+        return TransformersEngine(policy, tokenizer, rc.generation_batch_size, rc.static_cache)
 
     from alphaalign.rollout.vllm_launch import LocalServer, require_vllm
     from alphaalign.rollout.vllm_server import VLLMServerEngine
