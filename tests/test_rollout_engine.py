@@ -168,3 +168,17 @@ def test_generation_with_a_static_cache_samples_what_the_shared_prompt_cache_doe
     assert static.completion_ids == shared.completion_ids and static.prompt_ids == shared.prompt_ids
     for a, b in zip(static.logprobs, shared.logprobs, strict=True):  # rows end at their EOS
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+def test_the_recipe_key_turns_the_static_cache_on(write_recipe, tiny_policy, tmp_path):
+    import contextlib
+
+    from alphaalign.config import load_recipe
+    from alphaalign.rollout import make_engine
+
+    model, tok = load(tiny_policy)
+    path = write_recipe({"model": {"name_or_path": str(tiny_policy)}})
+    for overrides, expected in (([], False), (["rollout.static_cache=true"], True)):
+        recipe = load_recipe(path, overrides)
+        with contextlib.ExitStack() as resources:
+            assert make_engine(recipe, model, tok, tmp_path, resources).static_cache is expected
