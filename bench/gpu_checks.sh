@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/gpu.md in one go, for one call on a lent GPU machine (10 minutes at most):
 #   1. bf16 + ZeRO-3 training of a random model of Qwen2.5-1.5B's shape (6 steps), GPU memory sampled;
-#   2. `alphaalign bench --gpu` (BENCH_ROUNDS rounds, default 2, no reward benchmarks: those are CPU-only and run by `make bench`).
+#   2. the engine's log-probs against the trainer's, with and without `rollout.static_cache` (4 steps each,
+#      `rollout_correction/logp_abs_diff_*` in metrics.jsonl);
+#   3. `alphaalign bench --gpu` with what time is left (BENCH_ROUNDS rounds, default 1; no reward benchmarks:
+#      those are CPU-only and run by `make bench`).
 # Everything lands in $OUT (default outputs/gpu); the last lines printed are the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +18,8 @@ budget=${BUDGET_S:-570}  # the whole script's seconds: the bench gets what the f
 { nvidia-smi; $PY -c "import sys, torch, transformers, trl, deepspeed, datasets, pydantic
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
       '| transformers', transformers.__version__, '| trl', trl.__version__, '| deepspeed', deepspeed.__version__)"
-} > "$OUT/env.txt" 2>&1
-tail -1 "$OUT/env.txt"
+} > "$OUT/zero3.log" 2>&1  # the machine first; at most 8 files come back from $OUT
+tail -1 "$OUT/zero3.log"
 
 start=$(date +%s)
 $PY -c "from pathlib import Path; from alphaalign.bench.workload import WORKLOADS, build
@@ -32,13 +35,25 @@ timeout 240 torchrun --nproc_per_node 1 -m alphaalign.cli train recipes/demo.yam
   data.eval=[] data.template=none trainer.deepspeed=zero3 \
   trainer.prompts_per_step=8 rollout.num_generations=8 rollout.max_new_tokens=64 rollout.min_new_tokens=64 \
   trainer.max_steps=6 trainer.save_every=6 trainer.output_dir=outputs/gpu-zero3 logging.wandb_mode=disabled \
-  > "$OUT/zero3.log" 2>&1
+  >> "$OUT/zero3.log" 2>&1
 echo "zero3 run: exit $?, $(( $(date +%s) - start )) s"
 kill $monitor
 cp outputs/gpu-zero3/metrics.jsonl "$OUT/zero3-metrics.jsonl" 2>/dev/null
 tail -3 "$OUT/zero3.log"
 
-timeout $(( budget - 20 - $(date +%s) + began )) $PY -m alphaalign.cli bench --gpu --rounds "${BENCH_ROUNDS:-2}" --no-rewards \
+model=$PWD/.cache/bench/qwen2.5-1.5b
+for static in false true; do  # no min_new_tokens: its EOS mask would count as a gap
+  timeout 150 $PY -m alphaalign.cli train recipes/demo.yaml model.name_or_path=$model model.build=null \
+    model.dtype=bfloat16 "data.train=[{path: $model/prompts.jsonl}]" data.eval=[] data.template=none \
+    trainer.prompts_per_step=8 rollout.num_generations=8 rollout.max_new_tokens=64 rollout.static_cache=$static \
+    algorithm.rollout_correction=token_truncate trainer.max_steps=4 trainer.save_every=100 \
+    trainer.output_dir=outputs/gpu-static-$static trainer.progress_bar=false logging.wandb_mode=disabled \
+    >> "$OUT/static.log" 2>&1
+  echo "static_cache=$static run: exit $?"
+  cp outputs/gpu-static-$static/metrics.jsonl "$OUT/static-$static-metrics.jsonl" 2>/dev/null
+done
+
+timeout $(( budget - 20 - $(date +%s) + began )) $PY -m alphaalign.cli bench --gpu --rounds "${BENCH_ROUNDS:-1}" --no-rewards \
   --out "$OUT/results_gpu.json" 2>&1 | tail -25
 
 $PY - "$OUT" <<'EOF'
@@ -53,4 +68,11 @@ try:
     print(f"zero3 peak GPU memory used (nvidia-smi): {max(mem)} MiB")
 except (OSError, KeyError, ValueError) as e:
     print("zero3 summary unavailable:", e)
+for static in ("false", "true"):
+    try:
+        rows = [json.loads(line) for line in (out / f"static-{static}-metrics.jsonl").read_text().splitlines()]
+        gaps = [(r["rollout_correction/logp_abs_diff_mean"], r["rollout_correction/logp_abs_diff_max"]) for r in rows]
+        print(f"static_cache={static}: engine vs trainer log-prob |diff| mean, max per step: {gaps}")
+    except (OSError, KeyError, ValueError) as e:
+        print(f"static_cache={static} summary unavailable:", e)
 EOF
