@@ -21,17 +21,18 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', 
 } > "$OUT/zero3.log" 2>&1  # the machine first; at most 8 files come back from $OUT
 tail -1 "$OUT/zero3.log"
 
+model=$PWD/.cache/bench/qwen2.5-1.5b
 start=$(date +%s)
 $PY -c "from pathlib import Path; from alphaalign.bench.workload import WORKLOADS, build
-build(WORKLOADS['qwen2.5-1.5b'], Path('.cache/bench/qwen2.5-1.5b'))" || exit 1
+build(WORKLOADS['qwen2.5-1.5b'], Path('$model'))" || exit 1
 echo "workload built in $(( $(date +%s) - start )) s"
 
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "$OUT/zero3-gpu-mem-mib.csv" &
 monitor=$!
 start=$(date +%s)
 timeout 240 torchrun --nproc_per_node 1 -m alphaalign.cli train recipes/demo.yaml \
-  model.name_or_path=$PWD/.cache/bench/qwen2.5-1.5b model.build=null model.dtype=bfloat16 \
-  model.gradient_checkpointing=true "data.train=[{path: $PWD/.cache/bench/qwen2.5-1.5b/prompts.jsonl}]" \
+  model.name_or_path=$model model.build=null model.dtype=bfloat16 \
+  model.gradient_checkpointing=true "data.train=[{path: $model/prompts.jsonl}]" \
   data.eval=[] data.template=none trainer.deepspeed=zero3 \
   trainer.prompts_per_step=8 rollout.num_generations=8 rollout.max_new_tokens=64 rollout.min_new_tokens=64 \
   trainer.max_steps=6 trainer.save_every=6 trainer.output_dir=outputs/gpu-zero3 logging.wandb_mode=disabled \
@@ -41,7 +42,6 @@ kill $monitor
 cp outputs/gpu-zero3/metrics.jsonl "$OUT/zero3-metrics.jsonl" 2>/dev/null
 tail -3 "$OUT/zero3.log"
 
-model=$PWD/.cache/bench/qwen2.5-1.5b
 for static in false true; do  # no min_new_tokens: its EOS mask would count as a gap
   timeout 150 $PY -m alphaalign.cli train recipes/demo.yaml model.name_or_path=$model model.build=null \
     model.dtype=bfloat16 "data.train=[{path: $model/prompts.jsonl}]" data.eval=[] data.template=none \
