@@ -268,7 +268,7 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA device is visible to torch")
     out = Path(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"))
-    result = run_bench(workload, device, args.systems or default_systems(), args.rounds, out, Path(args.cache),
+    result = run_bench(workload, device, args.systems or default_systems(workload), args.rounds, out, Path(args.cache),
                        rewards=not args.no_rewards)  # fmt: skip
     print(format_table(result))
     print(f"results in {out}")

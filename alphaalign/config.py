@@ -51,12 +51,24 @@ class ModelConfig(_Section):
     name_or_path: str
     ref_name_or_path: str | None = None  # frozen reference for the KL term; defaults to the initial policy
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Mixed precision: the model's forward passes (generation, reference, policy) run under torch.autocast in
+    # this dtype, while weights, gradients, optimizer state and the log-prob math stay float32 (TRL's bf16=True,
+    # accelerate's mixed_precision='bf16'). Needs dtype float32; W1 on an AMX CPU: step 1.39 -> see
+    # docs/benchmarks.md. The vllm_server engine samples in `dtype`.
+    autocast: Literal["bfloat16"] | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     build: Literal["demo"] | None = None  # build the model at name_or_path if it is missing (offline demo)
     # null: full fine-tuning. With LoRA and no ref_name_or_path, the KL reference is the policy with its
     # adapters disabled (no second copy of the model).
     lora: LoraSection | None = None
+
+    @field_validator("autocast")
+    @classmethod
+    def _autocast_over_float32(cls, autocast: str | None, info: ValidationInfo) -> str | None:
+        if autocast is not None and info.data.get("dtype", "float32") != "float32":
+            raise ValueError(f"needs model.dtype float32 (the weights are already {info.data['dtype']})")
+        return autocast
 
 
 class DataSource(_Section):

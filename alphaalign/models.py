@@ -90,6 +90,8 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = No
     model.to(device)
     if device.type == "cpu" and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(GROUPED_SDPA)
+    if cfg.autocast is not None:
+        run_under_autocast(model, DTYPES[cfg.autocast])
     if not trainable:
         model.requires_grad_(False)
         model.eval()
@@ -101,6 +103,16 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = No
         model = with_lora(model, cfg.lora, path if adapters else None)
     model.train()
     return model
+
+
+def run_under_autocast(model, dtype: torch.dtype) -> None:
+    """Mixed precision (`model.autocast`): the model's forward runs under `torch.autocast(dtype)` and hands back
+    float32 outputs, the way accelerate prepares a model for TRL's bf16=True. Generation, the reference and
+    the policy update all call this forward; weights and gradients stay in the model's own dtype."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    device_type = next(model.parameters()).device.type
+    model.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(model.forward))
 
 
 def with_lora(model, lora: LoraSection, adapter_path: str | None = None):

@@ -6,10 +6,11 @@ import statistics
 
 import pytest
 
-from alphaalign.bench.harness import format_table, run_bench
+from alphaalign.bench.harness import default_systems, format_table, run_bench
 from alphaalign.bench.rewards import REFUSAL_SET, one_kb_completions, refusal_accuracy, reward_throughput
 from alphaalign.bench.workload import WORKLOADS
 from alphaalign.cli import main
+from alphaalign.errors import UserError
 from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -17,7 +18,8 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 @pytest.mark.slow
 def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
-    systems = ["trl", "alphaalign", "floor", "floor_plain"] + (["alphaalign_vllm_async"] if HAS_VLLM else [])
+    systems = ["trl", "trl_bf16", "alphaalign", "alphaalign_bf16", "floor", "floor_bf16", "floor_plain"]
+    systems += ["alphaalign_vllm_async"] if HAS_VLLM else []
     out = tmp_path / "results.json"
     result = run_bench("tiny", "cpu", systems, rounds=1, out=out, cache=tmp_path / "models", rewards=False)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
@@ -30,12 +32,19 @@ def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
         assert s["median_step_s"] == pytest.approx(median, rel=1e-3)
         assert s["completions_per_s"] == pytest.approx(w.prompts * w.generations / median, rel=1e-3)
         assert s["peak_rss_mb"] > 100
-    ratios = result["ratios_vs_trl"]
-    assert result["ratio_vs_trl"] == max(ratios.values()) == ratios[result["ratio_vs_trl_system"]]
-    expected = (
-        result["systems"]["alphaalign"]["median_step_s"] / result["systems"]["floor"]["median_step_s"] - 1
+    ratios, speed = (
+        result["ratios_vs_trl"],
+        {name: s["completions_per_s"] for name, s in result["systems"].items()},
     )
-    assert result["overhead_vs_floor"] == pytest.approx(expected, rel=1e-2, abs=1e-3)
+    assert result["ratio_vs_trl"] == max(ratios.values()) == ratios[result["ratio_vs_trl_system"]]
+    assert result["trl_system"] == max(["trl", "trl_bf16"], key=speed.get)  # against trl's fastest
+    assert ratios["alphaalign_bf16"] == pytest.approx(
+        speed["alphaalign_bf16"] / speed[result["trl_system"]], rel=1e-3
+    )
+    for name, floor in [("alphaalign", "floor"), ("alphaalign_bf16", "floor_bf16")]:
+        expected = result["systems"][name]["median_step_s"] / result["systems"][floor]["median_step_s"] - 1
+        assert result["overheads_vs_floor"][name] == pytest.approx(expected, rel=1e-2, abs=1e-3)
+    assert result["overhead_vs_floor"] == result["overheads_vs_floor"]["alphaalign"]
     assert result["versions"]["trl"] == "1.16.0" and result["machine"]["cores"] >= 1
     assert "| alphaalign |" in format_table(result)
 
@@ -58,3 +67,12 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys, args, message
     )
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_mixed_precision_systems_only_for_float32_workloads(tmp_path):
+    assert {"trl_bf16", "alphaalign_bf16", "floor_bf16"} <= set(default_systems("w1"))
+    assert not {"trl_bf16", "alphaalign_bf16", "floor_bf16"} & set(default_systems("qwen2.5-1.5b"))
+    with pytest.raises(
+        UserError, match="--systems: alphaalign_bf16 need float32 weights; workload qwen2.5-1.5b"
+    ):
+        run_bench("qwen2.5-1.5b", "cuda", ["alphaalign_bf16"], 1, tmp_path / "r.json", tmp_path)

@@ -81,6 +81,8 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
         ("rollout.weight_sync=rsync", "rollout.weight_sync: Input should be 'checkpoint', 'lora' or 'nccl'"),
         ("rollout.timeout=0", "rollout.timeout: Input should be greater than 0"),
         ("rollout.min_new_tokens=300", "rollout.min_new_tokens: 300 is more than max_new_tokens \\(256\\)"),
+        ("model.autocast=float16", "model.autocast: Input should be 'bfloat16'"),
+        (["model.dtype=bfloat16", "model.autocast=bfloat16"], "model.autocast: needs model.dtype float32"),
         (
             "rollout.weight_sync_keep=1",
             "rollout.weight_sync_keep: Input should be greater than or equal to 2",
@@ -89,7 +91,7 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
 )
 def test_bad_values_name_the_key(write_recipe, override, message):
     with pytest.raises(UserError, match=message) as err:
-        load_recipe(write_recipe(), [override])
+        load_recipe(write_recipe(), override if isinstance(override, list) else [override])
     assert "\n" not in str(err.value)
 
 

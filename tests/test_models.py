@@ -1,4 +1,4 @@
-"""Model loading: the CPU attention implementation with grouped key/value heads."""
+"""Model loading: the CPU attention implementation with grouped key/value heads; mixed precision."""
 
 import torch
 from transformers import DynamicCache
@@ -32,3 +32,21 @@ def test_cpu_models_use_grouped_sdpa_with_the_same_outputs(tiny_policy):
     keep = mask[:, :-1].bool()
     assert torch.allclose(grouped_prefill[keep], plain_prefill[keep], atol=1e-5)
     assert torch.allclose(grouped_step, plain_step, atol=1e-5)
+
+
+def test_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights_and_outputs(tiny_policy):
+    mixed = load_causal_lm(
+        ModelConfig(name_or_path=str(tiny_policy), autocast="bfloat16"), torch.device("cpu")
+    )
+    plain = load_causal_lm(ModelConfig(name_or_path=str(tiny_policy)), torch.device("cpu"))
+    seen = []
+    mixed.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+    )
+    ids = torch.randint(10, 200, (2, 12))
+    logits = mixed(input_ids=ids).logits
+    assert seen == [torch.bfloat16] and logits.dtype == torch.float32
+    gap = (logits - plain(input_ids=ids).logits).abs().max()
+    assert 0 < gap < 0.1  # bf16 rounding, nothing more
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in mixed.parameters())

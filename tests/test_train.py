@@ -91,6 +91,18 @@ def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy
     )  # 2nd iteration is off-policy
 
 
+def test_autocast_trains_with_bfloat16_forward_passes(write_recipe, tiny_policy, tmp_path):
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path, model={"autocast": "bfloat16"},
+        algorithm={"beta": 0.04, "rollout_correction": "token_truncate"}, trainer={"max_steps": 2},
+    )  # fmt: skip
+    train(load_recipe(path))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and not any(r["guard/skipped_step"] for r in rows)
+    # the engine's log-probs and the trainer's differ by bf16 rounding (float32 passes agree to ~1e-7)
+    assert all(1e-4 < r["rollout_correction/logp_abs_diff_mean"] < 0.05 for r in rows)
+
+
 def test_unwritable_output_dir_fails_before_training(write_recipe, tiny_policy, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -6,6 +6,8 @@ and one AdamW step. The per-step wall-clock seconds are printed as one JSON line
 * `trl`: trl's GRPOTrainer in its fastest configuration found here (docs/benchmarks.md lists what was tried);
   `trl_defaults` keeps GRPOConfig's defaults (gradient checkpointing on) for comparison.
 * `alphaalign`: `alphaalign.rl.trainer.train` with the in-process transformers engine.
+* `trl_bf16`, `alphaalign_bf16`, `floor_bf16`: the same under bf16 mixed precision (float32 weights, forward
+  passes under torch.autocast): trl's `bf16=True`, alphaalign's `model.autocast: bfloat16`. Float32 workloads only.
 * `alphaalign_vllm_async`: the same with `rollout.engine: vllm_server` (a local vLLM server, checkpoint
   weight sync) and `rollout.async_steps: 1`.
 * `floor`: the model calls alphaalign makes, called directly without the trainer around them.
@@ -32,11 +34,15 @@ RESULT_MARK = "BENCH_RESULT "
 SYSTEMS = (
     "trl",
     "trl_defaults",
+    "trl_bf16",
     "alphaalign",
+    "alphaalign_bf16",
     "alphaalign_vllm_async",
     "floor",
+    "floor_bf16",
     "floor_plain",
 )  # see run_system
+MIXED_PRECISION_SYSTEMS = ("trl_bf16", "alphaalign_bf16", "floor_bf16")
 
 
 def prompt_rows(folder: Path) -> list[dict]:
@@ -99,7 +105,9 @@ def run_trl(folder: Path, w: Workload, device: str, out: Path, overrides: dict) 
 # alphaalign
 
 
-def alphaalign_recipe(folder: Path, w: Workload, device: str, out: Path, engine: str):
+def alphaalign_recipe(
+    folder: Path, w: Workload, device: str, out: Path, engine: str, autocast: str | None = None
+):
     from alphaalign.config import Recipe
 
     rollout = {"engine": engine, "num_generations": w.generations, "max_new_tokens": w.new_tokens,
@@ -109,7 +117,7 @@ def alphaalign_recipe(folder: Path, w: Workload, device: str, out: Path, engine:
     else:
         rollout["static_cache"] = device == "cuda"  # CUDA graphs on a GPU; see docs/gpu.md
     return Recipe.model_validate({
-        "model": {"name_or_path": str(folder), "dtype": w.dtype},
+        "model": {"name_or_path": str(folder), "dtype": w.dtype, "autocast": autocast},
         "data": {"train": [{"path": str(folder / "prompts.jsonl")}], "template": "none"},
         "rollout": rollout,
         "algorithm": {"loss_type": "dapo", "beta": w.beta, "kl_estimator": "k3", "num_iterations": 1},
@@ -120,10 +128,11 @@ def alphaalign_recipe(folder: Path, w: Workload, device: str, out: Path, engine:
     })  # fmt: skip
 
 
-def run_alphaalign(folder: Path, w: Workload, device: str, out: Path, engine: str) -> list[float]:
+def run_alphaalign(folder: Path, w: Workload, device: str, out: Path, engine: str, autocast: str | None = None
+                   ) -> list[float]:  # fmt: skip
     from alphaalign.rl.trainer import train
 
-    train(alphaalign_recipe(folder, w, device, out, engine))
+    train(alphaalign_recipe(folder, w, device, out, engine, autocast))
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["time/step_s"] for line in lines]
 
@@ -132,14 +141,16 @@ def run_alphaalign(folder: Path, w: Workload, device: str, out: Path, engine: st
 # the floors: the model work alone
 
 
-def run_floor(folder: Path, w: Workload, device: str, plain: bool) -> list[float]:
+def run_floor(
+    folder: Path, w: Workload, device: str, plain: bool, autocast: str | None = None
+) -> list[float]:
     """One step's model work and nothing else: sample, reference forward, policy forward/backward, AdamW.
 
     `plain`: transformers' defaults, as a hand-written loop (or trl) calls them: `generate` with sampling and
     `num_return_sequences`, whole-sequence forwards, transformers' sdpa attention. Otherwise the model calls
     alphaalign makes, called directly: its model loading (grouped sdpa on CPU), its engine's `generate`, its
     shared-prompt forward and its fused log-prob/entropy; without the trainer around them (recipe, data, reward
-    stack, advantages, metrics, logging).
+    stack, advantages, metrics, logging). `autocast`: alphaalign's `model.autocast` (not with `plain`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,7 +170,7 @@ def run_floor(folder: Path, w: Workload, device: str, plain: bool) -> list[float
         ref.requires_grad_(False).eval()
         sample, logprobs = plain_model_calls(policy, tokenizer, encoded, w, device)
     else:
-        config = ModelConfig(name_or_path=str(folder), dtype=w.dtype)
+        config = ModelConfig(name_or_path=str(folder), dtype=w.dtype, autocast=autocast)
         policy = load_causal_lm(config, torch.device(device))
         ref = load_causal_lm(config, torch.device(device), trainable=False)
         engine = TransformersEngine(
@@ -265,9 +276,14 @@ def run_system(system: str, folder: Path, workload: Workload, device: str) -> di
     runners = {
         "trl": lambda out: run_trl(folder, workload, device, out, TRL_FASTEST),
         "trl_defaults": lambda out: run_trl(folder, workload, device, out, {}),
+        "trl_bf16": lambda out: run_trl(folder, workload, device, out, {**TRL_FASTEST, "bf16": True}),
         "alphaalign": lambda out: run_alphaalign(folder, workload, device, out, "transformers"),
+        "alphaalign_bf16": lambda out: run_alphaalign(
+            folder, workload, device, out, "transformers", "bfloat16"
+        ),
         "alphaalign_vllm_async": lambda out: run_alphaalign(folder, workload, device, out, "vllm_server"),
         "floor": lambda out: run_floor(folder, workload, device, plain=False),
+        "floor_bf16": lambda out: run_floor(folder, workload, device, plain=False, autocast="bfloat16"),
         "floor_plain": lambda out: run_floor(folder, workload, device, plain=True),
     }
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp, PeakRSS() as memory:
