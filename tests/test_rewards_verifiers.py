@@ -1,5 +1,7 @@
 """Format parsing (V_f), refusal detection (V_r) and its accuracy on the labelled set."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,68 @@ def test_evaluate_refusal_detector_metrics(tmp_path):
     assert result["recall"] == 0.5
     assert result["f1"] == pytest.approx(2 / 3)
     assert result["per_kind"] == {"full_compliance": 1.0, "full_refusal": 1.0, "partial_refusal": 0.0}
+
+
+# --- the Hyperscan prefilter ---------------------------------------------------------------------
+
+_EVAL_TEXTS = [json.loads(line)["text"] for line in EVAL_SET.read_text().splitlines() if line.strip()]
+_PHRASE_PARTS = (
+    ["I", "I can't", "I won't", "I'm not going to", "I’d rather not", "I can", "I'll", "I don't", "\nCan't",
+     "\nNope, not going to", "not something I can", "my guidelines prevent me from", "unethical for me to"],
+    ["", "", "really", "be able to", ","],
+    ["help", "provide", "share", "do that", "stress", "decline", "give you"],
+    ["", "with that.", "medical advice", "legal advice", "a definitive answer", "personal opinions.",
+     "against my principles", "but here is how"],
+)  # fmt: skip
+phrase = st.tuples(*map(st.sampled_from, _PHRASE_PARTS)).map(" ".join)
+noise = st.sampled_from(["\n", '"', "`", "'", ".", "Here is the recipe.", "x" * 120])
+refusalish = st.lists(phrase | noise, max_size=12).map(" ".join) | st.sampled_from(_EVAL_TEXTS)
+# Written out here rather than taken from verifiers, so that a pattern missing from a database fails the tests.
+_GROUPS = ((verifiers._OPENER, verifiers._ME_MY), (verifiers._DISCLAIMER,))
+
+
+def _plain_is_refusal(text: str) -> bool:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(verifiers, "_prefilter", lambda: None)
+        return is_refusal(text)
+
+
+def _prefilter_or_skip():
+    prefilter = verifiers._prefilter()
+    if prefilter is None:
+        pytest.skip("hyperscan is not installed")
+    return prefilter
+
+
+def _check_prefilter(prefilter, text: str) -> None:
+    """Every group with a pattern that matches in Python is reported by its Hyperscan database."""
+    data = verifiers._normalize(text)
+    for group, patterns in enumerate(_GROUPS):
+        if any(pattern.search(data) for pattern in patterns):
+            assert prefilter.may_match(group, data), (group, text)
+
+
+def test_prefilter_reports_every_match_and_changes_no_result_on_eval_set():
+    prefilter = _prefilter_or_skip()
+    for text in _EVAL_TEXTS:
+        _check_prefilter(prefilter, text)
+        assert is_refusal(text) == _plain_is_refusal(text), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=refusalish)
+def test_prefilter_reports_every_match_and_changes_no_result(text):
+    prefilter = _prefilter_or_skip()
+    _check_prefilter(prefilter, text)
+    assert is_refusal(text) == _plain_is_refusal(text)
+
+
+def test_without_hyperscan_the_plain_path_gives_the_same_results(monkeypatch):
+    with_prefilter = [is_refusal(text) for text in _EVAL_TEXTS]
+    monkeypatch.setitem(sys.modules, "hyperscan", None)  # `import hyperscan` now raises ImportError
+    verifiers._prefilter.cache_clear()
+    try:
+        assert verifiers._prefilter() is None
+        assert [is_refusal(text) for text in _EVAL_TEXTS] == with_prefilter
+    finally:
+        verifiers._prefilter.cache_clear()
