@@ -107,12 +107,15 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = No
 
 def run_under_autocast(model, dtype: torch.dtype) -> None:
     """Mixed precision (`model.autocast`): the model's forward runs under `torch.autocast(dtype)` and hands back
-    float32 outputs, the way accelerate prepares a model for TRL's bf16=True. Generation, the reference and
-    the policy update all call this forward; weights and gradients stay in the model's own dtype."""
+    float32 outputs, the way accelerate prepares a model for TRL's bf16=True; weights and gradients stay in the
+    model's own dtype. `generate` runs in one autocast region too, so that each weight is cast once per call
+    rather than once per new token (W1 on CPU: 0.65 s per `generate` with per-step casts, 0.52 s without)."""
     from accelerate.utils import convert_outputs_to_fp32
 
     device_type = next(model.parameters()).device.type
+    # one autocast object per method: an object entered again inside itself restores the wrong state on exit
     model.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(model.forward))
+    model.generate = torch.autocast(device_type, dtype=dtype)(model.generate)
 
 
 def with_lora(model, lora: LoraSection, adapter_path: str | None = None):

@@ -50,3 +50,21 @@ def test_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights_and_out
     assert 0 < gap < 0.1  # bf16 rounding, nothing more
     logits.logsumexp(-1).sum().backward()
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in mixed.parameters())
+
+
+def test_autocast_generate_runs_in_one_autocast_region(tiny_policy):
+    """Between forward passes too (here: in a logits processor), so weights are cast once per `generate`."""
+    from transformers import LogitsProcessorList
+
+    model = load_causal_lm(
+        ModelConfig(name_or_path=str(tiny_policy), autocast="bfloat16"), torch.device("cpu")
+    )
+    enabled = []
+
+    def record(input_ids, scores):
+        enabled.append(torch.is_autocast_enabled("cpu"))
+        return scores
+
+    model.generate(input_ids=torch.tensor([[11, 12, 13]]), max_new_tokens=3, do_sample=False,
+                   logits_processor=LogitsProcessorList([record]), pad_token_id=0)  # fmt: skip
+    assert enabled == [True] * 3 and not torch.is_autocast_enabled("cpu")
