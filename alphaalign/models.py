@@ -6,6 +6,7 @@ checkpoint's `policy/` folder holds just the adapters (`adapter_config.json` nam
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -36,10 +37,17 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     because CUDA's kernels would fall back to the math kernel; on CPU the copy is most of the cost (a W1
     decode attention call: 0.99 ms with it, 0.23 ms without). Same result."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-        is_causal=causal and attention_mask is None and query.shape[2] > 1, enable_gqa=key.shape[1] != query.shape[1],
-    )  # fmt: skip
+    precision = contextlib.nullcontext()
+    if query.requires_grad and torch.is_autocast_enabled(query.device.type):
+        # under model.autocast, attention that will be differentiated runs in float32: torch's CPU attention
+        # is faster in bf16 forward only, and its backward is slower (W1 training shapes: 24 vs 10 ms fwd+bwd)
+        precision = torch.autocast(query.device.type, enabled=False)
+        query, key, value = query.float(), key.float(), value.float()
+    with precision:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=causal and attention_mask is None and query.shape[2] > 1, enable_gqa=key.shape[1] != query.shape[1],
+        )  # fmt: skip
     return out.transpose(1, 2).contiguous(), None
 
 

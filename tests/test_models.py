@@ -68,3 +68,18 @@ def test_autocast_generate_runs_in_one_autocast_region(tiny_policy):
     model.generate(input_ids=torch.tensor([[11, 12, 13]]), max_new_tokens=3, do_sample=False,
                    logits_processor=LogitsProcessorList([record]), pad_token_id=0)  # fmt: skip
     assert enabled == [True] * 3 and not torch.is_autocast_enabled("cpu")
+
+
+def test_under_autocast_attention_that_needs_gradients_runs_in_float32():
+    from alphaalign.models import grouped_sdpa_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, requires_grad=True)
+    key, value = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    module = torch.nn.Module()
+    exact, _ = grouped_sdpa_attention(module, query, key, value, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained, _ = grouped_sdpa_attention(module, query, key, value, None)
+        sampled, _ = grouped_sdpa_attention(module, query.detach(), key, value, None)
+    assert trained.dtype == torch.float32 and torch.allclose(trained, exact, atol=1e-6)
+    assert sampled.dtype == torch.bfloat16 and torch.allclose(sampled.float(), exact, atol=0.05)
