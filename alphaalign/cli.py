@@ -32,6 +32,9 @@ def validate(recipe_path: str, overrides: list[str]):
     looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
     if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
         raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process says it
+        for warning in recipe.warnings():
+            print(f"warning: {recipe_path}: {warning}", file=sys.stderr)
     return recipe
 
 

@@ -261,6 +261,19 @@ class Recipe(_Section):
         """The recipe as plain data with secret-looking values (tokens, keys, passwords) masked."""
         return _mask_secrets(self.model_dump(mode="json"))
 
+    def warnings(self) -> list[str]:
+        """Settings that run but likely do not do what was meant; `validate` and `train` print them."""
+        found = []
+        significant_bits = {"bfloat16": 8, "float16": 11}.get(self.model.dtype)
+        if significant_bits and self.model.lora is None and self.trainer.deepspeed is None:
+            lr = self.trainer.learning_rate
+            found.append(
+                f"model.dtype: {self.model.dtype} weights updated in place (no model.lora, no trainer.deepspeed): "
+                f"an AdamW step of about lr={lr:g} rounds away on every weight larger than {2 ** (significant_bits + 1) * lr:.1e}; "
+                "use dtype float32 with model.autocast: bfloat16, trainer.deepspeed (float32 master weights) or model.lora"
+            )
+        return found
+
     @property
     def rollout_correction(self) -> str:
         """The effective rollout log-prob correction mode ('auto' resolved)."""

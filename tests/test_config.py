@@ -170,3 +170,30 @@ def test_alphaalign_zero_differs_from_alphaalign_qwen_only_in_its_rewards():
     for recipe in (full, zero):
         del recipe["rewards"], recipe["trainer"]["output_dir"], recipe["logging"]["run_name"]
     assert zero == full
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (
+            ["model.dtype=bfloat16"],
+            "weight larger than 5.1e-04",
+        ),  # 2^9 × lr 1e-6: half of bf16's spacing there
+        (["model.dtype=float16", "trainer.learning_rate=1e-5"], "weight larger than 4.1e-02"),
+        (["model.dtype=bfloat16", "trainer.deepspeed=zero2"], None),  # float32 master weights
+        (["model.dtype=bfloat16", "model.lora={r: 8}"], None),  # the adapters train in float32
+        (["model.autocast=bfloat16"], None),
+    ],
+)
+def test_validate_warns_when_updates_round_away_on_low_precision_weights(
+    write_recipe, capsys, overrides, warned
+):
+    from alphaalign.cli import main
+
+    path = write_recipe()
+    assert main(["validate", str(path), "trainer.learning_rate=1e-6", *overrides]) == 0
+    err = capsys.readouterr().err
+    if warned is None:
+        assert "warning" not in err
+    else:
+        assert err.count("\n") == 1 and err.startswith(f"warning: {path}: model.dtype: ") and warned in err
