@@ -53,8 +53,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Mixed precision: the model's forward passes (generation, reference, policy) run under torch.autocast in
     # this dtype, while weights, gradients, optimizer state and the log-prob math stay float32 (TRL's bf16=True,
-    # accelerate's mixed_precision='bf16'). Needs dtype float32; W1 on an AMX CPU: step 1.39 -> see
-    # docs/benchmarks.md. The vllm_server engine samples in `dtype`.
+    # accelerate's mixed_precision='bf16'). Needs dtype float32. W1 on an AMX CPU: 1.40 -> 1.05 s per step
+    # (docs/design.md, "Mixed precision"). The vllm_server engine samples in `dtype`.
     autocast: Literal["bfloat16"] | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
