@@ -248,6 +248,15 @@ class Recipe(_Section):
         return self
 
     @model_validator(mode="after")
+    def _static_cache_without_autocast(self) -> Recipe:
+        if self.rollout.static_cache and self.model.autocast is not None:
+            raise ValueError(
+                "rollout.static_cache: not supported with model.autocast (transformers' fixed-size cache holds keys "
+                "and values in one dtype; under autocast the keys come out float32 and the values bf16)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _deepspeed_syncs_through_files(self) -> Recipe:
         rc = self.rollout
         if self.trainer.deepspeed is not None and rc.engine == "vllm_server" and rc.weight_sync == "nccl":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/gpu.md in one go, for one call on a lent GPU machine (10 minutes at most):
 #   1. bf16 + ZeRO-3 training of a random model of Qwen2.5-1.5B's shape (6 steps), GPU memory sampled;
-#   2. the engine's log-probs against the trainer's, with and without `rollout.static_cache` (4 steps each,
-#      `rollout_correction/logp_abs_diff_*` in metrics.jsonl);
+#   2. the engine's log-probs against the trainer's, with and without `rollout.static_cache`, and under
+#      `model.autocast` (float32 weights; 4 steps each, `rollout_correction/logp_abs_diff_*` in metrics.jsonl);
 #   3. `alphaalign bench --gpu` with what time is left (BENCH_ROUNDS rounds, default 1; no reward benchmarks:
 #      those are CPU-only and run by `make bench`).
 # Everything lands in $OUT (default outputs/gpu); the last lines printed are the summary.
@@ -42,15 +42,17 @@ kill $monitor
 cp outputs/gpu-zero3/metrics.jsonl "$OUT/zero3-metrics.jsonl" 2>/dev/null
 tail -3 "$OUT/zero3.log"
 
-for static in false true; do  # no min_new_tokens: its EOS mask would count as a gap
+for run in false true autocast; do  # no min_new_tokens: its EOS mask would count as a gap
+  static=false precision="model.dtype=bfloat16"
+  [ $run = true ] && static=true
+  [ $run = autocast ] && precision="model.dtype=float32 model.autocast=bfloat16"  # not with static_cache
   timeout 150 $PY -m alphaalign.cli train recipes/demo.yaml model.name_or_path=$model model.build=null \
-    model.dtype=bfloat16 "data.train=[{path: $model/prompts.jsonl}]" data.eval=[] data.template=none \
+    $precision "data.train=[{path: $model/prompts.jsonl}]" data.eval=[] data.template=none \
     trainer.prompts_per_step=8 rollout.num_generations=8 rollout.max_new_tokens=64 rollout.static_cache=$static \
     algorithm.rollout_correction=token_truncate trainer.max_steps=4 trainer.save_every=100 \
-    trainer.output_dir=outputs/gpu-static-$static trainer.progress_bar=false logging.wandb_mode=disabled \
+    trainer.output_dir=outputs/gpu-static-$run trainer.progress_bar=false logging.wandb_mode=disabled \
     >> "$OUT/static.log" 2>&1
-  echo "static_cache=$static run: exit $?"
-  cp outputs/gpu-static-$static/metrics.jsonl "$OUT/static-$static-metrics.jsonl" 2>/dev/null
+  echo "static_cache=$static ($precision) run: exit $?"
 done
 
 timeout $(( budget - 20 - $(date +%s) + began )) $PY -m alphaalign.cli bench --gpu --rounds "${BENCH_ROUNDS:-1}" --no-rewards \
@@ -68,11 +70,12 @@ try:
     print(f"zero3 peak GPU memory used (nvidia-smi): {max(mem)} MiB")
 except (OSError, KeyError, ValueError) as e:
     print("zero3 summary unavailable:", e)
-for static in ("false", "true"):
+for run in ("false", "true", "autocast"):  # printed only: at most 8 files come back from $OUT
     try:
-        rows = [json.loads(line) for line in (out / f"static-{static}-metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in Path(f"outputs/gpu-static-{run}/metrics.jsonl").read_text().splitlines()]
         gaps = [(r["rollout_correction/logp_abs_diff_mean"], r["rollout_correction/logp_abs_diff_max"]) for r in rows]
-        print(f"static_cache={static}: engine vs trainer log-prob |diff| mean, max per step: {gaps}")
+        steps = [round(r["time/step_s"], 2) for r in rows]
+        print(f"static_cache run {run}: engine vs trainer log-prob |diff| mean, max per step: {gaps}; step s {steps}")
     except (OSError, KeyError, ValueError) as e:
-        print(f"static_cache={static} summary unavailable:", e)
+        print(f"static_cache run {run} summary unavailable:", e)
 EOF

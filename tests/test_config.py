@@ -84,6 +84,10 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
         ("model.autocast=float16", "model.autocast: Input should be 'bfloat16'"),
         (["model.dtype=bfloat16", "model.autocast=bfloat16"], "model.autocast: needs model.dtype float32"),
         (
+            ["model.autocast=bfloat16", "rollout.static_cache=true"],
+            "rollout.static_cache: not supported with model",
+        ),
+        (
             "rollout.weight_sync_keep=1",
             "rollout.weight_sync_keep: Input should be greater than or equal to 2",
         ),
