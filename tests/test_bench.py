@@ -32,10 +32,8 @@ def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
         assert s["median_step_s"] == pytest.approx(median, rel=1e-3)
         assert s["completions_per_s"] == pytest.approx(w.prompts * w.generations / median, rel=1e-3)
         assert s["peak_rss_mb"] > 100
-    ratios, speed = (
-        result["ratios_vs_trl"],
-        {name: s["completions_per_s"] for name, s in result["systems"].items()},
-    )
+    ratios = result["ratios_vs_trl"]
+    speed = {name: s["completions_per_s"] for name, s in result["systems"].items()}
     assert result["ratio_vs_trl"] == max(ratios.values()) == ratios[result["ratio_vs_trl_system"]]
     assert result["trl_system"] == max(["trl", "trl_bf16"], key=speed.get)  # against trl's fastest
     assert ratios["alphaalign_bf16"] == pytest.approx(

@@ -91,8 +91,8 @@ def summarise(runs: list[dict], workload: Workload) -> dict:
 
 def comparisons(systems: dict) -> dict:
     """Ratios of each alphaalign system's completions/s to trl's fastest system (`ratio_vs_trl`: the best of
-    them), and the in-process engine's overhead above its floor (`overhead_vs_floor`: float32,
-    `overheads_vs_floor`: each precision measured)."""
+    them), and the in-process engine's overhead above its floor (`overheads_vs_floor`: each precision measured;
+    `overhead_vs_floor`: the float32 one, else the largest; the target counts the largest)."""
     out: dict = {}
     trl = [name for name in TRL_SYSTEMS if name in systems]
     if trl:
