@@ -7,6 +7,7 @@ User mistakes end with one line on stderr and exit code 2; `--debug` shows the t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -327,6 +328,17 @@ def validate_for_launch(args):
     return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: inf and nan are refused (a NaN temperature samples garbage)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -364,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.add_argument("--model", required=True, help="the CSRM: a folder from train-rm, or a hub id")
     eval_rm.add_argument("--format", choices=["auto", "cosapien", "dynabench"], default="auto")
     eval_rm.add_argument(
-        "--threshold", type=float, default=0.5, help="predict a violation when P(violation) >= this"
+        "--threshold", type=finite_float, default=0.5, help="predict a violation when P(violation) >= this"
     )
-    eval_rm.add_argument("--temperature", type=float, help="override the stored calibration temperature")
-    eval_rm.add_argument("--bias", type=float, help="override the stored calibration bias")
+    eval_rm.add_argument(
+        "--temperature", type=finite_float, help="override the stored calibration temperature"
+    )
+    eval_rm.add_argument("--bias", type=finite_float, help="override the stored calibration bias")
     eval_rm.add_argument("--dtype", default="auto")
     eval_rm.add_argument("--device", default="auto")
     eval_rm.add_argument("--batch-size", type=int, default=8)
@@ -405,14 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k for k ≤ samples)")
     ev.add_argument("--max-new-tokens", type=int, help="default: the recipe's rollout.max_new_tokens")
-    ev.add_argument("--temperature", type=float, help="default: the recipe's rollout.temperature")
+    ev.add_argument("--temperature", type=finite_float, help="default: the recipe's rollout.temperature")
     ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
     ev.add_argument("--refusal-classifier", help="judge refusals with this sequence-classification model (id or "
                     "path) instead of the rules; default: the recipe's alphaalign_safety refusal_classifier")  # fmt: skip
     ev.add_argument(
         "--refusal-label", help="the classifier's refusal label name or output index (default refusal)"
     )
-    ev.add_argument("--refusal-threshold", type=float, help="P(refusal label) at which a response is a refusal "
+    ev.add_argument("--refusal-threshold", type=finite_float, help="P(refusal label) at which a response is a refusal "
                     "(default 0.5)")  # fmt: skip
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
     ev.add_argument("--out", help="output folder (required)")

@@ -8,6 +8,7 @@ is the single source of defaults. Every error is one line naming the file and th
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,9 @@ from alphaalign.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # every float of every section is finite: .inf/.nan in a learning rate or temperature is a typo, never a
+    # setting (reward args, free-form, are checked by RewardSpec)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSection(_Section):
@@ -219,6 +222,27 @@ class RewardSpec(_Section):
     weight: float = 1.0
     when: Literal["harmful", "benign", "all"] = "all"
     args: dict[str, Any] = {}
+
+    @field_validator("args")
+    @classmethod
+    def _finite_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        bad = nonfinite_path(args)
+        if bad is not None:
+            raise ValueError(f"{bad}: must be a finite number, not .inf or .nan")
+        return args
+
+
+def nonfinite_path(node: Any, prefix: str = "") -> str | None:
+    """The dotted path of the first NaN or ±inf float inside nested dicts and lists, else None."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return path
+        found = nonfinite_path(value, path + ".")
+        if found is not None:
+            return found
+    return None
 
 
 class LoggingConfig(_Section):
