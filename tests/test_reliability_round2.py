@@ -2,6 +2,10 @@
 safe checkpoint loading, secrets masked by what they are, wall-clock deadlines and bounded recipes, finite
 numbers everywhere."""
 
+import itertools
+import socketserver
+import threading
+import time
 import types
 import typing
 from pathlib import Path
@@ -115,3 +119,110 @@ def test_every_float_flag_refuses_non_finite_values(argv, bad, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argv[-1]}: must be a finite number" in err
+
+
+# ---- 4. wall-clock deadlines: a server that trickles bytes cannot hold a request past its deadline
+
+
+class _Trickler(socketserver.ThreadingTCPServer):
+    """Answers every request one byte a second, forever: in the status line and headers (`where="headers"`)
+    or in a body announced as a megabyte long (`where="body"`)."""
+
+    daemon_threads, allow_reuse_address = True, True
+
+    def __init__(self, where: str):
+        self.where, self.connections = where, 0
+        super().__init__(("127.0.0.1", 0), _TrickleHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _TrickleHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.server.connections += 1
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.request.recv(65536)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        if self.server.where == "body":
+            self.request.sendall(head)
+        try:
+            for byte in itertools.cycle(head if self.server.where == "headers" else b" "):
+                self.request.sendall(bytes([byte]))
+                time.sleep(1.0)
+        except OSError:  # the client hung up
+            pass
+
+
+@pytest.fixture(params=["headers", "body"])
+def trickler(request):
+    server = _Trickler(request.param)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_generation_client_ends_by_its_deadline_against_a_trickling_server(trickler):
+    from alphaalign.rollout.vllm_server import ServerClient, ServerError
+
+    start = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        ServerClient(trickler.url, timeout=3.0, retries=2).call("POST", "/v1/completions", {"prompt": [1]})
+    took = time.monotonic() - start
+    assert 2.9 < took < 4.0, took  # rollout.timeout, retries included
+    message = str(err.value)
+    assert message.startswith(
+        f"{trickler.url}/v1/completions: 1 failed attempt(s) within rollout.timeout=3 s"
+    )
+    assert "ReadTimeout" in message and "\n" not in message
+
+
+def test_the_reward_client_ends_by_its_deadline_against_a_trickling_server(trickler):
+    from alphaalign.rewards.remote import RemoteScorer
+
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        RemoteScorer(trickler.url + "/score", timeout=1.5, retries=1, backoff=0.1).score_all(["p"], ["a"])
+    took = time.monotonic() - start
+    assert 3.0 < took < 4.5, took  # two attempts of 1.5 s each and the pause between them
+    assert "no complete reply within 1.5 s (ReadTimeout) (after 2 attempts)" in str(err.value)
+    assert trickler.connections == 2
+
+
+def test_health_checks_and_weight_pushes_use_the_same_deadline(trickler):
+    """Every call of the server engine (health, model list, weight sync RPCs) goes through ServerClient.call,
+    so a trickling server stops engine start-up within its budget too."""
+    from alphaalign.rollout.vllm_server import ServerError, VLLMServerEngine
+
+    start = time.monotonic()
+    with pytest.raises(ServerError, match="/health: .*ReadTimeout"):
+        VLLMServerEngine([trickler.url], None, timeout=2.0, retries=5)
+    assert time.monotonic() - start < 3.0
+
+
+def _alias_bomb(levels: int = 9, width: int = 10) -> str:
+    """YAML whose last anchor expands to width**levels strings (a billion laughs at 9 levels of 10)."""
+    lines = [f"    l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+def test_a_recipe_that_aliases_expand_into_a_memory_bomb_fails_validate_in_one_line(write_recipe, capsys):
+    path = write_recipe()
+    text = path.read_text().replace("rewards:\n- name: alphaalign_safety\n", "")
+    path.write_text(text + "rewards:\n- name: reward_fixtures:constant\n  args:\n" + _alias_bomb() + "\n")
+    start = time.monotonic()
+    assert main(["validate", str(path)]) == 2
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and path.name in err[0] and "rewards.0.args.l" in err[0], err
+    assert "expands to more than 100,000 values" in err[0]
+    # the same through an override, and a value that contains itself
+    assert main(["validate", str(write_recipe()), "rewards=[{name: x:y, args: &a {me: *a}}]"]) == 2
+    assert "an alias refers to a value that contains it" in capsys.readouterr().err
+
+
+def test_aliases_that_stay_small_still_load():
+    recipe = config.load_recipe(None, [*RECIPE_BASE, "rewards=[{name: x:y, args: {a: &v [1, 2], b: *v}}]"])
+    assert recipe.rewards[0].args == {"a": [1, 2], "b": [1, 2]}
+    assert config.safe_load_bounded("x:\n" + _alias_bomb(levels=4))["x"]["l3"][9][9][9][9] == "lol"  # 10**4

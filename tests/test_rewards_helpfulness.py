@@ -198,7 +198,7 @@ def test_remote_rm_sends_the_token_from_the_environment(reward_server, monkeypat
 @pytest.mark.parametrize(
     ("path", "problem"),
     [
-        ("/slow", "no reply within 0.3 s"),
+        ("/slow", "no complete reply within 0.3 s"),
         ("/error", "HTTP 500: internal error"),
         ("/bad-json", "reply is not JSON"),
         ("/short", "expected 8 scores, got 1"),
@@ -223,7 +223,7 @@ def test_remote_rm_failures_end_in_one_line_naming_the_endpoint(reward_server, p
 def test_remote_rm_unreachable_server():
     with pytest.raises(
         UserError,
-        match=r"remote_rm: http://127.0.0.1:9/x: cannot connect \(ConnectError\) \(after 2 attempts\)",
+        match=r"remote_rm: http://127.0.0.1:9/x: ConnectError: .* \(after 2 attempts\)",
     ):
         remote_rm(["p"], ["a"], url="http://127.0.0.1:9/x", retries=1, backoff=0.01)
 

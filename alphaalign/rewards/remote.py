@@ -8,8 +8,10 @@ Request: ``POST <url>`` with ``Content-Type: application/json`` and, when a toke
 Reply: status 200 and ``{"scores": [<float>, ...]}``, one finite number per (prompt, response) pair, in
 order. Larger batches are split into requests of at most ``batch_size`` pairs.
 
-Each request may take ``timeout`` seconds. Timeouts, connection errors, 5xx replies and malformed replies are
-retried ``retries`` times, sleeping ``backoff · 2^k`` seconds before retry k; a 4xx reply fails at once. What
+Each attempt may take ``timeout`` seconds of wall-clock time, however slowly the server sends
+(`alphaalign.http_client`). Timeouts, connection errors, 5xx replies and malformed replies are retried
+``retries`` times, sleeping ``backoff · 2^k`` seconds before retry k; a 4xx reply fails at once. So a request
+ends within (retries + 1) · timeout plus the pauses. What
 finally fails is a one-line `UserError` naming the endpoint. The token is read from the environment variable
 named by ``token_env`` and never printed.
 """
@@ -23,10 +25,7 @@ import time
 import httpx
 
 from alphaalign.errors import UserError
-
-
-class _BadReply(Exception):
-    pass
+from alphaalign.http_client import DeadlineClient, RequestFailed, Retry, request, short
 
 
 class RemoteScorer:
@@ -49,53 +48,48 @@ class RemoteScorer:
     def score_all(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[float]:
         """Scores for all pairs, in requests of at most ``batch_size`` pairs."""
         scores: list[float] = []
-        with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
+        client = DeadlineClient(headers=self.headers)
+        try:
             for start in range(0, len(prompts), batch_size):
                 end = start + batch_size
                 scores += self._request(client, prompts[start:end], responses[start:end])
+        finally:
+            client.close()
         return scores
 
-    def _request(self, client: httpx.Client, prompts: list[str], responses: list[str]) -> list[float]:
-        payload = {"prompts": prompts, "responses": responses}
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                reply = client.post(self.url, json=payload)
-            except httpx.TimeoutException:
-                problem = f"no reply within {self.timeout:g} s"
-                continue
-            except httpx.TransportError as exc:
-                problem = f"cannot connect ({exc.__class__.__name__})"
-                continue
+    def _request(self, client: DeadlineClient, prompts: list[str], responses: list[str]) -> list[float]:
+        def check(reply: httpx.Response) -> list[float]:
             if 400 <= reply.status_code < 500:
                 raise UserError(
-                    f"remote_rm: {self.url} answered HTTP {reply.status_code}: {_snippet(reply.text)}"
+                    f"remote_rm: {self.url} answered HTTP {reply.status_code}: {short(reply.text, 80)}"
                 )
-            try:
-                return _parse_scores(reply, len(prompts))
-            except _BadReply as exc:
-                problem = str(exc)
-        raise UserError(f"remote_rm: {self.url}: {problem} (after {self.retries + 1} attempts)")
+            return _parse_scores(reply, len(prompts))
+
+        backoff = lambda retry: self.backoff * 2 ** (retry - 1)  # noqa: E731
+        # each attempt has `timeout` seconds; the request, retries and pauses included, ends by this deadline
+        deadline = (
+            time.monotonic()
+            + (self.retries + 1) * self.timeout
+            + sum(map(backoff, range(1, self.retries + 1)))
+        )
+        try:
+            return request(client, "POST", self.url, json={"prompts": prompts, "responses": responses},
+                           deadline=deadline, retries=self.retries, backoff=backoff,
+                           attempt_timeout=self.timeout, check=check)  # fmt: skip
+        except RequestFailed as exc:
+            raise UserError(f"remote_rm: {self.url}: {exc.last} (after {exc.attempts} attempts)") from None
 
 
 def _parse_scores(reply: httpx.Response, expected: int) -> list[float]:
     if reply.status_code != 200:
-        raise _BadReply(f"HTTP {reply.status_code}: {_snippet(reply.text)}")
+        raise Retry(f"HTTP {reply.status_code}: {short(reply.text, 80)}")
     try:
         scores = reply.json()["scores"]
     except (ValueError, KeyError, TypeError):
-        raise _BadReply(
-            f'reply is not JSON of the form {{"scores": [...]}}: {_snippet(reply.text)}'
-        ) from None
+        raise Retry(f'reply is not JSON of the form {{"scores": [...]}}: {short(reply.text, 80)}') from None
     if not isinstance(scores, list) or len(scores) != expected:
         got = len(scores) if isinstance(scores, list) else type(scores).__name__
-        raise _BadReply(f"expected {expected} scores, got {got}")
+        raise Retry(f"expected {expected} scores, got {got}")
     if not all(isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-        raise _BadReply("scores must be finite numbers")
+        raise Retry("scores must be finite numbers")
     return [float(s) for s in scores]
-
-
-def _snippet(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
-    return text[:limit] + ("…" if len(text) > limit else "")

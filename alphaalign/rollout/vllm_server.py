@@ -5,8 +5,8 @@ must run with `--logprobs-mode processed_logprobs` so that the log-probs are log
 quantity the trainer computes (`alphaalign serve RECIPE` starts it that way). Each prompt is one request
 with its own seed; with several servers the prompts are dealt round-robin, and requests run concurrently.
 
-Every request is bounded by `rollout.timeout` seconds, retries included: connection failures, timeouts and
-5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
+Every request is bounded by `rollout.timeout` seconds of wall-clock time, retries included, however slowly
+the server sends (`alphaalign.http_client`): connection failures, timeouts and 5xx answers are retried with exponential backoff (`rollout.retries` times), then a `ServerError` names the
 endpoint and the last failure in one line. The budget runs from the start of the first call that failed
 since the server's last answer, not from each call: once that budget is spent, every further call fails at
 once, so a dead server stops the run within `rollout.timeout` however many calls were waiting on it. A
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from alphaalign.errors import UserError
+from alphaalign.http_client import DeadlineClient, RequestFailed, request, short
 from alphaalign.rollout.base import Rollouts, SamplingParams
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
@@ -36,14 +37,15 @@ class ServerError(UserError):
 
 
 class ServerClient:
-    """JSON over HTTP to one server, each call bounded by a time budget and a number of retries.
+    """JSON over HTTP to one server, each call bounded by a wall-clock budget and a number of retries
+    (`alphaalign.http_client`: the budget holds however slowly the server sends).
 
     The budget counts from the start of the first call that failed since the last answer (`failing_since`),
     so calls queued behind a dead server do not each wait the whole budget again."""
 
     def __init__(self, url: str, timeout: float, retries: int):
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
-        self.http = httpx.Client()
+        self.http = DeadlineClient()
         # when the first call that failed since the server's last answer began; None while it answers
         self.failing_since: float | None = None
         self.last_failure = ""
@@ -52,35 +54,32 @@ class ServerClient:
         budget = self.timeout if timeout is None else timeout
         endpoint = self.url + path
         start = time.monotonic() if self.failing_since is None else self.failing_since
-        deadline = start + budget
-        attempts = 0
-        while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
-            attempts += 1
-            try:
-                response = self.http.request(method, endpoint, json=payload, timeout=remaining)
-            except httpx.HTTPError as exc:  # refused, reset, timed out
-                self._failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, start)
-            else:
-                if response.status_code < 500:
-                    self.failing_since = None  # it answers
-                    if response.status_code < 400:
-                        return _json(response)
-                    raise ServerError(f"{endpoint}: HTTP {response.status_code}: {_short(response.text)}")
-                self._failed(f"HTTP {response.status_code}: {_short(response.text)}", start)
-            time.sleep(min(0.5 * 2 ** (attempts - 1), MAX_BACKOFF_S, max(0.0, deadline - time.monotonic())))
-        if attempts == 0:
-            raise ServerError(
-                f"{endpoint}: failing for more than rollout.timeout={budget:g} s, the last: {self.last_failure}"
-            )
-        raise ServerError(
-            f"{endpoint}: {attempts} failed attempt(s) within rollout.timeout={budget:g} s, "
-            f"the last: {self.last_failure}"
-        )
 
-    def _failed(self, failure: str, call_start: float) -> None:
-        self.last_failure = failure
-        if self.failing_since is None:  # the budget of the call that saw the first failure is the shared one
-            self.failing_since = call_start
+        def check(response):
+            self.failing_since = None  # it answers
+            if response.status_code >= 400:
+                raise ServerError(f"{endpoint}: HTTP {response.status_code}: {short(response.text)}")
+            return _json(response)
+
+        def failed(failure: str) -> None:
+            self.last_failure = failure
+            if (
+                self.failing_since is None
+            ):  # the budget of the call that saw the first failure is the shared one
+                self.failing_since = start
+
+        try:
+            return request(self.http, method, endpoint, json=payload, deadline=start + budget,
+                           retries=self.retries, backoff=_backoff, check=check, on_failure=failed)  # fmt: skip
+        except RequestFailed as exc:
+            if exc.attempts == 0:
+                raise ServerError(
+                    f"{endpoint}: failing for more than rollout.timeout={budget:g} s, the last: {self.last_failure}"
+                ) from None
+            raise ServerError(
+                f"{endpoint}: {exc.attempts} failed attempt(s) within rollout.timeout={budget:g} s, "
+                f"the last: {exc.last}"
+            ) from None
 
     def reset(self) -> None:
         """Forget past failures (the server was replaced)."""
@@ -90,17 +89,16 @@ class ServerClient:
         self.http.close()
 
 
+def _backoff(retry: int) -> float:
+    return min(0.5 * 2 ** (retry - 1), MAX_BACKOFF_S)
+
+
 def _json(response: httpx.Response) -> dict:
     """The reply's JSON; some routes answer plain text, kept under 'text'."""
     try:
         return response.json() if response.content else {}
     except ValueError:
         return {"text": response.text}
-
-
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def parse_completions(reply: dict, n: int, endpoint: str) -> list[tuple[list, list, str]]:
