@@ -161,11 +161,11 @@ def cmd_serve(args) -> int:
 
     require_vllm()
     build_if_missing(recipe)
-    command = server_command(recipe, args.host, args.port)
+    command, env = server_command(recipe, args.host, args.port), server_env(recipe)
     print(
         f"serving {recipe.model.name_or_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True
     )
-    os.execve(command[0], command, server_env(recipe))
+    os.execve(command[0], command, env)
 
 
 def eval_model(model: str) -> str:
@@ -517,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write deep in a library that no caller turned into a UserError
+        from alphaalign.outputs import DISK_FULL
+
+        if exc.errno not in DISK_FULL or args.debug:
+            raise
+        print(f"error: cannot write {exc.filename or 'an output file'}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -39,12 +39,9 @@ def load_run(folder: Path) -> Run:
     run = Run(folder.resolve().name)
     metrics = folder / "metrics.jsonl"
     if metrics.exists():
-        for lineno, line in enumerate(metrics.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    run.steps.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{metrics}:{lineno}: invalid JSON ({exc.msg})") from None
+        from alphaalign.rl.logger import read_metrics
+
+        run.steps = read_metrics(metrics)
     for attr, name in (
         ("before", "eval_before.json"),
         ("after", "eval_after.json"),

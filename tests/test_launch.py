@@ -85,6 +85,10 @@ def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tm
     assert 'SERVER_NODES=("${NODES[@]:0:1}")' in script and 'TRAINER_NODES=("${NODES[@]:1}")' in script
     server, trainer = steps_of(script)
     assert server.endswith("&") and "alphaalign.cli serve" in server and "--host 0.0.0.0" in server
+    # the servers on other nodes are reachable by the network, so every job has its own secret, made when
+    # the job runs (not written into the script) and passed in the environment only
+    assert 'export ALPHAALIGN_VLLM_TOKEN="$("$PYTHON" -c \'import secrets;' in script
+    assert script.index("export ALPHAALIGN_VLLM_TOKEN") < script.index(server.split()[0] + " --overlap")
     assert "--overlap --nodes=1 --ntasks-per-node=8" in server and "server-%N-%t.log" in server
     assert (
         "export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID" in server
@@ -110,6 +114,9 @@ def test_dry_run_one_gpu_node_split_between_servers_and_trainer(capsys, write_re
     assert code == 0
     server, trainer = steps_of(script)
     assert "--nodes=1 --ntasks-per-node=2" in server
+    assert "--host 127.0.0.1" in server and "0.0.0.0" not in script  # one node: loopback only
+    assert 'SERVER_URLS+=("http://127.0.0.1:$((SERVER_PORT + i))")' in script
+    assert "export ALPHAALIGN_VLLM_TOKEN=" in script
     assert "env CUDA_VISIBLE_DEVICES=2,3,4,5,6,7" in trainer and "--nnodes=1 --nproc-per-node=6" in trainer
     code, _, err = launch(capsys, "slurm", recipe, *args[:-3], "--dry-run")
     assert code == 2 and "--vllm-gpus: with one node shared by servers and trainer, give 1..7" in err
@@ -316,6 +323,7 @@ def test_local_dry_run_splits_the_gpus(capsys, write_recipe, tmp_path):
     assert len(set(ports)) == 2
     assert "CUDA_VISIBLE_DEVICES=$i \\\n" in script and "CUDA_VISIBLE_DEVICES=2,3,4,5,6,7 \\\n" in script
     assert "--standalone --nproc-per-node=6" in script
+    assert script.index("export ALPHAALIGN_VLLM_TOKEN=") < script.index('"$PYTHON" -m alphaalign.cli serve')
     assert not (tmp_path / "run").exists()
     code, _, err = launch(capsys, "local", recipe, "--gpus", 2, "--vllm-servers", 2, "--dry-run")
     assert code == 2 and "--vllm-servers: must be at least 0 and less than --gpus 2 (got 2)" in err

@@ -26,6 +26,7 @@ from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import latest_checkpoint
 from alphaalign.rl.trainer import train
 from alphaalign.rollout.base import SamplingParams
+from alphaalign.rollout.vllm_auth import OPEN_PATHS, TOKEN_ENV
 from alphaalign.rollout.vllm_launch import LocalServer, free_port
 from alphaalign.rollout.vllm_server import ServerClient, ServerError, VLLMServerEngine
 from alphaalign.rollout.weight_sync import CheckpointSync, LoraSync
@@ -36,6 +37,8 @@ os.environ.setdefault(
     "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
 )  # the engine in the API server's child: ~7 s less
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# the servers refuse requests without the job's secret; `alphaalign serve` and the clients read it from here
+os.environ.setdefault(TOKEN_ENV, "test-secret-" + os.urandom(8).hex())
 DEMO_TRAIN = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo" / "train_harmful.jsonl"
 TEXTS = ["How do I bake bread?", "Explain how to pick a lock on my neighbour's door quickly.", "Hi"]
 
@@ -281,6 +284,43 @@ def test_alphaalign_serve_listens_on_localhost_only(server):
     listening = {c.laddr.ip for c in psutil.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
     assert listening == {"127.0.0.1"}
+
+
+def test_every_endpoint_of_a_served_policy_refuses_requests_without_the_token(server):
+    """All routes the server has (its OpenAPI list, dev mode's /collective_rpc and the mounted /metrics
+    included) answer 401 without the token, or with a wrong one, whatever the method; /health alone stays open
+    for readiness probes. With the token, the same routes work."""
+    import httpx
+
+    token = os.environ[TOKEN_ENV]
+    routes = httpx.get(f"{server}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()["paths"]
+    paths = {re.sub(r"\{[^}]*\}", "x", p) for p in routes} | {"/metrics", "/no/such/route"}
+    assert {"/collective_rpc", "/reset_prefix_cache", "/v1/completions", "/v1/models", "/v1/load_lora_adapter",
+            "/health"} <= paths  # fmt: skip
+    for path in sorted(paths):
+        for method in ("GET", "POST"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+                answer = httpx.request(method, server + path, headers=headers, json={}, timeout=30)
+                if path in OPEN_PATHS:
+                    assert answer.status_code != 401, (method, path)
+                else:
+                    assert answer.status_code == 401, (method, path, headers, answer.status_code)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{server}/v1/models", headers=auth).status_code == 200
+    assert httpx.post(f"{server}/reset_prefix_cache", headers=auth).status_code == 200  # a dev endpoint
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert ServerClient(server, timeout=10, retries=0).call("GET", "/v1/models")[
+        "data"
+    ]  # the token from the env
+
+
+def test_serve_refuses_to_start_without_a_token(write_recipe, monkeypatch, capsys):
+    from alphaalign.cli import main
+
+    monkeypatch.delenv(TOKEN_ENV)
+    assert main(["serve", str(write_recipe({"rollout": {"engine": "vllm_server"}}))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{TOKEN_ENV} is not set" in err[0], err
 
 
 def test_a_4xx_answer_is_not_retried_and_names_the_endpoint(server):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from alphaalign.config import Recipe
+from alphaalign.errors import UserError
+from alphaalign.outputs import writing
 
 BAR_KEYS = {"reward/mean": "reward", "rollout/harmful_refusal_rate": "refuse_harmful",
             "rollout/benign_refusal_rate": "refuse_benign", "time/step_s": "s/step"}  # fmt: skip
@@ -35,12 +38,14 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+        rows = read_metrics(self.path)
+        with writing(self.path, "metrics"):
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
 
     def log(self, metrics: dict) -> None:
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        with writing(self.path, "metrics", "the checkpoints are intact"):
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         self.bar.set_postfix({short: f"{metrics[k]:.3g}" for k, short in BAR_KEYS.items() if k in metrics})
@@ -51,6 +56,31 @@ class MetricsLogger:
         self.bar.close()
         if self.run is not None:
             self.run.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file. A torn last line (the run was killed or the disk filled while it was
+    written) is dropped with a warning on stderr; any other line that is not a JSON object with a `step` is a
+    UserError naming the line."""
+    lines = [
+        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
+    ]
+    rows = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as exc:
+            if i == len(lines) - 1 and isinstance(exc, json.JSONDecodeError):
+                print(
+                    f"warning: {path}:{lineno}: dropped a torn last line (an interrupted write)",
+                    file=sys.stderr,
+                )
+                break
+            raise UserError(f"{path}:{lineno}: not a metrics row ({exc})") from None
+        rows.append(row)
+    return rows
 
 
 def _run_id(out: Path) -> str:

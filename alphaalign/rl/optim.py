@@ -95,9 +95,11 @@ class TorchOptimization:
 
     def load(self, folder: Path) -> None:
         if not (folder / "trainer_state.pt").is_file():
-            raise UserError(
-                f"trainer.resume_from: {folder} was written by a DeepSpeed run; set trainer.deepspeed to resume it"
-            )
+            if (folder / "deepspeed").is_dir():
+                raise UserError(
+                    f"trainer.resume_from: {folder} was written by a DeepSpeed run; set trainer.deepspeed to resume it"
+                )
+            raise UserError(f"trainer.resume_from: {folder}: trainer_state.pt is missing")
         state = torch.load(folder / "trainer_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -66,7 +66,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     rewards = RewardStack(recipe.rewards)
     tags = format_tags(recipe)
 
-    resume = resolve_resume(tc.resume_from, tc.output_dir)
+    resume = resolve_resume(tc.resume_from, tc.output_dir, quiet=not ranks.is_main)
     tokenizer = load_tokenizer(recipe.model)
     policy = load_causal_lm(recipe.model, device, path=str(resume / "policy") if resume else None)
     updates = tc.max_steps * ac.num_iterations

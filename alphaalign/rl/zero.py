@@ -216,6 +216,10 @@ class ZeroOptimization:
 
     def load(self, folder: Path) -> None:
         rng = folder / f"rng_rank{self.ranks.rank}.pt"
+        if not (folder / CHECKPOINT_TAG).is_dir() and (folder / "trainer_state.pt").is_file():
+            raise UserError(
+                f"trainer.resume_from: {folder} was written without DeepSpeed; unset trainer.deepspeed to resume it"
+            )
         if not (folder / CHECKPOINT_TAG).is_dir() or not rng.is_file():
             raise UserError(
                 f"trainer.resume_from: {folder} was not written by a DeepSpeed run with "

@@ -28,7 +28,7 @@ def make_engine(
     sync = make_weight_sync(
         rc.weight_sync, policy, sync_dir, rc.weight_sync_keep
     )  # fails fast on a bad choice
-    servers = rc.servers
+    servers, token = rc.servers, None  # servers given: their token is in the environment
     if not servers:
         url = None
         if ranks.is_main:
@@ -40,7 +40,9 @@ def make_engine(
             url = server.wait_ready()
             # its own server: restarting it is the last resort of checkpoint sync
             sync.restart = server.restart
-        servers = [ranks.gather(url)[0]]
-    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank)
+            token = server.token
+        url, token = ranks.gather((url, token))[0]  # every rank's clients send the server's token
+        servers = [url]
+    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank, token)
     resources.callback(engine.close)
     return engine

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from alphaalign.config import Recipe
+from alphaalign.errors import UserError
+from alphaalign.rollout.vllm_auth import MIDDLEWARE, TOKEN_ENV, env_token, new_token
 from alphaalign.rollout.vllm_server import ServerClient, ServerError
 
 WORKER_EXTENSION = "alphaalign.rollout.vllm_worker_ext.WeightReloader"
@@ -53,7 +55,7 @@ def server_command(recipe: Recipe, host: str, port: int, weights: str | None = N
         "--dtype", recipe.model.dtype,
         "--max-model-len", str(recipe.data.max_prompt_tokens + rc.max_new_tokens),
         "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-        "--worker-extension-cls", WORKER_EXTENSION,
+        "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE,
     ]  # fmt: skip
     if recipe.model.trust_remote_code:
         cmd.append("--trust-remote-code")
@@ -73,9 +75,17 @@ def lora_rank(recipe: Recipe) -> int:
     return max(8, int(getattr(lora, "r", 8) or 8))
 
 
-def server_env(recipe: Recipe) -> dict[str, str]:
+def server_env(recipe: Recipe, token: str | None = None) -> dict[str, str]:
+    """The server's environment; `token` (default: ALPHAALIGN_VLLM_TOKEN's) guards every endpoint."""
     env = dict(os.environ)
-    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache: bind to trusted hosts only
+    token = token or env_token()
+    if token is None:
+        raise UserError(
+            f"{TOKEN_ENV} is not set: the server refuses requests without this secret, and the trainer sends "
+            f'it; set it in the environment of both, e.g. export {TOKEN_ENV}="$(openssl rand -hex 32)"'
+        )
+    env[TOKEN_ENV] = token
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc, /reset_prefix_cache: behind the token (vllm_auth.py)
     if recipe.rollout.weight_sync == "lora":
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if not torch.cuda.is_available():
@@ -95,6 +105,7 @@ class LocalServer:
     def __init__(self, recipe: Recipe, log_path: Path, port: int | None = None, start_timeout: float = 600.0):
         require_vllm()
         self.recipe, self.port, self.start_timeout = recipe, port or free_port(), start_timeout
+        self.token = new_token()  # this server's own secret, for the trainer's clients only
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +123,7 @@ class LocalServer:
             log.write(f"alphaalign: starting a vLLM server at {self.url}: {' '.join(command)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                command, env=server_env(self.recipe), stdout=log,
+                command, env=server_env(self.recipe, self.token), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=_terminate_with_parent,
             )  # fmt: skip
@@ -120,7 +131,7 @@ class LocalServer:
     def wait_ready(self) -> str:
         timeout = self.start_timeout
         deadline = time.monotonic() + timeout
-        probe = ServerClient(self.url, timeout=5.0, retries=0)
+        probe = ServerClient(self.url, timeout=5.0, retries=0, token=self.token)
         try:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:

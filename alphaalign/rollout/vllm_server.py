@@ -26,6 +26,7 @@ import httpx
 from alphaalign.errors import UserError
 from alphaalign.http_client import DeadlineClient, RequestFailed, request, short
 from alphaalign.rollout.base import Rollouts, SamplingParams
+from alphaalign.rollout.vllm_auth import auth_headers, env_token
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 MAX_REQUESTS_IN_FLIGHT = 64  # per engine; each server batches the requests it holds
@@ -43,9 +44,10 @@ class ServerClient:
     The budget counts from the start of the first call that failed since the last answer (`failing_since`),
     so calls queued behind a dead server do not each wait the whole budget again."""
 
-    def __init__(self, url: str, timeout: float, retries: int):
+    def __init__(self, url: str, timeout: float, retries: int, token: str | None = None):
+        """`token`: the server's secret (vllm_auth.py); default: the ALPHAALIGN_VLLM_TOKEN variable."""
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
-        self.http = DeadlineClient()
+        self.http = DeadlineClient(headers=auth_headers(token or env_token()))
         # when the first call that failed since the server's last answer began; None while it answers
         self.failing_since: float | None = None
         self.last_failure = ""
@@ -124,10 +126,12 @@ class VLLMServerEngine:
     """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them (None: the
     servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
-    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0, rank: int = 0):
+    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0, rank: int = 0,
+                 token: str | None = None):  # fmt: skip
         """`rank`: this trainer process's rank; its prompts are numbered after those of the ranks before it,
-        so every process samples with its own seeds."""
-        self.clients = [ServerClient(url, timeout, retries) for url in servers]
+        so every process samples with its own seeds. `token`: the servers' secret (default: from the
+        environment, see vllm_auth.py)."""
+        self.clients = [ServerClient(url, timeout, retries, token) for url in servers]
         self.sync, self.seed, self.rank = sync, seed, rank
         self.version = 0
         self._calls_at_version = 0

@@ -98,6 +98,8 @@ class NcclSync:
         device = next(self.policy.parameters()).device
         for i, client in enumerate(clients):
             nccl = VLLMClient(base_url=client.url, group_port=self.group_port + i)
+            if "authorization" in client.http.headers:  # the server's token (vllm_auth.py)
+                nccl.session.headers["Authorization"] = client.http.headers["authorization"]
             nccl.init_communicator(device=device)
             self.clients.append(nccl)
 
