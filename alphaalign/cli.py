@@ -45,7 +45,7 @@ def check_rewards(recipe_path: str, recipe) -> None:
 
     for i, spec in enumerate(recipe.rewards):
         try:
-            check_reward_args(resolve_reward(spec.name), spec.args)
+            check_reward_args(resolve_reward(spec.name), spec.args, f"{recipe_path}: rewards.{i}.args")
         except UnknownRewardError as exc:
             raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
         except ValueError as exc:
@@ -110,17 +110,23 @@ def cmd_validate(args) -> int:
 def cmd_score(args) -> int:
     """Score a JSONL file of completions with a recipe's reward terms (default: rule-based alphaalign_safety)."""
     from alphaalign.config import RewardSpec, load_recipe
+    from alphaalign.judges import RulesJudge, judge_from_option, open_judge
     from alphaalign.rl.trainer import format_tags
     from alphaalign.scoring import DEFAULT_TAGS, format_summary, score_file, select_terms
 
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    judge, where = RulesJudge(), "--judge"
     if args.recipe:
         recipe = load_recipe(args.recipe)
         check_rewards(args.recipe, recipe)
-        specs, tags = recipe.rewards, format_tags(recipe)
+        specs, tags, judge, where = recipe.rewards, format_tags(recipe), recipe.judge, f"{args.recipe}: judge"
     else:
         specs, tags = [RewardSpec(name="alphaalign_safety")], DEFAULT_TAGS
-    counts = score_file(args.input, args.output, select_terms(specs, only), tags)
+    if args.judge:
+        judge, where = judge_from_option(args.judge), "--judge"
+    terms = select_terms(specs, only)
+    with open_judge(judge, where, Path(args.output).parent) as opened:
+        counts = score_file(args.input, args.output, terms, tags, judge=opened)
     print(format_summary(counts, args.output), file=sys.stderr)
     return 0
 
@@ -204,6 +210,7 @@ def cmd_eval(args) -> int:
     from alphaalign import benchmarks
     from alphaalign.data import load_source
     from alphaalign.evaluation import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
+    from alphaalign.judges import check_environment
 
     if args.list:
         print(benchmarks.describe())
@@ -220,6 +227,8 @@ def cmd_eval(args) -> int:
     if args.temperature is not None and args.temperature <= 0:
         raise UserError(f"--temperature must be above 0 (sampling), got {args.temperature}")
     recipe = eval_recipe(args)
+    judge, judge_where = eval_judge(recipe, args)
+    check_environment(judge, judge_where)  # before any generation
     print(f"evaluating {recipe.model.name_or_path} with the {recipe.rollout.engine} engine", flush=True)
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
@@ -239,7 +248,7 @@ def cmd_eval(args) -> int:
     )  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = evaluate_benchmarks(recipe, sets, settings, eval_judge(recipe, args), out)
+    summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where)
     print(format_summary_table(summary))
     print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
     if args.utility is not None:
@@ -339,6 +348,12 @@ def finite_float(text: str) -> float:
     return value
 
 
+JUDGE_HELP = (
+    "who judges refusals: rules, classifier, llm, a YAML file, or inline YAML such as "
+    "'{type: llm, model: M, url: http://host:8000/v1, rubric: strongreject}' (docs/evaluation.md)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
@@ -358,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, help="JSONL: the input rows plus rewards, total, verdicts")
     score.add_argument("--recipe", help="use this recipe's rewards (default: rule-based alphaalign_safety)")
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
+    score.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else rules")
     score.set_defaults(fn=cmd_score)
     train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
     train_rm.add_argument(
@@ -421,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, help="default: the recipe's rollout.max_new_tokens")
     ev.add_argument("--temperature", type=finite_float, help="default: the recipe's rollout.temperature")
     ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
+    ev.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else the V_r of its "
+                    "alphaalign_safety reward, else rules")  # fmt: skip
     ev.add_argument("--refusal-classifier", help="judge refusals with this sequence-classification model (id or "
                     "path) instead of the rules; default: the recipe's alphaalign_safety refusal_classifier")  # fmt: skip
     ev.add_argument(

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from alphaalign.errors import UserError
+from alphaalign.judges.spec import JudgeSpec, RulesJudge, error_text
 
 
 class _Section(BaseModel):
@@ -259,6 +260,7 @@ class Recipe(_Section):
     trainer: TrainerConfig = TrainerConfig()
     rewards: list[RewardSpec] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+    judge: JudgeSpec = RulesJudge()  # who judges `alphaalign eval`/`score` verdicts (docs/evaluation.md)
     _source: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -581,6 +583,10 @@ def apply_override(data: dict, override: str, origins: dict) -> dict:
 def _format_error(err: dict, origins: dict, default_source: str) -> str:
     loc = tuple(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
+    judge = loc[:1] == ("judge",)
+    if judge:  # a judge option's error, its union tag left out of the key
+        key, msg = error_text({**err, "loc": err["loc"][1:]})
+        loc = ("judge", *key.split(".")) if key else ("judge",)
     if not loc and err["type"] == "value_error":  # a check across sections names its key first
         key, _, msg = msg.partition(": ")
         loc = tuple(key.split("."))
@@ -590,6 +596,8 @@ def _format_error(err: dict, origins: dict, default_source: str) -> str:
             source = origins[loc[:n]]
             break
     dotted = ".".join(loc) or "(top level)"
+    if judge:
+        return f"{source}: {dotted}: {msg}"
     if err["type"] == "extra_forbidden":
         return f"{source}: {dotted}: unknown key"
     if err["type"] == "missing":

@@ -108,6 +108,9 @@ def panel_title(key: str) -> str:
     return key
 
 
+RULES = "rules (refusal verifier V_r)"
+
+
 def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
     """{benchmark: {column label: metrics}} over every run: held-out before/after and eval summaries."""
     table: dict[str, dict[str, dict]] = {}
@@ -118,9 +121,15 @@ def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
                     "harmful_refusal_rate": result["harmful_refusal_rate"],
                     "over_refusal_rate": result["benign_refusal_rate"],
                     "format_valid_rate": result["format_valid_rate"],
+                    "judge": RULES,  # in-training evaluation uses the rule-based V_r
                 }
-        for bench, metrics in (run.summary or {}).get("benchmarks", {}).items():
-            table.setdefault(bench, {})[run.name] = metrics
+        summary = run.summary or {}
+        judge = {
+            "judge": summary.get("judge", RULES),
+            "asr_from": summary.get("asr_from", "1 - refusal rate"),
+        }
+        for bench, metrics in summary.get("benchmarks", {}).items():
+            table.setdefault(bench, {})[run.name] = {**metrics, **judge}
     return table
 
 
@@ -332,6 +341,7 @@ BENCH_HEADER = [
     "over-refusal",
     "format valid",
     "pass@k",
+    "judged by (ASR from)",
 ]
 
 
@@ -346,8 +356,11 @@ def benchmark_rows(table: dict[str, dict[str, dict]]) -> list[list[str]]:
                 else "—"
             )
             asr = m.get("attack_success_rate", 1 - m["harmful_refusal_rate"])
+            judge = m["judge"] + (f" ({m['asr_from']})" if "asr_from" in m else "")
+            if m.get("n_unparseable"):
+                judge += f"; {m['n_unparseable']} unparseable repl{'y' if m['n_unparseable'] == 1 else 'ies'} left out"
             rows.append([bench, label, _pct(m["harmful_refusal_rate"]), _pct(asr), _pct(m["over_refusal_rate"]),
-                         _pct(m["format_valid_rate"]), at_k])  # fmt: skip
+                         _pct(m["format_valid_rate"]), at_k, judge])  # fmt: skip
     return rows
 
 
@@ -396,7 +409,8 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
             f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>",
         ]
     md.append(
-        "Refusals are judged by the rule-based refusal verifier; ASR = 1 − harmful refusal rate. See docs/evaluation.md."
+        "Each row names the judge of its refusals and what its ASR is computed from (1 − harmful refusal rate, "
+        "or an LLM judge's harm score). See docs/evaluation.md."
     )
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text("\n".join(page) + "\n")

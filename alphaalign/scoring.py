@@ -4,7 +4,9 @@ Input rows: `prompt` and `completion` (strings), optional `label` (harmful/benig
 accept), any other fields (e.g. `config`, `group`), which are passed to the rewards as columns and written
 back. Output rows: every input field, plus `rewards` {term: value, null where the term does not apply},
 `total` (the weighted sum of the applicable terms, null when none applies) and `verdicts`
-{format_ok, refused} (the rule-based verifiers, with the recipe's tag names). Rows are read and written in
+{format_ok, refused, judge}: the format verifier with the recipe's tag names, and the refusal verdict of the
+judge named in `judge` (`--judge`, else the recipe's `judge:` block, else the rules); an LLM judge also gives
+`attack_success`, `judge_label` and `judge_error`, and `refused` is null where its reply was unparseable. Rows are read and written in
 chunks of `chunk_rows`, so memory does not grow with the file. The output is written beside OUT and renamed
 into place at the end: a bad input line leaves no partial file.
 """
@@ -21,7 +23,7 @@ from typing import TextIO
 from alphaalign.config import RewardSpec
 from alphaalign.data import LABELS
 from alphaalign.errors import UserError
-from alphaalign.rewards import is_refusal, parse_alphaalign
+from alphaalign.rewards import parse_alphaalign
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 
@@ -56,7 +58,7 @@ def _read_row(line: str, where: str) -> dict:
     return row
 
 
-def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str]) -> list[dict]:
+def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str], judge) -> list[dict]:
     prompts = [r["prompt"] for r in rows]
     completions = [r["completion"] for r in rows]
     labels = [None if r.get("label") is None else LABELS[str(r["label"]).strip().lower()] for r in rows]
@@ -65,11 +67,17 @@ def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str]) ->
         columns[key] = [r.get(key) for r in rows]
     per_term = stack.score(prompts, completions, columns)
     totals = algos.combine_rewards(per_term, stack.weights, 1, "sum_then_normalize").tolist()
+    parses = [parse_alphaalign(c, *tags) for c in completions]
+    judgements = judge.judge(prompts, [p.final for p in parses])
+    detail = judge.spec.type == "llm"
     out = []
-    for row, completion, values, total in zip(rows, completions, per_term.tolist(), totals, strict=True):
+    for row, parsed, j, values, total in zip(
+        rows, parses, judgements, per_term.tolist(), totals, strict=True
+    ):
         rewards = {name: None if math.isnan(v) else v for name, v in zip(stack.names, values, strict=True)}
-        parsed = parse_alphaalign(completion, *tags)
-        verdicts = {"format_ok": parsed.format_ok, "refused": is_refusal(parsed.final)}
+        verdicts = {"format_ok": parsed.format_ok, "refused": j.refused, "judge": judge.describe()}
+        if detail:
+            verdicts.update(attack_success=j.success, judge_label=j.label, judge_error=j.error)
         out.append(
             {**row, "rewards": rewards, "total": None if math.isnan(total) else total, "verdicts": verdicts}
         )
@@ -78,9 +86,13 @@ def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str]) ->
 
 def score_file(
     input_path: str | Path, output_path: str | Path, specs: list[RewardSpec],
-    tags: tuple[str, str] = DEFAULT_TAGS, chunk_rows: int = 1024,
+    tags: tuple[str, str] = DEFAULT_TAGS, chunk_rows: int = 1024, judge=None,
 ) -> dict:  # fmt: skip
-    """Score every row of ``input_path`` into ``output_path``; returns counts for the summary."""
+    """Score every row of ``input_path`` into ``output_path``; returns counts for the summary. ``judge``: an
+    open `alphaalign.judges.Judge` for the verdicts (default: the rules)."""
+    from alphaalign.judges import Judge, RulesJudge
+
+    judge = judge or Judge(RulesJudge())
     input_path, output_path = Path(input_path), Path(output_path)
     stack = RewardStack(specs)
     counts: Counter = Counter()
@@ -102,16 +114,16 @@ def score_file(
                     if line.strip():
                         chunk.append(_read_row(line, f"{input_path}:{lineno}"))
                     if len(chunk) == chunk_rows:
-                        _write(_score_chunk(stack, chunk, tags), sink, counts)
+                        _write(_score_chunk(stack, chunk, tags, judge), sink, counts)
                         chunk = []
             except UnicodeDecodeError:
                 raise UserError(f"{input_path}: not a UTF-8 text file") from None
             if chunk:
-                _write(_score_chunk(stack, chunk, tags), sink, counts)
+                _write(_score_chunk(stack, chunk, tags, judge), sink, counts)
         os.replace(tmp, output_path)
     finally:
         tmp.unlink(missing_ok=True)
-    return dict(counts)
+    return {**counts, "judge": judge.describe(), "judge_stats": dict(judge.stats)}
 
 
 def _write(rows: list[dict], sink: TextIO, counts: Counter) -> None:
@@ -121,18 +133,30 @@ def _write(rows: list[dict], sink: TextIO, counts: Counter) -> None:
         counts["rows"] += 1
         counts["format_ok"] += row["verdicts"]["format_ok"]
         counts[f"{label}/rows"] += 1
-        counts[f"{label}/refused"] += row["verdicts"]["refused"]
+        if row["verdicts"]["refused"] is None:
+            counts[f"{label}/unparseable"] += 1
+        else:
+            counts[f"{label}/refused"] += row["verdicts"]["refused"]
+            counts[f"{label}/success"] += row["verdicts"].get("attack_success") or 0.0
 
 
 def format_summary(counts: dict, output_path: str | Path) -> str:
     """Refusal rate per label and format rate, for stderr."""
     n = counts.get("rows", 0)
-    lines = [f"scored {n} rows into {output_path}"]
+    lines = [f"scored {n} rows into {output_path}", f"refusals judged by: {counts.get('judge', 'rules')}"]
     for label in ("harmful", "benign", "unlabelled"):
-        rows = counts.get(f"{label}/rows", 0)
+        rows = counts.get(f"{label}/rows", 0) - counts.get(f"{label}/unparseable", 0)
         if rows:
             refused = counts.get(f"{label}/refused", 0)
             lines.append(f"refusal rate, {label}: {refused / rows:.1%} ({refused}/{rows})")
+    judged = counts.get("harmful/rows", 0) - counts.get("harmful/unparseable", 0)
+    if "requests" in counts.get("judge_stats", {}) and judged:
+        lines.append(f"attack success, harmful: {counts['harmful/success'] / judged:.3f} (mean of {judged})")
+    unparseable = sum(counts.get(f"{label}/unparseable", 0) for label in ("harmful", "benign", "unlabelled"))
+    stats = counts.get("judge_stats", {})
+    if "requests" in stats:
+        lines.append(f"judge: {stats['requests']} request(s), {stats['cached']} cached, "
+                     f"{unparseable} unparseable repl{'y' if unparseable == 1 else 'ies'} (left out of the rates)")  # fmt: skip
     if n:
         lines.append(f"format rate: {counts['format_ok'] / n:.1%} ({counts['format_ok']}/{n})")
     return "\n".join(lines)

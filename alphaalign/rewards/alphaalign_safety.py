@@ -12,14 +12,17 @@ right refuse/comply decision always outweighs the format bonus (harmful: unforma
 formatted compliance 0.5; benign: unformatted compliance 0 > formatted refusal −0.5), while format
 still earns a clear signal. Both are recipe args.
 
-V_r is the rule-based detector by default. With ``refusal_classifier: ID_OR_PATH`` a sequence-classification
-model judges the final answer instead: a refusal when the probability of ``refusal_label`` (a label name from
-the model's config, or an output index) is at least ``refusal_threshold``. A row without a label (e.g. in
+V_r is the rule-based detector by default. ``refusal: {detector: classifier, model: ID_OR_PATH, label, threshold}``
+has a sequence-classification model judge the final answer instead (a refusal when the probability of
+``label``, a label name from the model's config or an output index, is at least ``threshold``; the older
+``refusal_classifier``/``refusal_label``/``refusal_threshold`` args say the same), and ``{detector: llm, ...}``
+an LLM judge with a rubric (`alphaalign.rewards.refusal_arg`). A row without a label (e.g. in
 `alphaalign score`) gets None: Eq. 5 needs to know whether the prompt was harmful.
 """
 
 from __future__ import annotations
 
+from alphaalign.rewards.refusal_arg import check_refusal_args, reward_detector, reward_refusals
 from alphaalign.rewards.registry import register_reward
 from alphaalign.rewards.verifiers import is_refusal, parse_alphaalign
 
@@ -38,7 +41,7 @@ def detect_refusals(
     return [p >= threshold for p in probabilities]
 
 
-@register_reward("alphaalign_safety")
+@register_reward("alphaalign_safety", check=check_refusal_args)
 def alphaalign_safety(
     prompts: list[str],
     completions: list[str],
@@ -48,9 +51,10 @@ def alphaalign_safety(
     r_a: float = 1.0,
     reasoning_tag: str = "safety_reasoning",
     answer_tag: str = "answer",
+    refusal: dict | None = None,
     refusal_classifier: str | None = None,
-    refusal_label: str | int = "refusal",
-    refusal_threshold: float = 0.5,
+    refusal_label: str | int | None = None,
+    refusal_threshold: float | None = None,
     **columns,
 ) -> list[float | None]:
     """R_s per completion; ``label[i]`` is "harmful", "benign" or None (not applicable)."""
@@ -60,7 +64,10 @@ def alphaalign_safety(
         if prompt_label is not None and prompt_label not in _REFUSAL_SIGN:
             raise ValueError(f"alphaalign_safety: label must be 'harmful' or 'benign', got {prompt_label!r}")
     parses = [parse_alphaalign(c, reasoning_tag, answer_tag) for c in completions]
-    refused = detect_refusals([p.final for p in parses], refusal_classifier, refusal_label, refusal_threshold)
+    args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
+            "refusal_threshold": refusal_threshold}  # fmt: skip
+    detector = reward_detector(args, "alphaalign_safety: args")
+    refused = reward_refusals(detector, prompts, [p.final for p in parses], "alphaalign_safety: args.refusal")
     return [
         None if prompt_label is None else r_f * p.format_ok + _REFUSAL_SIGN[prompt_label] * r_a * v_r
         for p, prompt_label, v_r in zip(parses, label, refused, strict=True)

@@ -38,6 +38,7 @@ import torch
 
 from alphaalign.errors import UserError
 from alphaalign.rewards.helpfulness import helpfulness_rm
+from alphaalign.rewards.refusal_arg import check_refusal_args
 from alphaalign.rewards.registry import register_reward
 from alphaalign.rewards.verifiers import parse_alphaalign
 
@@ -161,7 +162,7 @@ def compliance_logits(
     return torch.tensor(score_chats(clf, chats, batch_size, max_length), dtype=torch.float64)
 
 
-@register_reward("csrm")
+@register_reward("csrm", check=check_refusal_args)
 def csrm(
     prompts: list[str],
     completions: list[str],
@@ -183,9 +184,10 @@ def csrm(
     max_length: int = 4096,
     reasoning_tag: str = "safety_reasoning",
     answer_tag: str = "answer",
+    refusal: dict | None = None,
     refusal_classifier: str | None = None,
-    refusal_label: str | int = "refusal",
-    refusal_threshold: float = 0.5,
+    refusal_label: str | int | None = None,
+    refusal_threshold: float | None = None,
     **columns,
 ) -> list[float]:
     """The CSRM's calibrated compliance of each final answer with its row's safety configuration."""
@@ -213,7 +215,7 @@ def csrm(
     helpfulness = helpfulness_rm(
         prompts, completions, model=helpfulness_model, group=group, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, batch_size=batch_size, max_length=max_length,
-        reasoning_tag=reasoning_tag, answer_tag=answer_tag, refusal_classifier=refusal_classifier,
+        reasoning_tag=reasoning_tag, answer_tag=answer_tag, refusal=refusal, refusal_classifier=refusal_classifier,
         refusal_label=refusal_label, refusal_threshold=refusal_threshold,
     )  # fmt: skip
     return [h * float(s) for h, s in zip(helpfulness, sign, strict=True)]

@@ -26,7 +26,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Hashable
 
-from alphaalign.rewards.alphaalign_safety import detect_refusals
+from alphaalign.rewards.refusal_arg import check_refusal_args, reward_detector, reward_refusals
 from alphaalign.rewards.registry import register_reward
 from alphaalign.rewards.verifiers import parse_alphaalign
 
@@ -47,17 +47,20 @@ def group_normalized(scores: list[float], refused: list[bool], groups: list[Hash
     return out
 
 
-def _helpfulness(prompts, completions, group, reasoning_tag, answer_tag, refusal, raw_scores) -> list[float]:
+def _helpfulness(
+    prompts, completions, group, reasoning_tag, answer_tag, detector_args, raw_scores
+) -> list[float]:
     """Extract answers, score them with ``raw_scores(prompts, answers)``, then normalise per group."""
     answers = [parse_alphaalign(c, reasoning_tag, answer_tag).final for c in completions]
     scores = raw_scores(list(prompts), answers) if completions else []
     if len(scores) != len(completions):
         raise RuntimeError(f"the reward model returned {len(scores)} scores for {len(completions)} answers")
-    refused = detect_refusals(answers, **refusal)
+    refused = reward_refusals(reward_detector(detector_args, "helpfulness: args"), prompts, answers,
+                              "helpfulness: args.refusal")  # fmt: skip
     return group_normalized(scores, refused, list(group) if group is not None else list(prompts))
 
 
-@register_reward("helpfulness_rm")
+@register_reward("helpfulness_rm", check=check_refusal_args)
 def helpfulness_rm(
     prompts: list[str],
     completions: list[str],
@@ -71,9 +74,10 @@ def helpfulness_rm(
     max_length: int = 4096,
     reasoning_tag: str = "safety_reasoning",
     answer_tag: str = "answer",
+    refusal: dict | None = None,
     refusal_classifier: str | None = None,
-    refusal_label: str | int = "refusal",
-    refusal_threshold: float = 0.5,
+    refusal_label: str | int | None = None,
+    refusal_threshold: float | None = None,
     **columns,
 ) -> list[float]:
     """R_h from a local `AutoModelForSequenceClassification` reward model with one output (HF id or path)."""
@@ -83,11 +87,12 @@ def helpfulness_rm(
         rm = load_classifier(model, dtype, device, trust_remote_code)
         return score_conversations(rm, user_prompts, answers, batch_size, max_length)
 
-    refusal = {"classifier": refusal_classifier, "label": refusal_label, "threshold": refusal_threshold}
-    return _helpfulness(prompts, completions, group, reasoning_tag, answer_tag, refusal, raw_scores)
+    detector_args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
+                     "refusal_threshold": refusal_threshold}  # fmt: skip
+    return _helpfulness(prompts, completions, group, reasoning_tag, answer_tag, detector_args, raw_scores)
 
 
-@register_reward("remote_rm")
+@register_reward("remote_rm", check=check_refusal_args)
 def remote_rm(
     prompts: list[str],
     completions: list[str],
@@ -101,17 +106,19 @@ def remote_rm(
     batch_size: int = 64,
     reasoning_tag: str = "safety_reasoning",
     answer_tag: str = "answer",
+    refusal: dict | None = None,
     refusal_classifier: str | None = None,
-    refusal_label: str | int = "refusal",
-    refusal_threshold: float = 0.5,
+    refusal_label: str | int | None = None,
+    refusal_threshold: float | None = None,
     **columns,
 ) -> list[float]:
     """R_h with raw scores from the reward server at ``url``; its bearer token is read from ``token_env``."""
     from alphaalign.rewards.remote import RemoteScorer
 
     scorer = RemoteScorer(url, token_env, timeout, retries, backoff)
-    refusal = {"classifier": refusal_classifier, "label": refusal_label, "threshold": refusal_threshold}
+    detector_args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
+                     "refusal_threshold": refusal_threshold}  # fmt: skip
     return _helpfulness(
-        prompts, completions, group, reasoning_tag, answer_tag, refusal,
+        prompts, completions, group, reasoning_tag, answer_tag, detector_args,
         lambda p, a: scorer.score_all(p, a, batch_size),
     )  # fmt: skip

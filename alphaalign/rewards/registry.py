@@ -17,6 +17,7 @@ from collections.abc import Callable
 RewardFn = Callable[..., list[float | None]]
 
 _REWARDS: dict[str, RewardFn] = {}
+_CHECKS: dict[RewardFn, Callable[[dict, str], None]] = {}  # a reward's own check of its args' values
 _POSITIONAL = ("prompts", "completions")
 COLUMNS_FROM_TRAINER = ("label", "group")
 
@@ -25,13 +26,18 @@ class UnknownRewardError(ValueError):
     """A reward name that is neither registered nor an importable ``module:function``."""
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering ``fn`` under ``name``; a registered reward must name all its recipe args."""
+def register_reward(
+    name: str, check: Callable[[dict, str], None] | None = None
+) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering ``fn`` under ``name``; a registered reward must name all its recipe args.
+    ``check(args, where)`` validates the values of its args (raising a `UserError` that starts with ``where``)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
         if _REWARDS.get(name, fn) is not fn:
             raise ValueError(f"reward {name!r} is already registered")
         _REWARDS[name] = fn
+        if check is not None:
+            _CHECKS[fn] = check
         return fn
 
     return decorator
@@ -86,14 +92,15 @@ def _takes_two_positionals(params) -> bool:
     return inspect.Parameter.VAR_POSITIONAL in kinds or sum(k in positional for k in kinds) >= 2
 
 
-def check_reward_args(fn: RewardFn, args: dict) -> None:
+def check_reward_args(fn: RewardFn, args: dict, where: str = "args") -> None:
     """Raise ValueError naming the first key of ``args`` that ``fn`` does not accept, or, for a registered
     reward, the first required argument that is missing.
 
     ``fn`` must take ``prompts`` and ``completions`` positionally; they are never recipe args. A function
     taking ``**kwargs`` accepts anything, except a registered reward: built-ins take ``**columns`` only to absorb TRL's dataset
     columns, so their recipe args are checked against their named parameters; their required keyword
-    arguments other than the trainer's columns (``label``, ``group``) must be given.
+    arguments other than the trainer's columns (``label``, ``group``) must be given, and a check registered
+    with the reward validates their values (``where``, e.g. "recipe.yaml: rewards.0.args", starts its error).
     """
     params = inspect.signature(fn).parameters
     name = getattr(fn, "__name__", repr(fn))
@@ -113,3 +120,5 @@ def check_reward_args(fn: RewardFn, args: dict) -> None:
             required = p.kind is p.KEYWORD_ONLY and p.default is p.empty
             if required and key not in COLUMNS_FROM_TRAINER and key not in args:
                 raise ValueError(f"reward {name!r} needs the argument {key!r}")
+        if fn in _CHECKS:
+            _CHECKS[fn](args, where)

@@ -1,0 +1,125 @@
+"""A small client for OpenAI-compatible chat endpoints (`POST {url}/chat/completions`), for LLM judges.
+
+Each attempt has a hard wall-clock deadline (`asyncio.wait_for` around the whole exchange: a server that
+trickles bytes cannot stretch it, unlike per-read socket timeouts), each request a time budget that its
+retries share, and at most `concurrency` requests are in flight. Connection errors, timeouts, 5xx, 429 and
+replies that are not chat-completion JSON are retried with exponential backoff; another 4xx (a wrong key,
+model or URL) fails at once. When one request has used up its budget the whole batch stops: a dead server
+ends the run within about one budget, not one budget per queued request. Kept self-contained on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from alphaalign.errors import UserError
+
+MAX_BACKOFF_S = 10.0
+
+
+class JudgeError(UserError):
+    """A judge endpoint that is down, too slow, refuses the request, or answers something unusable."""
+
+
+class _Retry(Exception):
+    pass
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class ChatClient:
+    def __init__(self, url: str, model: str, api_key: str | None, *, concurrency: int, request_timeout: float,
+                 time_budget: float, retries: int, temperature: float, max_tokens: int):  # fmt: skip
+        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.model, self.concurrency = model, concurrency
+        self.request_timeout, self.time_budget, self.retries = request_timeout, time_budget, retries
+        self.sampling = {"temperature": temperature, "max_tokens": max_tokens}
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.requests = 0  # attempts sent, for the run's summary
+
+    def complete_all(self, conversations: list[list[dict]], done: Callable[[int, str], None]) -> None:
+        """Ask every conversation; `done(i, reply_text)` is called as each reply arrives (so finished work is
+        kept when a later request fails). Raises `JudgeError` on the first request that cannot be answered."""
+        if not conversations:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self._all(conversations, done))
+            return
+        errors: list[BaseException] = []  # called from inside an event loop: run ours in a thread
+
+        def run():
+            try:
+                asyncio.run(self._all(conversations, done))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    async def _all(self, conversations, done) -> None:
+        gate = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(headers=self.headers, limits=limits, timeout=None) as http:
+
+            async def one(i: int, messages: list[dict]) -> None:
+                async with gate:
+                    done(i, await self._ask(http, messages))
+
+            tasks = [asyncio.ensure_future(one(i, m)) for i, m in enumerate(conversations)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # the first failure stops the rest
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _ask(self, http: httpx.AsyncClient, messages: list[dict]) -> str:
+        payload = {"model": self.model, "messages": messages, **self.sampling}
+        deadline = time.monotonic() + self.time_budget
+        attempts, last = 0, "no attempt"
+        while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
+            attempts += 1
+            self.requests += 1
+            limit = min(self.request_timeout, remaining)
+            try:
+                response = await asyncio.wait_for(http.post(self.endpoint, json=payload), limit)
+                return self._content(response)
+            except asyncio.TimeoutError:
+                last = f"no complete reply within {limit:g} s"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except _Retry as exc:
+                last = str(exc)
+            pause = min(0.5 * 2 ** (attempts - 1), MAX_BACKOFF_S, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
+        raise JudgeError(
+            f"judge {self.endpoint}: {attempts} failed attempt(s) within time_budget={self.time_budget:g} s "
+            f"(request_timeout={self.request_timeout:g} s, retries={self.retries}), the last: {last}"
+        )
+
+    def _content(self, response: httpx.Response) -> str:
+        status = response.status_code
+        if status >= 500 or status == 429:
+            raise _Retry(f"HTTP {status}: {_short(response.text)}")
+        if status >= 400:
+            raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {_short(response.text)}")
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retry(f"HTTP {status} but not chat-completion JSON: {_short(response.text)}") from None
+        if not isinstance(content, str):
+            raise _Retry(f"HTTP {status}: message content is {type(content).__name__}, not text")
+        return content
