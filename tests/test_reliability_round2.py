@@ -23,36 +23,48 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- 5. non-finite numbers: every float of every schema, every float flag
 
 
-def _float_paths(model: type[BaseModel], prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, annotation) of every float leaf of a schema, list items addressed as item 0."""
+def _float_paths(model: type[BaseModel], prefix: str = "", setup: tuple[str, ...] = ()) -> list[tuple]:
+    """(dotted key, annotation, overrides that select the key's section) of every float leaf of a schema, list
+    items addressed as item 0. A member of a `type`-tagged union is selected by its tag and placeholder values
+    for its other required strings."""
     found = []
     for name, field in model.model_fields.items():
-        found += _paths_of(field.annotation, f"{prefix}{name}")
+        found += _paths_of(field.annotation, f"{prefix}{name}", setup)
     return found
 
 
-def _paths_of(annotation, path: str) -> list[tuple[str, object]]:
+def _selecting(member: type[BaseModel], path: str) -> tuple[str, ...]:
+    tag = member.model_fields.get("type")
+    if tag is None or typing.get_origin(tag.annotation) is not typing.Literal:
+        return ()
+    required = [n for n, f in member.model_fields.items() if f.is_required() and f.annotation is str]
+    return (f"{path}.type={typing.get_args(tag.annotation)[0]}", *(f"{path}.{n}=m" for n in required))
+
+
+def _paths_of(annotation, path: str, setup: tuple[str, ...]) -> list[tuple]:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _paths_of(args[0], path, setup)
     if annotation is float:
-        return [(path, float)]
+        return [(path, float, setup)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return _float_paths(annotation, path + ".")
+        return _float_paths(annotation, path + ".", setup + _selecting(annotation, path))
     if origin in (typing.Union, types.UnionType):
-        return [found for arg in args if arg is not type(None) for found in _paths_of(arg, path)]
+        return [found for arg in args if arg is not type(None) for found in _paths_of(arg, path, setup)]
     if origin is list:
-        return _paths_of(args[0], path + ".0")
+        return _paths_of(args[0], path + ".0", setup)
     if origin is tuple and float in args:
-        return [(path, tuple)]
+        return [(path, tuple, setup)]
     return []
 
 
 def test_the_walker_finds_the_floats_the_issue_names():
-    paths = {p for p, _ in _float_paths(config.Recipe)}
+    paths = {p for p, *_ in _float_paths(config.Recipe)}
     assert {"trainer.learning_rate", "rollout.temperature", "rewards.0.weight", "algorithm.beta",
             "algorithm.epsilon", "algorithm.epsilon_high", "trainer.adam_betas", "data.train.0.weight",
             "model.lora.alpha"} <= paths  # fmt: skip
     assert {"training.learning_rate", "augmentation.alpha"} <= {
-        p for p, _ in _float_paths(config.RewardModelRecipe)
+        p for p, *_ in _float_paths(config.RewardModelRecipe)
     }
 
 
@@ -70,10 +82,11 @@ RM_BASE = ["model.name_or_path=m", "data.pairs=[p.jsonl]"]
 def test_every_float_of_every_schema_refuses_non_finite_values(schema, base, bad):
     load = lambda *extra: config.load_recipe(None, [*base, *extra], schema=schema)  # noqa: E731
     load()  # the base is valid
-    for path, kind in _float_paths(schema):
+    for path, kind, setup in _float_paths(schema):
         value = f"[{bad}, 0.9]" if kind is tuple else bad
+        load(*setup)  # the section alone is valid
         with pytest.raises(UserError) as err:
-            load(f"{path}={value}")
+            load(*setup, f"{path}={value}")
         assert f"{path}" in str(err.value) and "finite" in str(err.value), (path, str(err.value))
 
 
