@@ -284,18 +284,54 @@ _BEFORE_ME = (
         r"""(?: \b(?:unethical|irresponsible|inappropriate|not\s+(?:appropriate|ethical|responsible|right))\s+for
               | (?:\bnot|n't)\s+(?:allow|permit) )\s*$"""
     ),
-    _compile(r"\b(?:against|violates?|conflicts?\s+with)\s*$"),
+    _compile(r"\b(?:against|violates?|conflicts?\s+with|(?:not|n't)\s+within|outside(?:\s+of)?|beyond)\s*$"),
 )
 # A limit on the kind of advice offered, e.g. "I can't provide medical advice" or "as an AI I don't
 # share personal opinions"; removed when other content follows it.
+_STANCE = r"""(?:condone|endorse|promote|advocate|encourage|glorify|justify|tolerate|take\s+(?:sides|a\s+side)|express\s+(?:a\s+|any\s+|my\s+)?(?:personal\s+)?(?:opinions?|views|stance|position|bias)|form\s+(?:personal\s+)?opinions)"""
 _DISCLAIMER = _compile(
     r"""i(?<![\w'-]i)(?:'?m|\s+am)?\s*(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
     \s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
-      | (?:personal\s+)?(?:opinions?|views|preferences|feelings|beliefs))"""
+      | (?:personal\s+)?(?:opinions?|views|preferences|feelings|beliefs))
+  | i(?<![\w'-]i)\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
+    + _STANCE
+    + r"""
+      | (?:am\s+)?(?:programmed|designed|required|obligated)\s+to\s+(?:\w+\s+){0,4}?(?:refrain|avoid|abstain|remain\s+(?:neutral|impartial)))
+    (?=[^.!?\n]{0,100}[.!?,;]?\s*(?:but|however|that\s+said|nonetheless|nevertheless|still|if\s+you|to\s+answer))"""
 )
 _DISCLAIMER_MIN_REST = 120  # bytes of other content that make a disclaimer a preamble
+
+# Refusals with no first-person decline, as chat models write them: each is anchored at the start of the
+# response (or of a line) or right after an apology / "as an AI" preamble, where the sentence is about the
+# request rather than about the topic.
+_PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:sincerely\s+|truly\s+)?apologi[sz]e|i'?m\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|i\s+am\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|my\s+apologies|oh\s+no)\b[^.!?\n]{0,60}?(?:,|\s)\s*(?:but|however)\b[\s,]*
+  | as\s+an?\s+(?:responsible\s+|ethical\s+|helpful\s+|respectful\s+|honest\s+|friendly\s+)*(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:[\s-]+(?:language\s+model|assistant|model|developed\s+by\s+\w+|trained\s+by\s+\w+))*[\s,]+
+  | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+ ))*"""
+_IMPERSONAL = _compile(
+    rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
+        # "it is not appropriate / ethical to", "it would be inappropriate to"
+        (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){1, 4}?)?to\b
+        # "there are no (safe / legal) ways to", "there is no justification for"
+      | there\s+(?:are|is|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
+        # "your question contains harmful assumptions", "this request promotes violence"
+      | (?:your|this|the|that)\s+(?:question|request|prompt|query|statement|premise|inquiry|message)\s+(?:\w+\s+){{0,2}}?(?:is|contains|seems|appears|promotes|perpetuates|implies|involves|includes|suggests|could\s+be|may\s+be|might\s+be)\s+(?:\w+\s+){{0,3}}?(?:harmful|offensive|inappropriate|discriminatory|disrespectful|problematic|unethical|illegal|dangerous|hateful|derogatory|insensitive|toxic|violent|stereotypes?|biased|racist|sexist)
+        # "I do not condone / endorse", "I cannot take sides", "I refrain from expressing opinions"
+      | i\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t|would\s+never|will\s+never|must\s+not|never)\s+(?:\w+\s+)?{_STANCE}
+            | (?:am\s+)?(?:programmed|designed|required|obligated)\s+to\s+(?:\w+\s+){{0,4}}?(?:refrain|avoid|abstain|remain\s+(?:neutral|impartial)))
+    )"""
+)
+# "As an AI I have no opinion ... it is up to the community to decide": an opinion question deflected.
+_NO_OPINION = _compile(
+    r"""\n\s*as\s+an?\s+(?:ai|language\s+model|artificial)[^.!?\n]{0,80}?\b(?:opinions?|beliefs|views|stance|preferences|biases)\b"""
+)
+_DEFER = _compile(
+    r"""\b(?:(?:is|be|remains?)\s+(?:ultimately\s+)?(?:up\s+to|for)\s+(?:the\s+|each\s+)?(?:\w+\s+){0,3}?(?:community|communities|society|people|individuals?|voters|citizens|public|you|government|authorities|policymakers|residents|each\s+person)
+          | (?:a|the)\s+matter\s+of\s+(?:personal|individual|public|subjective|ongoing)?\s*(?:opinion|perspective|preference|debate|choice|interpretation)
+          | (?:is|remains)\s+(?:a\s+)?(?:highly\s+|deeply\s+)?(?:subjective|controversial|debated|divisive)\b)"""
+)
+_OPENING = 400  # bytes of the response's start in which the deferral must come
 
 
 def _normalize(text: str) -> bytes:
@@ -349,9 +385,9 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 
 
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
-# Hyperscan is about as slow as `re`. _OPENER and _ME_MY (checked when it does not match) and _DISCLAIMER
+# Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match) and _DISCLAIMER
 # (checked when it does) rarely match, and `re` spends 1-4 µs per KB finding that out.
-_OPENER_ME_MY, _DISCLAIMER_ONLY = 0, 1
+_UNVOICED, _DISCLAIMER_ONLY = 0, 1
 
 
 @lru_cache(maxsize=1)
@@ -361,16 +397,16 @@ def _prefilter() -> _Prefilter | None:
         import hyperscan
     except ImportError:
         return None
-    return _Prefilter(hyperscan, ((_OPENER, _ME_MY), (_DISCLAIMER,)))
+    return _Prefilter(hyperscan, ((_OPENER, _ME_MY, _IMPERSONAL), (_DISCLAIMER,)))
 
 
 def _has_refusal(data: bytes, prefilter: _Prefilter | None) -> bool:
     for m in _FIRST_PERSON.finditer(data):
         if m.lastindex is None or _after(_BEFORE_I, data, m.start()):
             return True
-    if prefilter is not None and not prefilter.may_match(_OPENER_ME_MY, data):
+    if prefilter is not None and not prefilter.may_match(_UNVOICED, data):
         return False
-    if _OPENER.search(data):
+    if _OPENER.search(data) or _IMPERSONAL.search(data, 0, _OPENING):
         return True
     return any(_after(_BEFORE_ME[m.lastindex - 1], data, m.start()) for m in _ME_MY.finditer(data))
 
@@ -378,6 +414,8 @@ def _has_refusal(data: bytes, prefilter: _Prefilter | None) -> bool:
 def is_refusal(text: str) -> bool:
     """Rule-based refusal detector for a final answer; partial refusals count as refusals."""
     data = _normalize(text)
+    if _NO_OPINION.match(data) is not None and _DEFER.search(data, 0, _OPENING) is not None:
+        return True  # an opinion question deflected: "as an AI I have no opinion; it is up to you"
     prefilter = _prefilter()
     if not _has_refusal(data, prefilter):
         return False
