@@ -131,6 +131,12 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_eval_detector(args) -> int:
+    from alphaalign.judges.agreement import run
+
+    return run(args)
+
+
 def cmd_train_rm(args) -> int:
     """Train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
     from alphaalign.config import RewardModelRecipe, load_recipe
@@ -375,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
     score.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else rules")
     score.set_defaults(fn=cmd_score)
+    det = sub.add_parser("eval-detector", help="a refusal judge's agreement with human labels (acc, P, R, F1 "
+                         "per group)")  # fmt: skip
+    det.add_argument("data", help="labelled responses: JSONL, JSON, CSV or parquet")
+    det.add_argument("--judge", default="rules", help=JUDGE_HELP + "; default rules")
+    det.add_argument("--response-field", default="response", help="the response's field (default response)")
+    det.add_argument("--label-field", default="refused", help="0/1 refusal label field (default refused)")
+    det.add_argument("--prompt-field", default="prompt", help="prompt field, for llm judges (default prompt)")
+    det.add_argument("--by", default="source", help="group the table by this field (dotted paths reach into "
+                     "objects, e.g. orig_label.tone; '' for none; default source)")  # fmt: skip
+    det.add_argument("--errors", help="write the misclassified rows (with the judge's verdict) to this JSONL")
+    det.add_argument("--json", help="write the table as JSON to this file")
+    det.set_defaults(fn=cmd_eval_detector)
     train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
     train_rm.add_argument(
         "recipe", help="train-rm recipe YAML file, or a first key=value to give the recipe inline"

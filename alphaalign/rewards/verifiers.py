@@ -312,7 +312,7 @@ _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:s
 _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
-        (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){1, 4}?)?to\b
+        (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
         # "there are no (safe / legal) ways to", "there is no justification for"
       | there\s+(?:are|is|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
         # "your question contains harmful assumptions", "this request promotes violence"

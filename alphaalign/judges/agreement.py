@@ -1,0 +1,163 @@
+"""How well a refusal judge agrees with human labels: `alphaalign eval-detector DATA`.
+
+Every row of a labelled file (JSONL, JSON, CSV or parquet) holds a response and a 0/1 label (1 = a full or
+partial refusal); the judge (rules, classifier or llm, as for `eval --judge`) gives its verdict on each, and the
+report is accuracy, precision, recall and F1 with the confusion counts, overall and per value of a grouping
+field (`--by`, default `source`). Rows the judge got wrong can be written to a file for reading.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from alphaalign.errors import UserError
+
+TRUE_LABELS = {1, "1", "true", "yes", "refusal", "refused"}
+FALSE_LABELS = {0, "0", "false", "no", "compliance", "complied"}
+
+
+@dataclass(frozen=True)
+class LabelledResponse:
+    prompt: str
+    response: str
+    refused: bool
+    group: str
+    row: dict
+
+
+@dataclass
+class Agreement:
+    """Confusion counts with refusal as the positive class."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def add(self, label: bool, verdict: bool) -> None:
+        if label:
+            self.tp, self.fn = self.tp + verdict, self.fn + (not verdict)
+        else:
+            self.fp, self.tn = self.fp + verdict, self.tn + (not verdict)
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    def metrics(self) -> dict:
+        n, tp = self.n, self.tp
+        precision = tp / (tp + self.fp) if tp + self.fp else 0.0
+        recall = tp / (tp + self.fn) if tp + self.fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        accuracy = (tp + self.tn) / n if n else 0.0
+        return {
+            "n": n,
+            "accuracy": accuracy,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            **asdict(self),
+        }
+
+
+def _field(row: dict, dotted: str):
+    """A row's value at a dotted path (`orig_label.tone`), or None."""
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _label(value, where: str, field: str) -> bool:
+    key = value.strip().lower() if isinstance(value, str) else value
+    if key in TRUE_LABELS:
+        return True
+    if key in FALSE_LABELS:
+        return False
+    raise UserError(f"{where}: '{field}' must be 0 or 1 (or true/false), got {value!r}")
+
+
+def read_labelled(path: str | Path, response_field: str, label_field: str, prompt_field: str,
+                  by: str) -> list[LabelledResponse]:  # fmt: skip
+    """The file's labelled responses; a UserError naming the file, line and field for a bad row."""
+    from alphaalign.data import rows_from_file
+
+    path = Path(path)
+    out = []
+    for lineno, row in rows_from_file(path):
+        where = f"{path}:{lineno}"
+        response = _field(row, response_field)
+        if not isinstance(response, str):
+            raise UserError(f"{where}: no text in '{response_field}' (set --response-field)")
+        label = _field(row, label_field)
+        if label is None:
+            raise UserError(f"{where}: no '{label_field}' (set --label-field)")
+        prompt = _field(row, prompt_field)
+        group = _field(row, by) if by else None
+        out.append(LabelledResponse(prompt if isinstance(prompt, str) else "", response,
+                                    _label(label, where, label_field), "" if group is None else str(group), row))  # fmt: skip
+    return out
+
+
+def agreement(rows: list[LabelledResponse], verdicts: list[bool | None]) -> tuple[dict[str, Agreement], int]:
+    """Confusion counts overall ("all") and per group, and the number of rows the judge gave no verdict on."""
+    table: dict[str, Agreement] = defaultdict(Agreement)
+    unparsed = 0
+    for row, verdict in zip(rows, verdicts, strict=True):
+        if verdict is None:
+            unparsed += 1
+            continue
+        table["all"].add(row.refused, verdict)
+        if row.group:
+            table[row.group].add(row.refused, verdict)
+    return dict(table), unparsed
+
+
+def format_table(table: dict[str, Agreement], judge: str, by: str) -> str:
+    groups = ["all"] + sorted(g for g in table if g != "all")
+    width = max(len(by or "group"), *(len(g) for g in groups))
+    lines = [f"judge: {judge}", f"{by or 'group':<{width}}  {'n':>6} {'acc':>6} {'prec':>6} {'recall':>6} "
+             f"{'F1':>6}   {'TP':>5} {'FP':>5} {'FN':>5} {'TN':>5}"]  # fmt: skip
+    for group in groups:
+        m = table[group].metrics()
+        lines.append(f"{group:<{width}}  {m['n']:>6} {m['accuracy']:>6.3f} {m['precision']:>6.3f} "
+                     f"{m['recall']:>6.3f} {m['f1']:>6.3f}   {m['tp']:>5} {m['fp']:>5} {m['fn']:>5} {m['tn']:>5}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`alphaalign eval-detector`: judge every labelled response, print the table, write the errors."""
+    from alphaalign.judges import judge_from_option, open_judge
+    from alphaalign.outputs import check_output
+
+    errors_path = check_output(args.errors, "--errors", folder=False) if args.errors else None
+    json_path = check_output(args.json, "--json", folder=False) if args.json else None
+    rows = read_labelled(args.data, args.response_field, args.label_field, args.prompt_field, args.by)
+    spec = judge_from_option(args.judge)
+    log_dir = (errors_path or json_path or Path(".")).absolute().parent
+    with open_judge(spec, "--judge", log_dir) as judge:
+        judgements = judge.judge([r.prompt for r in rows], [r.response for r in rows])
+        described = judge.describe()
+    verdicts = [j.refused for j in judgements]
+    table, unparsed = agreement(rows, verdicts)
+    print(format_table(table, described, args.by))
+    if unparsed:
+        print(f"{unparsed} of {len(rows)} replies could not be parsed and are left out of the table")
+    if errors_path:
+        errors_path.parent.mkdir(parents=True, exist_ok=True)
+        with errors_path.open("w", encoding="utf-8") as f:
+            for row, verdict in zip(rows, verdicts, strict=True):
+                if verdict is not None and verdict != row.refused:
+                    f.write(json.dumps({**row.row, "verdict": int(verdict)}, ensure_ascii=False) + "\n")
+        print(f"misclassified rows: {errors_path}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {"judge": described, "data": str(args.data), "by": args.by, "unparsed": unparsed,
+                   "groups": {g: a.metrics() for g, a in table.items()}}  # fmt: skip
+        json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
