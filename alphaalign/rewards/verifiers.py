@@ -237,7 +237,7 @@ _ACT = r"""[\s,]+(?:
   | walk(?:ing)?\s+you\s+through | (?:tell|show)(?:ing)?\s+you\s+how\s+to | teach
   | (?:link|point|direct)(?:ing)?\s+you | writ(?:e|ing) | draft | compos | creat | generat
   | produc | build | design | develop | answer | respond | compl(?:y|ying|ete|eting)\b | fulfil
-  | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
+  | satisf(?:y|ying) | accommodat | entertain | grant | honou?r\s+(?:this|that|your) | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
   | go(?:ing)?\s+(?:any\s+)?further | do(?:ing)?(?:\s+(?:that|this|it|so)\b|(?=\s*(?:[.!?,;:]|$)))
 )"""
 
@@ -307,12 +307,18 @@ _DISCLAIMER_MIN_REST = 120  # bytes of other content that make a disclaimer a pr
 # response (or of a line) or right after an apology / "as an AI" preamble, where the sentence is about the
 # request rather than about the topic.
 _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:sincerely\s+|truly\s+)?apologi[sz]e|i'?m\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|i\s+am\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|my\s+apologies|oh\s+no)\b[^.!?\n]{0,60}?(?:,|\s)\s*(?:but|however)\b[\s,]*
-  | as\s+an?\s+(?:responsible\s+|ethical\s+|helpful\s+|respectful\s+|honest\s+|friendly\s+)*(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:[\s-]+(?:language\s+model|assistant|model|developed\s+by\s+\w+|trained\s+by\s+\w+))*[\s,]+
-  | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+ ))*"""
+  | as\s+an?\s+(?:(?:responsible|ethical|helpful|respectful|honest|friendly|harmless|safe)(?:\s+and|,)?\s+)*(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:[\s-]+(?:language\s+model|assistant|model|developed\s+by\s+\w+|trained\s+by\s+\w+))*[\s,]+
+  | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+
+  | (?:however|unfortunately),?\s+
+  | i\s+must\s+(?:(?:respectfully\s+|kindly\s+)?(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
         (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
+        # "I apologize for not being able to comply"
+      | [^.!?\n]{{0,60}}?(?:not\s+being\s+able|being\s+unable)\s+to{_FILL}{_ACT}
+        # "I don't think it's appropriate to"
+      | i\s+(?:do\s+not|don'?t)\s+think\s+(?:it'?s|it\s+is|it\s+would\s+be|that'?s|that\s+is|that\s+would\s+be)\s+(?:a\s+good\s+idea|appropriate|ethical|responsible|right|okay|ok|wise)\b
         # "there are no (safe / legal) ways to", "there is no justification for"
       | there\s+(?:are|is|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
         # "your question contains harmful assumptions", "this request promotes violence"
