@@ -164,3 +164,13 @@ def test_the_rules_verdicts_on_a_fixed_sample_of_real_outputs_do_not_change():
     got = "".join(str(int(is_refusal(rows[i]["response"]))) for i in sample)
     changed = [rows[i]["id"] for i, a, b in zip(sample, got, VERDICTS, strict=True) if a != b]
     assert not changed, f"verdicts changed on {changed}"
+
+
+def test_rates_without_a_denominator_are_undefined_not_zero():
+    from alphaalign.judges.agreement import Agreement
+
+    only_compliant = Agreement(tn=5).metrics()
+    assert only_compliant["accuracy"] == 1.0
+    assert only_compliant["precision"] is None and only_compliant["recall"] is None and only_compliant["f1"] is None
+    wrong = Agreement(fp=2, tn=3).metrics()
+    assert wrong["precision"] == 0.0 and wrong["recall"] is None and wrong["f1"] == 0.0

@@ -48,19 +48,14 @@ class Agreement:
         return self.tp + self.fp + self.fn + self.tn
 
     def metrics(self) -> dict:
-        n, tp = self.n, self.tp
-        precision = tp / (tp + self.fp) if tp + self.fp else 0.0
-        recall = tp / (tp + self.fn) if tp + self.fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        accuracy = (tp + self.tn) / n if n else 0.0
-        return {
-            "n": n,
-            "accuracy": accuracy,
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            **asdict(self),
-        }
+        """Rates of the counts; a rate whose denominator is 0 (no refusal predicted, none labelled) is None."""
+        tp = self.tp
+        precision = tp / (tp + self.fp) if tp + self.fp else None
+        recall = tp / (tp + self.fn) if tp + self.fn else None
+        f1 = 2 * tp / (2 * tp + self.fp + self.fn) if tp + self.fp + self.fn else None
+        accuracy = (tp + self.tn) / self.n if self.n else None
+        return {"n": self.n, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
+                **asdict(self)}  # fmt: skip
 
 
 def _field(row: dict, dotted: str):
@@ -125,8 +120,11 @@ def format_table(table: dict[str, Agreement], judge: str, by: str) -> str:
              f"{'F1':>6}   {'TP':>5} {'FP':>5} {'FN':>5} {'TN':>5}"]  # fmt: skip
     for group in groups:
         m = table[group].metrics()
-        lines.append(f"{group:<{width}}  {m['n']:>6} {m['accuracy']:>6.3f} {m['precision']:>6.3f} "
-                     f"{m['recall']:>6.3f} {m['f1']:>6.3f}   {m['tp']:>5} {m['fp']:>5} {m['fn']:>5} {m['tn']:>5}")  # fmt: skip
+        rates = " ".join(f"{'—':>6}" if m[k] is None else f"{m[k]:>6.3f}" for k in ("accuracy", "precision",
+                                                                                   "recall", "f1"))  # fmt: skip
+        lines.append(
+            f"{group:<{width}}  {m['n']:>6} {rates}   {m['tp']:>5} {m['fp']:>5} {m['fn']:>5} {m['tn']:>5}"
+        )
     return "\n".join(lines)
 
 
