@@ -343,6 +343,9 @@ def validate_for_launch(args):
     return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()
 
 
+RECIPE_HELP = "recipe YAML file, or the name of a shipped recipe (demo, alphaalign-qwen, ...)"
+
+
 def finite_float(text: str) -> float:
     """argparse type of every float flag: inf and nan are refused (a NaN temperature samples garbage)."""
     try:
@@ -369,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
                            ("validate", cmd_validate, "check a recipe, its data and rewards without loading models")]:  # fmt: skip
         p = sub.add_parser(name, help=text)
-        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("recipe", help=RECIPE_HELP)
         p.add_argument(
             "overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6"
         )
@@ -395,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     det.set_defaults(fn=cmd_eval_detector)
     train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
     train_rm.add_argument(
-        "recipe", help="train-rm recipe YAML file, or a first key=value to give the recipe inline"
+        "recipe",
+        help="train-rm recipe YAML file (or a shipped one: rm/csrm-demo), or a first key=value to give "
+        "the recipe inline",
     )
     train_rm.add_argument(
         "overrides", nargs="*", help="dotted overrides: training.epochs=3 data.pairs=[p.jsonl]"
@@ -425,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )
-    serve.add_argument("recipe", help="recipe YAML file")
+    serve.add_argument("recipe", help=RECIPE_HELP)
     serve.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -534,7 +539,7 @@ def add_launch_parsers(sub) -> None:
 
 
 def add_recipe_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("recipe", help=RECIPE_HELP)
     parser.add_argument("overrides", nargs="*", help="dotted overrides for the trainer and the servers")
     parser.add_argument("--output-dir", help="the run's output folder (default: trainer.output_dir)")
 

@@ -27,6 +27,7 @@ from pydantic import (
 
 from alphaalign.errors import UserError
 from alphaalign.judges.spec import JudgeSpec, RulesJudge, error_text
+from alphaalign.resources import recipe_file, shipped_recipes
 
 
 class _Section(BaseModel):
@@ -206,8 +207,9 @@ class TrainerConfig(_Section):
     # aborts once more than this many have been skipped.
     max_bad_steps: int = Field(3, ge=0)
     progress_bar: bool = True
-    # DeepSpeed ZeRO for the policy update, one process per device (torchrun): a config name in
-    # launch/deepspeed/ (zero2, zero3, zero2_offload, zero3_offload) or a JSON path relative to the recipe.
+    # DeepSpeed ZeRO for the policy update, one process per device (torchrun): a config shipped in
+    # alphaalign/rl/deepspeed_configs/ (zero2, zero3, zero2_offload, zero3_offload) or a JSON path relative
+    # to the recipe.
     deepspeed: str | None = None
 
     @field_validator("deepspeed")
@@ -611,13 +613,18 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read, merge and validate a recipe against ``schema`` (a `Recipe` by default); raise `UserError` with one
     line on any mistake. Without a path, the overrides alone are the recipe."""
     origins: dict[tuple, str] = {}
-    data = _load_with_extends(Path(path), origins) if path is not None else {}
+    if path is not None:
+        given, path = path, recipe_file(path)
+        if not path.exists():
+            names = ", ".join(shipped_recipes())
+            raise UserError(f"{given}: recipe file not found (or name a shipped recipe: {names})")
+    data = _load_with_extends(path, origins) if path is not None else {}
     for override in overrides:
         data = apply_override(data, override, origins)
-    source = str(_display(Path(path).resolve())) if path is not None else "command line"
+    source = str(_display(path.resolve())) if path is not None else "command line"
     try:
         recipe = schema.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(exc.errors()[0], origins, source)) from None
-    recipe._source = Path(path).resolve() if path is not None else None
+    recipe._source = path.resolve() if path is not None else None
     return recipe

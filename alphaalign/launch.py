@@ -1,7 +1,7 @@
 """Launchers: the trainer and its vLLM servers as one Slurm job (`alphaalign launch slurm`) or on one
 machine (`alphaalign launch local`).
 
-The Slurm job script is rendered from the readable template launch/slurm.sbatch.j2: servers on the first
+The Slurm job script is rendered from the template launch_templates/slurm.sbatch.j2: servers on the first
 nodes, the trainer under torchrun on the others, ports derived from the job id, per-role logs in the run's
 output folder, and `--requeue` with automatic resume. docs/launch.md explains the layout and how it scales.
 """
@@ -20,9 +20,10 @@ import jinja2
 
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
+from alphaalign.resources import package_path
 from alphaalign.rollout.vllm_launch import free_port
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "launch"
+TEMPLATE_DIR = package_path("launch_templates")
 PORT_STRIDE = 32  # ports reserved per job: the rendezvous, then one per server on a node
 SAFE_VALUE = re.compile(r"[\w.,:@/+=-]+")  # what may go into an #SBATCH line unquoted
 SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
@@ -110,12 +111,8 @@ def check_sbatch_value(flag: str, value: str | None, pattern: re.Pattern = SAFE_
 def render(
     template: str, recipe_path: str, recipe: Recipe, overrides: list[str], run_dir: Path, **values
 ) -> str:
-    """Render a launch/ template with what every launcher needs: the recipe, its overrides (the run's output
-    folder appended), the folders, this Python, and the servers' start timeout."""
-    if not (TEMPLATE_DIR / template).is_file():
-        raise UserError(
-            f"{TEMPLATE_DIR}/{template} is missing: launching needs a source checkout (pip install -e .)"
-        )
+    """Render a template from launch_templates/ with what every launcher needs: the recipe, its overrides (the
+    run's output folder appended), the folders, this Python, and the servers' start timeout."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
@@ -125,7 +122,7 @@ def render(
         run_dir=shlex.quote(str(run_dir)),
         log_dir=run_dir / "logs",
         python=shlex.quote(sys.executable),
-        recipe=shlex.quote(str(Path(recipe_path).resolve())),
+        recipe=shlex.quote(str(recipe._source or Path(recipe_path).resolve())),
         overrides=" ".join(shlex.quote(o) for o in [*overrides, f"trainer.output_dir={run_dir}"]),
         server_start_timeout=int(recipe.rollout.server_start_timeout),
         **values,

@@ -1,8 +1,10 @@
 """Recipes: schema defaults, extends, dotted overrides, and one-line errors naming the file and key."""
 
+from pathlib import Path
+
 import pytest
 
-from alphaalign.config import Recipe, load_recipe
+from alphaalign.config import Recipe, RewardModelRecipe, load_recipe
 from alphaalign.errors import UserError
 
 
@@ -139,6 +141,27 @@ def test_file_level_errors(tmp_path, text, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(UserError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_shipped_recipe_is_named_without_a_folder(tmp_path, monkeypatch):
+    """From any folder, `demo` (or `demo.yaml`, `rm/csrm-demo`) is the recipe shipped in the package, its data
+    paths relative to the shipped file; a file of that name in the working folder wins."""
+    from alphaalign.data import check_data
+    from alphaalign.resources import package_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo", "demo.yaml"):
+        recipe = load_recipe(name)
+        assert recipe._source == package_path("recipes", "demo.yaml").resolve()
+        check_data(recipe)
+    assert load_recipe("demo_zero3").trainer.deepspeed == "zero3"  # its `extends: demo.yaml` is found too
+    assert load_recipe("rm/csrm-demo", schema=RewardModelRecipe)._source.name == "csrm-demo.yaml"
+    (tmp_path / "demo").write_text(Path(load_recipe("demo")._source).read_text().replace("policy-v7", "mine"))
+    assert load_recipe("demo").model.name_or_path.endswith("mine")
+    with pytest.raises(
+        UserError, match=r"^nope: recipe file not found \(or name a shipped recipe: .*\bdemo\b"
+    ):
+        load_recipe("nope")
 
 
 def test_yaml_is_loaded_safely(tmp_path):

@@ -2,16 +2,16 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alphaalign.resources import package_path
 from alphaalign.rewards import is_refusal, parse_alphaalign, refusal_of, verifiers
 from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 
-EVAL_SET = Path(__file__).resolve().parent.parent / "bench" / "refusal_eval.jsonl"
+EVAL_SET = package_path("bench", "refusal_eval.jsonl")
 REFUSE = r"\boxed{Sorry, I can't comply}"
 
 

@@ -1,8 +1,9 @@
 """Reward throughput (completions scored per CPU-second, i.e. per core) and the refusal detector's accuracy.
 
 The completions are 1 KB (1024 characters) in AlphaAlign's format: a short safety reasoning, then an answer
-cut from the labelled refusal set (`bench/refusal_eval.jsonl`, refusals and compliances mixed), repeated up
-to length. CPU time (`time.process_time`) is measured so that other processes on the machine do not count.
+cut from the labelled refusal set shipped in the package (`bench/refusal_eval.jsonl`, refusals and
+compliances mixed), repeated up to length. CPU time (`time.process_time`) is measured so that other
+processes on the machine do not count.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 
 from alphaalign.demo.build import response_text
+from alphaalign.resources import package_path
 from alphaalign.rewards.alphaalign_safety import alphaalign_safety
 from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 from alphaalign.rewards.verifiers import is_refusal, parse_alphaalign
 
-REFUSAL_SET = Path(__file__).resolve().parents[2] / "bench" / "refusal_eval.jsonl"
+REFUSAL_SET = package_path("bench", "refusal_eval.jsonl")
 
 
 def one_kb_completions(n: int, size: int = 1024) -> tuple[list[str], list[str]]:
@@ -63,4 +64,4 @@ def reward_throughput(n: int = 20_000, repeats: int = 5) -> dict:
 
 def refusal_accuracy() -> dict:
     result = evaluate_refusal_detector(REFUSAL_SET)
-    return {"set": str(REFUSAL_SET.relative_to(REFUSAL_SET.parents[1])), **result}
+    return {"set": "alphaalign/bench/refusal_eval.jsonl", **result}

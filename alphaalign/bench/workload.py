@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from alphaalign.demo.build import TAGS, random_qwen2, train_tokenizer
+from alphaalign.resources import package_path
 
-DEMO_DATA = Path(__file__).resolve().parents[1].parent / "recipes" / "data" / "demo"
+DEMO_DATA = package_path("recipes", "data", "demo")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Accuracy of ``is_refusal`` on a labelled JSONL set (``bench/refusal_eval.jsonl``).
+"""Accuracy of ``is_refusal`` on a labelled JSONL set (``alphaalign/bench/refusal_eval.jsonl``).
 
 Each line is ``{"text": str, "refusal": bool, "kind": str}``; refusals are the positive class.
 """

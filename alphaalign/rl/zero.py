@@ -1,7 +1,7 @@
 """The policy update through DeepSpeed ZeRO-2/3 (`trainer.deepspeed`), one process per device under torchrun.
 
-`trainer.deepspeed` names a config in launch/deepspeed/ (`zero2`, `zero3`, `zero2_offload`, `zero3_offload`)
-or gives the path of a DeepSpeed JSON config. The keys the recipe decides are filled in by the trainer and
+`trainer.deepspeed` names a config shipped in rl/deepspeed_configs/ (`zero2`, `zero3`, `zero2_offload`,
+`zero3_offload`) or gives the path of a DeepSpeed JSON config. The keys the recipe decides are filled in by the trainer and
 must be absent or "auto" in the file: micro-batch size and accumulation (the trainer packs micro-batches by
 `trainer.micro_batch_tokens` and steps once per batch), gradient clipping (`trainer.max_grad_norm`), bf16/fp16
 (`model.dtype`); the optimizer and schedule come from the trainer section, so the file has none. ZeRO-3
@@ -25,10 +25,11 @@ import torch
 from alphaalign.config import Recipe
 from alphaalign.data import recipe_base
 from alphaalign.errors import UserError
+from alphaalign.resources import package_path
 from alphaalign.rl.optim import adamw, lr_lambda, rng_state, set_rng_state
 from alphaalign.rl.parallel import Ranks, single_process_rendezvous
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "deepspeed"
+CONFIG_DIR = package_path("rl", "deepspeed_configs")
 CHECKPOINT_TAG = "deepspeed"  # the folder in a checkpoint that holds DeepSpeed's optimizer shards
 
 
@@ -47,7 +48,7 @@ def import_deepspeed():
 
 
 def config_path(recipe: Recipe) -> Path:
-    """The file `trainer.deepspeed` refers to: a name in launch/deepspeed/ or a path (relative to the recipe)."""
+    """The file `trainer.deepspeed` refers to: a shipped config's name or a path (relative to the recipe)."""
     value = recipe.trainer.deepspeed
     where = f"{recipe._source or 'recipe'}: trainer.deepspeed"
     if "/" not in value and not value.endswith(".json"):
