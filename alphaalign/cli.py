@@ -74,7 +74,13 @@ def format_eval_table(before: dict, after: dict) -> str:
 
 
 def cmd_train(args) -> int:
-    return train_and_report(validate(args.recipe, args.overrides))
+    recipe = validate(args.recipe, args.overrides)
+    if recipe.launch is not None and "WORLD_SIZE" not in os.environ:
+        # written for a GPU node: servers and a torchrun trainer as `alphaalign launch local` lays them out
+        args.gpus = args.vllm_servers = args.output_dir = None
+        args.gpu_memory, args.dry_run = None, False
+        return cmd_launch_local(args)
+    return train_and_report(recipe)
 
 
 def train_and_report(recipe) -> int:
@@ -100,10 +106,15 @@ def train_and_report(recipe) -> int:
 
 
 def cmd_validate(args) -> int:
+    from alphaalign.plan import check_plan, plan_line, recipe_plan
+
     recipe = validate(args.recipe, args.overrides)
+    plan = recipe_plan(recipe, args.gpus, args.gpu_memory)
+    estimate = check_plan(args.recipe, recipe, plan)
     print(
         f"{args.recipe}: ok ({len(recipe.data.train)} train source(s), {len(recipe.rewards)} reward term(s))"
     )
+    print(plan_line(plan, estimate))
     return 0
 
 
@@ -296,6 +307,7 @@ def cmd_bench(args) -> int:
 
 def cmd_launch_slurm(args) -> int:
     from alphaalign import launch
+    from alphaalign.plan import check_plan, plan_line
 
     layout = launch.SlurmLayout(args.nodes, args.gpus_per_node, args.vllm_nodes, args.vllm_gpus)
     launch.check_layout(layout)
@@ -303,17 +315,22 @@ def cmd_launch_slurm(args) -> int:
     launch.check_sbatch_value("--account", args.account)
     launch.check_sbatch_value("--time", args.time, launch.SLURM_TIME)
     recipe, run_dir = validate_for_launch(args)
-    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-nodes", layout.vllm_nodes)
+    launch.check_recipe_for_launch(args.recipe, recipe)
+    estimate = check_plan(args.recipe, recipe, launch.slurm_plan(layout, args.gpu_memory))
     launch.check_run_dir(run_dir)
     script = launch.render_slurm(
         args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
     )
+    plan_line = plan_line(launch.slurm_plan(layout, args.gpu_memory), estimate)
     if args.dry_run:
         print(script, end="")
+        print(plan_line, file=sys.stderr)
     elif args.submit:
+        print(plan_line)
         job_id, path = launch.submit(script, run_dir)
         print(f"submitted job {job_id}: script {path}, logs in {run_dir / 'logs'}")
     else:
+        print(plan_line)
         path = launch.write_script(script, run_dir)
         print(f"wrote {path}; submit it with: sbatch {path}")
     return 0
@@ -321,16 +338,23 @@ def cmd_launch_slurm(args) -> int:
 
 def cmd_launch_local(args) -> int:
     from alphaalign import launch
+    from alphaalign.plan import check_plan, plan_line
 
-    layout = launch.LocalLayout(args.gpus, args.vllm_servers)
-    launch.check_local_layout(layout)
     recipe, run_dir = validate_for_launch(args)
-    launch.check_recipe_for_launch(args.recipe, recipe, "--vllm-servers", layout.servers)
+    layout, gpu_memory = launch.local_layout(
+        args.recipe, recipe, args.gpus, args.vllm_servers, args.gpu_memory
+    )
+    launch.check_local_layout(layout)
+    launch.check_recipe_for_launch(args.recipe, recipe)
+    plan = launch.local_plan(layout, gpu_memory)
+    estimate = check_plan(args.recipe, recipe, plan)
     launch.check_run_dir(run_dir)
     script = launch.render_local(args.recipe, recipe, args.overrides, layout, run_dir)
     if args.dry_run:
         print(script, end="")
+        print(plan_line(plan, estimate), file=sys.stderr)
         return 0
+    print(plan_line(plan, estimate), flush=True)
     path = launch.write_script(script, run_dir, "local.sh")
     print(f"running {path}", flush=True)
     return subprocess.run(["bash", str(path)]).returncode
@@ -377,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
             "overrides", nargs="*", help="dotted overrides, values parsed as YAML: trainer.learning_rate=1e-6"
         )
         p.set_defaults(fn=fn)
+        if name == "validate":
+            p.add_argument("--gpus", type=int, help="check the plan on a node of this many GPUs (default: the "
+                           "recipe's launch.gpus, else one trainer process)")  # fmt: skip
+            add_gpu_memory_argument(p)
     score = sub.add_parser("score", help="score completions in a JSONL file with a recipe's reward terms")
     score.add_argument("--input", required=True, help="JSONL rows with prompt, completion, optional label")
     score.add_argument("--output", required=True, help="JSONL: the input rows plus rewards, total, verdicts")
@@ -517,6 +545,7 @@ def add_launch_parsers(sub) -> None:
     slurm.add_argument(
         "--vllm-gpus", type=int, default=0, help="with --nodes 1 --vllm-nodes 1: GPUs of the node that serve"
     )
+    add_gpu_memory_argument(slurm)
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--time", help="time limit, in Slurm's format (minutes, HH:MM:SS, D-HH:MM)")
     slurm.add_argument("--account", help="Slurm account")
@@ -530,12 +559,18 @@ def add_launch_parsers(sub) -> None:
         "local", help="run vLLM servers and the torchrun trainer on this machine (rerun to resume)"
     )
     add_recipe_arguments(local)
-    local.add_argument("--gpus", type=int, required=True, help="GPUs of this machine to use (0: CPU)")
-    local.add_argument(
-        "--vllm-servers", type=int, default=0, help="vLLM servers to start, server i on GPU i (default 0)"
-    )
+    local.add_argument("--gpus", type=int, help="GPUs of this machine to use (0: CPU; default: all GPUs visible "
+                       "for a recipe with a launch: section, else 0)")  # fmt: skip
+    local.add_argument("--vllm-servers", type=int, help="vLLM servers to start, server i on GPU i (default: the "
+                       "recipe's launch.vllm_gpus share of the GPUs, else 0)")  # fmt: skip
+    add_gpu_memory_argument(local, "default: the first GPU's, else 80")
     local.add_argument("--dry-run", action="store_true", help="print the script, write and run nothing")
     local.set_defaults(fn=cmd_launch_local)
+
+
+def add_gpu_memory_argument(parser, default: str = "default 80") -> None:
+    parser.add_argument("--gpu-memory", type=finite_float, metavar="GB",
+                        help=f"memory of one GPU in GB, for the plan's memory check ({default})")  # fmt: skip
 
 
 def add_recipe_arguments(parser) -> None:

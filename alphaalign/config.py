@@ -254,6 +254,23 @@ class LoggingConfig(_Section):
     run_name: str | None = None
 
 
+class LaunchConfig(_Section):
+    """The GPU node a recipe is written for. `alphaalign validate` checks this plan (memory included, against
+    `--gpu-memory`); `make train` and `alphaalign launch local` without --gpus split the machine's GPUs in the
+    same proportion (alphaalign/plan.py, docs/launch.md)."""
+
+    gpus: int = Field(gt=0)  # GPUs of the one node the recipe expects
+    vllm_gpus: int = Field(0, ge=0)  # of those, the ones that run a vLLM server each; the others train
+
+    @field_validator("vllm_gpus")
+    @classmethod
+    def _some_left_to_train(cls, vllm_gpus: int, info: ValidationInfo) -> int:
+        gpus = info.data.get("gpus")
+        if gpus is not None and vllm_gpus >= gpus:
+            raise ValueError(f"{vllm_gpus} leaves none of the node's {gpus} GPUs to the trainer")
+        return vllm_gpus
+
+
 class Recipe(_Section):
     model: ModelConfig
     data: DataConfig
@@ -263,6 +280,7 @@ class Recipe(_Section):
     rewards: list[RewardSpec] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
     judge: JudgeSpec = RulesJudge()  # who judges `alphaalign eval`/`score` verdicts (docs/evaluation.md)
+    launch: LaunchConfig | None = None  # null: one trainer process, wherever it runs
     _source: Path | None = PrivateAttr(None)
 
     @model_validator(mode="after")
@@ -291,6 +309,32 @@ class Recipe(_Section):
             raise ValueError(
                 "rollout.weight_sync: 'nccl' is not supported with trainer.deepspeed (streaming sharded "
                 "weights is not implemented); use 'checkpoint' or 'lora'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _weight_sync_fits_the_model(self) -> Recipe:
+        rc = self.rollout
+        if rc.engine != "vllm_server":
+            return self
+        if rc.weight_sync == "lora" and self.model.lora is None:
+            raise ValueError(
+                "rollout.weight_sync: 'lora' pushes LoRA adapters, and this recipe has no model.lora; use "
+                "'checkpoint' (or 'nccl' on GPUs)"
+            )
+        if rc.weight_sync == "nccl" and self.model.lora is not None:
+            raise ValueError(
+                "rollout.weight_sync: 'nccl' streams whole weights by name and cannot push LoRA adapters "
+                "(model.lora is set); use 'lora'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _servers_need_the_server_engine(self) -> Recipe:
+        if self.launch is not None and self.launch.vllm_gpus and self.rollout.engine != "vllm_server":
+            raise ValueError(
+                f"launch.vllm_gpus: {self.launch.vllm_gpus} GPUs for vLLM servers need rollout.engine: "
+                f"vllm_server (got {self.rollout.engine!r})"
             )
         return self
 

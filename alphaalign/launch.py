@@ -20,6 +20,7 @@ import jinja2
 
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
+from alphaalign.plan import DEFAULT_GPU_MEMORY, GB, Plan, describe_split, gpu_range, split_servers
 from alphaalign.resources import package_path
 from alphaalign.rollout.vllm_launch import free_port
 
@@ -88,19 +89,29 @@ def check_layout(layout: SlurmLayout) -> None:
         raise UserError(f"--gpus-per-node: at most {PORT_STRIDE - 1} servers per node (got {g})")
 
 
-def check_recipe_for_launch(recipe_path: str, recipe: Recipe, servers_flag: str, servers: int) -> None:
-    """What a launched run needs from its recipe beyond `alphaalign validate`; `servers_flag` is the option
-    that asked for `servers` vLLM server nodes or processes."""
+def check_recipe_for_launch(recipe_path: str, recipe: Recipe) -> None:
+    """What a launched run needs from its recipe beyond `alphaalign validate` and the plan check."""
     if recipe.trainer.resume_from != "auto":
         raise UserError(
             f"{recipe_path}: trainer.resume_from: must be 'auto' for a launched run, so that a requeued or "
             f"restarted job resumes from its newest checkpoint (got {recipe.trainer.resume_from!r})"
         )
-    if servers and recipe.rollout.engine != "vllm_server":
-        raise UserError(
-            f"{recipe_path}: rollout.engine: {servers_flag} {servers} needs engine: vllm_server "
-            f"(got {recipe.rollout.engine!r})"
-        )
+
+
+def slurm_plan(layout: SlurmLayout, gpu_memory: float | None) -> Plan:
+    """The plan check's view of a Slurm layout."""
+    servers = layout.vllm_nodes * layout.servers_per_node
+    n, g = layout.nodes, layout.gpus_per_node
+    where = f"{n} node{'s' if n > 1 else ''} x {g} GPUs" if g else f"{n} CPU node{'s' if n > 1 else ''}"
+    if layout.shared_node and g:
+        where += f" (GPU {gpu_range(0, layout.vllm_gpus)}: vLLM servers)"
+    elif layout.vllm_nodes:
+        where += f" ({layout.vllm_nodes} with {servers} vLLM server{'s' if servers > 1 else ''})"
+    procs = layout.trainer_procs
+    trainer = f"trainer {layout.trainer_nodes} node{'s' if layout.trainer_nodes > 1 else ''} x {procs} process{'es' if procs > 1 else ''}"
+    return Plan(trainer_nodes=layout.trainer_nodes, procs_per_node=procs, server_gpus=servers, gpus=g > 0,
+                gpu_memory=gpu_memory or DEFAULT_GPU_MEMORY, servers_asked=f"--vllm-nodes {layout.vllm_nodes}",
+                layout=f"{where}, {trainer}")  # fmt: skip
 
 
 def check_sbatch_value(flag: str, value: str | None, pattern: re.Pattern = SAFE_VALUE) -> None:
@@ -176,6 +187,42 @@ def check_local_layout(layout: LocalLayout) -> None:
             f"--vllm-servers: must be at least 0{f' and less than --gpus {layout.gpus}' if layout.gpus else ''}"
             f" (got {layout.servers})"
         )
+
+
+def local_layout(
+    recipe_path: str, recipe: Recipe, gpus: int | None, servers: int | None, gpu_memory: float | None
+) -> tuple[LocalLayout, float]:
+    """The layout of `launch local` (and of `alphaalign train` for a recipe with a launch: section) and the
+    memory of one GPU. Left out, --gpus is every GPU torch sees for a recipe written for a GPU node, one GPU
+    (or the CPU) otherwise; --vllm-servers the recipe's share of them; --gpu-memory the first GPU's."""
+    if gpus is None:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible and gpu_memory is None:
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory / GB
+        if recipe.launch is not None and not visible:
+            launch = recipe.launch
+            raise UserError(
+                f"{recipe_path}: launch: written for a node of {launch.gpus} GPUs of {DEFAULT_GPU_MEMORY:g} GB "
+                f"({describe_split(launch.gpus, launch.vllm_gpus)}) and no CUDA GPU is visible here; on CPU, "
+                "rehearse it with `python -m pytest tests/test_rehearsal.py` (a local Slurm: "
+                "launch/ci/slurm_setup.sh, as root) or run the CPU demo with `make train`"
+            )
+        gpus = visible if recipe.launch is not None else min(visible, 1)
+    if servers is None:
+        servers = split_servers(recipe, gpus) if gpus else 0
+    return LocalLayout(gpus, servers), gpu_memory or DEFAULT_GPU_MEMORY
+
+
+def local_plan(layout: LocalLayout, gpu_memory: float) -> Plan:
+    """The plan check's view of a one-machine layout."""
+    if layout.gpus:
+        where = describe_split(layout.gpus, layout.servers)
+    else:
+        where = f"CPU: {layout.servers} vLLM server(s), 1 trainer process"
+    return Plan(procs_per_node=layout.trainer_procs, server_gpus=layout.servers, gpus=layout.gpus > 0,
+                gpu_memory=gpu_memory, servers_asked=f"--vllm-servers {layout.servers}", layout=where)  # fmt: skip
 
 
 def free_ports(count: int) -> list[int]:

@@ -54,7 +54,7 @@ needs_cluster = pytest.mark.skipif(cluster_unavailable() is not None, reason=str
 
 
 def rehearsal_overrides(policy: Path, rm: Path) -> list[str]:
-    """What the rehearsal changes in recipes/alphaalign-qwen.yaml, in four groups."""
+    """What the rehearsal changes in recipes/alphaalign-qwen.yaml, in three groups."""
     data = (
         f"data.train=[{{path: {DEMO_DATA}/train_harmful.jsonl, label: harmful}},"
         f" {{path: {DEMO_DATA}/train_benign.jsonl, label: benign}}]"
@@ -74,13 +74,8 @@ def rehearsal_overrides(policy: Path, rm: Path) -> list[str]:
         "trainer.learning_rate=1e-3",
         "rollout.timeout=180", "trainer.progress_bar=false", "logging.wandb_mode=disabled",
     ]  # fmt: skip
-    # ---- UNTIL THE FLAGSHIP RECIPE SETS THEM (issue 19 item 1): delete each line the recipe makes redundant
-    not_yet_in_recipe = [
-        "rollout.engine=vllm_server",
-        "trainer.deepspeed=zero3",
-        "rollout.weight_sync=checkpoint",
-    ]
-    return swap + cpu + ci_sizes + not_yet_in_recipe
+    # the recipe's own rollout engine (vllm_server), DeepSpeed config (zero3) and weight sync (checkpoint) stay
+    return swap + cpu + ci_sizes
 
 
 def netns_inode(name: str) -> int:

@@ -49,7 +49,8 @@ def server(vllm_policy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     recipe = folder / "serve.yaml"
     recipe.write_text(json.dumps({
-        "model": {"name_or_path": str(vllm_policy)},
+        # lora sync needs model.lora (rank 8, as the adapters the tests load)
+        "model": {"name_or_path": str(vllm_policy), "lora": {"r": 8}},
         "data": {"train": [{"path": str(DEMO_TRAIN)}], "template": "none", "max_prompt_tokens": 96},
         "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 32},
         "rewards": [{"name": "alphaalign_safety"}],

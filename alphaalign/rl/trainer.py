@@ -28,6 +28,7 @@ from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device, prompt_cache
+from alphaalign.plan import Plan, check_structure
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -211,26 +212,16 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
 
 def start_processes(recipe: Recipe):
     """(ranks, deepspeed module, DeepSpeed config): one plain process, or DeepSpeed's process group."""
-    tc = recipe.trainer
-    if tc.deepspeed is None:
-        if launched_world_size() > 1:
-            raise UserError(
-                f"WORLD_SIZE={launched_world_size()}: the trainer runs in one process unless trainer.deepspeed is "
-                "set (e.g. zero2); or launch one trainer process (alphaalign launch: --gpus-per-node 1 and one "
-                "trainer node, or --gpus 1 locally)"
-            )
+    world = launched_world_size()
+    plan = Plan(procs_per_node=world, gpus=True, layout=f"WORLD_SIZE={world}")  # torchrun's processes
+    check_structure(str(recipe._source or "recipe"), recipe, plan)
+    if recipe.trainer.deepspeed is None:
         return ONE_PROCESS, None, None
     from alphaalign.rl import zero
 
     config = zero.read_config(recipe)
     deepspeed = zero.import_deepspeed()
-    ranks = zero.init_ranks(deepspeed)
-    if tc.prompts_per_step % ranks.world_size:
-        raise UserError(
-            f"trainer.prompts_per_step: {tc.prompts_per_step} prompts do not split evenly over "
-            f"{ranks.world_size} processes"
-        )
-    return ranks, deepspeed, config
+    return zero.init_ranks(deepspeed), deepspeed, config
 
 
 def gather_batch(ranks, rollouts: Rollouts, texts: list[str], columns: dict, per_term: torch.Tensor):
