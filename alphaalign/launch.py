@@ -102,7 +102,8 @@ def slurm_plan(layout: SlurmLayout, gpu_memory: float | None) -> Plan:
     """The plan check's view of a Slurm layout."""
     servers = layout.vllm_nodes * layout.servers_per_node
     n, g = layout.nodes, layout.gpus_per_node
-    where = f"{n} node{'s' if n > 1 else ''} x {g} GPUs" if g else f"{n} CPU node{'s' if n > 1 else ''}"
+    nodes = f"{n} node{'s' if n > 1 else ''}"
+    where = f"{nodes} x {g} GPU{'s' if g > 1 else ''}" if g else f"{n} CPU node{'s' if n > 1 else ''}"
     if layout.shared_node and g:
         where += f" (GPU {gpu_range(0, layout.vllm_gpus)}: vLLM servers)"
     elif layout.vllm_nodes:

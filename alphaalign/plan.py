@@ -189,15 +189,15 @@ class Estimate:
 def check_structure(where: str, recipe: Recipe, plan: Plan) -> None:
     """The layout checks that need no model: refuses with one line naming the recipe key or flag."""
     n, tc = plan.trainer_procs, recipe.trainer
-    if n > 1 and tc.deepspeed is None:
-        raise UserError(
-            f"{where}: trainer.deepspeed: {plan.layout} runs {n} trainer processes, which share the policy "
-            "update only through DeepSpeed; set trainer.deepspeed (zero2, zero3) or launch one trainer process"
-        )
     if plan.server_gpus and recipe.rollout.engine != "vllm_server":
         raise UserError(
             f"{where}: rollout.engine: {plan.servers_asked} needs engine: vllm_server "
             f"(got {recipe.rollout.engine!r})"
+        )
+    if n > 1 and tc.deepspeed is None:
+        raise UserError(
+            f"{where}: trainer.deepspeed: {plan.layout} runs {n} trainer processes, which share the policy "
+            "update only through DeepSpeed; set trainer.deepspeed (zero2, zero3) or launch one trainer process"
         )
     if tc.prompts_per_step % n:
         raise UserError(

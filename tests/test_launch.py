@@ -47,7 +47,9 @@ def demo_overrides(policy, steps: int) -> list[str]:
 
 
 def test_dry_run_trainer_only_on_four_gpu_nodes(capsys, write_recipe, tmp_path):
-    recipe = write_recipe({"trainer": {"output_dir": str(tmp_path / "run")}})
+    recipe = write_recipe(
+        {"trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 32}}
+    )
     code, script, _ = launch(capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--partition", "gpu",
                              "--time", "2-00:00:00", "--account", "lab", "--dry-run", "trainer.max_steps=7")  # fmt: skip
     assert code == 0
@@ -77,7 +79,7 @@ def steps_of(script: str) -> list[str]:
 
 def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tmp_path):
     recipe = write_recipe({"rollout": {"engine": "vllm_server", "server_start_timeout": 900},
-                           "trainer": {"output_dir": str(tmp_path / "run")}})  # fmt: skip
+                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero3", "prompts_per_step": 48}})  # fmt: skip
     code, script, _ = launch(
         capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--vllm-nodes", 1, "--dry-run"
     )
@@ -108,9 +110,8 @@ def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tm
 
 
 def test_dry_run_one_gpu_node_split_between_servers_and_trainer(capsys, write_recipe, tmp_path):
-    recipe = write_recipe(
-        {"rollout": {"engine": "vllm_server"}, "trainer": {"output_dir": str(tmp_path / "run")}}
-    )
+    recipe = write_recipe({"rollout": {"engine": "vllm_server"},
+                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 24}})  # fmt: skip
     args = ("--nodes", 1, "--gpus-per-node", 8, "--vllm-nodes", 1, "--vllm-gpus", 2, "--dry-run")
     code, script, _ = launch(capsys, "slurm", recipe, *args)
     assert code == 0
@@ -129,7 +130,10 @@ def test_the_trainer_refuses_to_run_as_several_processes(capsys, monkeypatch, wr
     recipe = write_recipe({"trainer": {"output_dir": str(tmp_path / "run")}})
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", str(recipe)]) == 2
-    assert "WORLD_SIZE=2: the trainer runs in one process" in capsys.readouterr().err
+    assert (
+        "trainer.deepspeed: WORLD_SIZE=2 runs 2 trainer processes, which share the policy update only through "
+        "DeepSpeed" in capsys.readouterr().err
+    )
 
 
 def test_the_script_is_valid_bash(capsys, write_recipe, tmp_path):
@@ -150,6 +154,18 @@ def test_the_script_is_valid_bash(capsys, write_recipe, tmp_path):
         (["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 1], "rollout.engine: --vllm-nodes 1 needs engine: vllm_server"),
         (["--nodes", 2, "--gpus-per-node", 8, "trainer.resume_from=none"], "trainer.resume_from: must be 'auto'"),
         (["--nodes", 2, "--gpus-per-node", 8, "trainer.max_steps=0"], "trainer.max_steps:"),
+        # the plan check (alphaalign/plan.py): layouts that would die once started
+        (["--nodes", 2, "--gpus-per-node", 8], "trainer.deepspeed: 2 nodes x 8 GPUs, trainer 2 nodes x 8 "
+         "processes runs 16 trainer processes, which share the policy update only through DeepSpeed"),
+        (["--nodes", 2, "--gpus-per-node", 6, "trainer.deepspeed=zero2"],
+         "trainer.prompts_per_step: 16 prompts do not split evenly over the 12 trainer processes"),
+        (["--nodes", 1, "--gpus-per-node", 0, "trainer.device=cuda"], "trainer.device: 'cuda' on CPU only"),
+        (["--nodes", 1, "--gpus-per-node", 1, "rollout.engine=vllm_server", "rollout.weight_sync=nccl",
+          "model.lora={r: 8}"], "rollout.weight_sync: 'nccl' streams whole weights by name and cannot push LoRA"),
+        (["--nodes", 1, "--gpus-per-node", 1, "rollout.engine=vllm_server", "rollout.weight_sync=lora"],
+         "rollout.weight_sync: 'lora' pushes LoRA adapters, and this recipe has no model.lora"),
+        (["--nodes", 1, "--gpus-per-node", 1, "--gpu-memory", 16], "does not fit: 1 node x 1 GPU, trainer 1 node "
+         "x 1 process needs about"),
     ],
 )  # fmt: skip
 def test_bad_arguments_and_recipes_exit_2_with_one_line_and_write_nothing(
@@ -316,9 +332,8 @@ def launch_local(tmp_path, *args) -> subprocess.CompletedProcess:
 
 
 def test_local_dry_run_splits_the_gpus(capsys, write_recipe, tmp_path):
-    recipe = write_recipe(
-        {"rollout": {"engine": "vllm_server"}, "trainer": {"output_dir": str(tmp_path / "run")}}
-    )
+    recipe = write_recipe({"rollout": {"engine": "vllm_server"},
+                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 6}})  # fmt: skip
     code, script, _ = launch(capsys, "local", recipe, "--gpus", 8, "--vllm-servers", 2, "--dry-run")
     assert code == 0 and subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     ports = re.search(r"^for port in (\d+) (\d+); do$", script, re.M).groups()
