@@ -1,5 +1,8 @@
 # alphaalign — `make train` runs the offline CPU demo end to end; `make test` runs the test suite.
 # `make train RECIPE=demo_zero3 NPROC=2` trains with DeepSpeed in 2 processes (torchrun).
+# `make train RECIPE=alphaalign-qwen` on a GPU node: a recipe with a `launch:` section counts the GPUs, prints
+# its checked plan and starts its vLLM servers and the torchrun trainer (`alphaalign launch local`, docs/launch.md);
+# without a GPU it stops with one line saying what the recipe needs.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

@@ -173,12 +173,13 @@ class Estimate:
     def total(self) -> float:
         return sum(self.held.values()) + max(self.peaks.values(), default=0.0)
 
-    def describe(self, gpu_memory: float) -> str:
+    def describe(self, gpu_memory: float | None = None) -> str:
         peak = max(self.peaks, key=self.peaks.get) if self.peaks else None
         parts = [f"{name} {gb:.1f}" for name, gb in self.held.items() if gb >= 0.05]
         if peak:
             parts.append(f"{peak} {self.peaks[peak]:.1f}")
-        text = f"{self.total:.1f} of {gpu_memory:g} GB per trainer GPU ({', '.join(parts)})"
+        of = f" of {gpu_memory:g}" if gpu_memory else ""
+        text = f"{self.total:.1f}{of} GB per trainer GPU ({', '.join(parts)})"
         if self.server:
             text += f"; {self.server:.1f} GB of weights per vLLM server GPU"
         if self.unknown:
@@ -216,8 +217,8 @@ def check_plan(where: str, recipe: Recipe, plan: Plan) -> Estimate | None:
     estimate = estimate_memory(recipe, plan)
     if estimate.total > plan.gpu_memory:
         raise UserError(
-            f"{where}: does not fit: {plan.layout} needs about {estimate.describe(plan.gpu_memory)} "
-            f"(--gpu-memory); what helps: {', '.join(knobs(recipe, estimate))}"
+            f"{where}: does not fit: {plan.layout} needs about {estimate.describe()}, and a GPU has "
+            f"{plan.gpu_memory:g} GB (--gpu-memory); what helps: {', '.join(knobs(recipe, estimate))}"
         )
     if estimate.server > plan.gpu_memory * VLLM_MEMORY_FRACTION:
         raise UserError(
@@ -230,7 +231,12 @@ def check_plan(where: str, recipe: Recipe, plan: Plan) -> Estimate | None:
 
 def knobs(recipe: Recipe, estimate: Estimate) -> list[str]:
     """The settings that lower the estimate, the ones this recipe has not used yet."""
-    found = ["more trainer GPUs (launch.gpus, --gpus, --gpus-per-node, --nodes)"]
+    found = []
+    if estimate.held.get("vLLM on the trainer GPU"):
+        found.append(
+            "vLLM servers on their own GPUs (launch.vllm_gpus, --vllm-nodes, --vllm-gpus, --vllm-servers)"
+        )
+    found.append("more trainer GPUs (launch.gpus, --gpus, --gpus-per-node, --nodes)")
     ds = recipe.trainer.deepspeed
     if ds is None or ds in ("zero2", "zero2_offload"):
         found.append("trainer.deepspeed: zero3 (shards weights, gradients and optimizer state)")
@@ -241,8 +247,6 @@ def knobs(recipe: Recipe, estimate: Estimate) -> list[str]:
     found.append(f"a smaller trainer.micro_batch_tokens (now {recipe.trainer.micro_batch_tokens})")
     if estimate.held.get("reward models"):
         found.append("the reward model served elsewhere (remote_rm) or on the CPU (args.device: cpu)")
-    if estimate.held.get("vLLM on the trainer GPU"):
-        found.append("vLLM servers on their own GPUs (launch.vllm_gpus, --vllm-gpus, --vllm-servers)")
     if recipe.model.lora is None:
         found.append("model.lora")
     return found

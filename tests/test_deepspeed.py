@@ -307,6 +307,13 @@ def test_several_processes_without_deepspeed_are_refused(write_recipe, tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     path = write_recipe({"trainer": {"output_dir": str(tmp_path)}})
     with pytest.raises(
-        UserError, match="WORLD_SIZE=2: the trainer runs in one process unless trainer.deepspeed is set"
+        UserError, match="trainer.deepspeed: WORLD_SIZE=2 runs 2 trainer processes, which share"
+    ):
+        train(load_recipe(path))
+    # with DeepSpeed, the batch must split over the processes (the plan check's rule, alphaalign/plan.py)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    path = write_recipe({"trainer": {"output_dir": str(tmp_path), "deepspeed": "zero2"}})
+    with pytest.raises(
+        UserError, match="16 prompts do not split evenly over the 3 trainer processes of WORLD_SIZE=3"
     ):
         train(load_recipe(path))

@@ -94,7 +94,8 @@ def test_a_7b_policy_on_one_trainer_gpu_is_refused_with_the_numbers_and_the_knob
     message = str(refused.value)
     assert "\n" not in message
     assert re.match(r"r\.yaml: does not fit: 2 GPUs: 1 vLLM server \(GPU 0\), 1 trainer process \(GPU 1\) needs "
-                    r"about (\d+\.\d) of 80 GB per trainer GPU \(weights 15\.2, gradients 15\.2, optimizer 91\.4", message)  # fmt: skip
+                    r"about (\d+\.\d) GB per trainer GPU \(weights 15\.2, gradients 15\.2, optimizer 91\.4", message)  # fmt: skip
+    assert "and a GPU has 80 GB (--gpu-memory); what helps: " in message
     assert "trainer.deepspeed: zero3_offload" in message and "more trainer GPUs" in message
     assert "the reward model served elsewhere (remote_rm)" in message
     with pytest.raises(UserError, match="does not fit"):
