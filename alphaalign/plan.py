@@ -127,7 +127,10 @@ def find_architecture(name_or_path: str, base: Path | None = None) -> Architectu
     if not local.exists() and name_or_path.count("/") == 1:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name_or_path, "config.json")
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError:  # not a valid repository id
+            cached = None
         if isinstance(cached, str):
             candidates.append(Path(cached))
     for path in candidates:
@@ -264,7 +267,8 @@ def deepspeed_settings(recipe: Recipe) -> tuple[int, bool, bool, dict]:
 
 
 WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
-SCORING_MODELS = ("model", "helpfulness_model", "refusal_classifier")  # reward args that load a classifier
+# the built-in rewards' args that load a classifier; any reward's refusal detector may load one too
+SCORING_MODELS = {"helpfulness_rm": ("model",), "csrm": ("model", "helpfulness_model")}
 
 
 def estimate_memory(recipe: Recipe, plan: Plan) -> Estimate:
@@ -326,7 +330,7 @@ def estimate_memory(recipe: Recipe, plan: Plan) -> Estimate:
         args = spec.args
         if args.get("device", "auto") == "cpu":
             continue
-        for key in SCORING_MODELS:
+        for key in (*SCORING_MODELS.get(spec.name, ()), "refusal_classifier"):
             if not isinstance(args.get(key), str):
                 continue
             rm = find_architecture(args[key], base)

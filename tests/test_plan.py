@@ -215,3 +215,15 @@ def test_make_train_of_a_gpu_recipe_without_a_gpu_says_what_it_needs(tmp_path):
     )
     assert "no CUDA GPU is visible here" in done.stderr and "tests/test_rehearsal.py" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_offloading_and_the_csrm_recipes_reward_models():
+    recipe = load_recipe(QWEN, ["trainer.deepspeed=zero3_offload"])
+    est = estimate_memory(recipe, recipe_plan(recipe))
+    assert est.held["weights"] == est.held["optimizer"] == 0  # both in CPU memory
+    assert est.held["gradients"] == pytest.approx(2 * 7_615_616_512 / 4 / 1e9)
+    csrm = load_recipe(ROOT / "recipes" / "alphaalign-qwen-csrm.yaml")
+    est = estimate_memory(csrm, recipe_plan(csrm))
+    # the 8B helpfulness model is counted; the CSRM is a train-rm output that does not exist yet
+    assert est.held["reward models"] == pytest.approx(2 * (8_030_261_248 - 128256 * 4096) / 1e9)
+    assert est.unknown == ["outputs/csrm-qwen"]
