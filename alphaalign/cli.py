@@ -355,6 +355,10 @@ def cmd_launch_local(args) -> int:
         print(plan_line(plan, estimate), file=sys.stderr)
         return 0
     print(plan_line(plan, estimate), flush=True)
+    if layout.servers:  # the servers would each die at start, after the trainer waited for them
+        from alphaalign.rollout.vllm_launch import require_vllm
+
+        require_vllm()
     path = launch.write_script(script, run_dir, "local.sh")
     print(f"running {path}", flush=True)
     return subprocess.run(["bash", str(path)]).returncode

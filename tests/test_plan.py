@@ -227,3 +227,25 @@ def test_offloading_and_the_csrm_recipes_reward_models():
     # the 8B helpfulness model is counted; the CSRM is a train-rm output that does not exist yet
     assert est.held["reward models"] == pytest.approx(2 * (8_030_261_248 - 128256 * 4096) / 1e9)
     assert est.unknown == ["outputs/csrm-qwen"]
+
+
+def test_launch_local_with_servers_needs_vllm_installed_before_it_writes_anything(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if it were not installed
+    args = [
+        "launch",
+        "local",
+        "demo-vllm",
+        "--gpus",
+        "0",
+        "--vllm-servers",
+        "1",
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("plan: CPU: 1 vLLM server(s), 1 trainer process\n")
+    assert err.startswith("error: rollout.engine: vllm_server needs vLLM here") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
