@@ -171,6 +171,10 @@ def test_rates_without_a_denominator_are_undefined_not_zero():
 
     only_compliant = Agreement(tn=5).metrics()
     assert only_compliant["accuracy"] == 1.0
-    assert only_compliant["precision"] is None and only_compliant["recall"] is None and only_compliant["f1"] is None
+    assert (
+        only_compliant["precision"] is None
+        and only_compliant["recall"] is None
+        and only_compliant["f1"] is None
+    )
     wrong = Agreement(fp=2, tn=3).metrics()
     assert wrong["precision"] == 0.0 and wrong["recall"] is None and wrong["f1"] == 0.0
