@@ -184,7 +184,8 @@ def gae_advantages(
 
     δ_t = r_t + γ·V_{t+1} − V_t with V = 0 after the last completion token (the episode ends there);
     Â_t = δ_t + γλ·Â_{t+1}; returns R_t = Â_t + V_t (the critic's target). Values and rewards outside the mask
-    are ignored; both outputs are 0 there. Same recursion as verl's `compute_gae_advantage_return`.
+    are ignored; both outputs are 0 there. verl's `compute_gae_advantage_return` runs the same recursion and
+    returns `masked_whiten` of these advantages with the same returns.
     """
     mask = mask.to(token_rewards.dtype)
     values = values.to(token_rewards.dtype) * mask
