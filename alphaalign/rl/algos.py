@@ -3,7 +3,8 @@
 Shapes: B completions, T completion tokens (right-padded), `mask` is 1 on real completion tokens.
 Registries: ADVANTAGE_ESTIMATORS take one scalar reward per completion, `(rewards [B], group_size,
 scale_rewards) -> advantages [B]` (what the trainer calls); TOKEN_ADVANTAGE_ESTIMATORS take per-token rewards
-(`kl_in_reward`), `(token_rewards [B, T], mask [B, T], ...) -> (advantages, returns)`, both [B, T];
+(`kl_in_reward`) first, then what each needs (GAE: the critic's values; both: `mask` [B, T]), and return
+`(advantages, returns)`, both [B, T];
 POLICY_LOSSES give the per-token policy loss of each surrogate; KL_ESTIMATORS the per-token KL.
 Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/test_trl_parity.py):
 Bessel-corrected NaN-aware std with ε = 1e-4 added to σ, temperature-scaled log-probs, k3 KL added after
@@ -150,7 +151,6 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
 
 def last_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
     """[B, T] zeros with each scalar reward on its completion's last real token; NaN (unscorable) counts as 0."""
-    mask = mask.to(torch.float32 if not mask.is_floating_point() else mask.dtype)
     lengths = mask.sum(-1).long()
     out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
     value = torch.nan_to_num(rewards, nan=0.0) * (lengths > 0)  # an empty completion has no token to hold it
