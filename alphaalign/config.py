@@ -158,12 +158,14 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage_estimator: Literal["grpo", "rloo"] = "grpo"
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
     epsilon: float = Field(0.2, gt=0, lt=1)
-    epsilon_high: float | None = Field(None, gt=0)
+    epsilon_high: float | None = Field(None, gt=0)  # with cispo: the cap on the importance weight (e.g. 5.0)
+    sapo_temperature_pos: float = Field(1.0, gt=0)  # sapo's gate temperature where the advantage is > 0
+    sapo_temperature_neg: float = Field(1.05, gt=0)  # ... and where it is ≤ 0
     importance_sampling_level: Literal["token", "sequence"] = "token"
     beta: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"

@@ -1,4 +1,4 @@
-"""Properties of the pure GRPO functions in `alphaalign.rl.algos`.
+"""Properties of the pure RL functions in `alphaalign.rl.algos`.
 
 Expected values are derived by hand or from an independent formula written out in the test, never copied from
 a run of the code under test.
@@ -501,9 +501,23 @@ def test_fused_logprobs_gradient_with_per_token_weights_and_a_second_backward_is
         lp.sum().backward()  # its buffer became the first gradient
 
 
-def test_registries():
-    assert set(algos.ADVANTAGE_ESTIMATORS) == {"grpo", "rloo"}
-    assert set(algos.KL_ESTIMATORS) == {"k1", "k2", "k3"}
+def test_registries_match_the_recipe_choices():
+    from typing import get_args
+
+    from alphaalign.config import AlgorithmConfig
+
+    def choices(field):
+        return set(get_args(AlgorithmConfig.model_fields[field].annotation))
+
+    assert set(algos.ADVANTAGE_ESTIMATORS) == choices("advantage_estimator") == {
+        "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"
+    }  # fmt: skip
+    assert set(algos.KL_ESTIMATORS) == choices("kl_estimator") == {"k1", "k2", "k3"}
+    assert set(algos.TOKEN_ADVANTAGE_ESTIMATORS) == {"gae", "reinforce_pp"}
+    assert set(algos.POLICY_LOSSES) == {"clip", "cispo", "sapo"}
+    for loss_type in choices("loss_type"):  # every choice has a surrogate and a normaliser
+        assert algos.SURROGATE_OF_LOSS_TYPE.get(loss_type, "clip") in algos.POLICY_LOSSES
+        algos.aggregate_loss(L23, M23, loss_type, max_completion_length=3)
 
 
 @pytest.mark.parametrize(
@@ -522,3 +536,210 @@ def test_registries():
 def test_unknown_names_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO with a critic: GAE, whitening, value loss, KL in the reward; REINFORCE++; cispo and sapo
+
+
+def gae_reference(rewards, values, gamma, lam):
+    """One sequence, written from Schulman et al. (2016): δ_t = r_t + γV_{t+1} − V_t (V_T = 0),
+    Â_t = Σ_l (γλ)^l δ_{t+l}, computed as the explicit sum (not the backward recursion)."""
+    n = len(rewards)
+    deltas = [rewards[t] + gamma * (values[t + 1] if t + 1 < n else 0.0) - values[t] for t in range(n)]
+    advantages = [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+    return advantages, [a + v for a, v in zip(advantages, values, strict=True)]
+
+
+@st.composite
+def token_batches(draw, max_b=4, max_t=6):
+    """(token_rewards, values, mask, lengths) with garbage (99) on the padding."""
+    b, t = draw(st.integers(1, max_b)), draw(st.integers(1, max_t))
+    rewards = torch.tensor(draw(st.lists(finite, min_size=b * t, max_size=b * t))).view(b, t).double()
+    values = torch.tensor(draw(st.lists(finite, min_size=b * t, max_size=b * t))).view(b, t).double()
+    lengths = draw(st.lists(st.integers(0, t), min_size=b, max_size=b))
+    mask = (torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).double()
+    return rewards.masked_fill(mask == 0, 99.0), values.masked_fill(mask == 0, 99.0), mask, lengths
+
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@FAST
+@given(token_batches(), unit, unit)
+def test_gae_matches_the_papers_sum(data, gamma, lam):
+    rewards, values, mask, lengths = data
+    adv, ret = algos.gae_advantages(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        ref_adv, ref_ret = gae_reference(rewards[i, :n].tolist(), values[i, :n].tolist(), gamma, lam)
+        assert adv[i, :n].tolist() == pytest.approx(ref_adv, abs=1e-9)
+        assert ret[i, :n].tolist() == pytest.approx(ref_ret, abs=1e-9)
+        assert torch.all(adv[i, n:] == 0) and torch.all(ret[i, n:] == 0)  # padding ignored, zero out
+
+
+@FAST
+@given(token_batches(), unit)
+def test_gae_lambda_one_is_discounted_return_minus_value(data, gamma):
+    rewards, values, mask, _ = data
+    adv, ret = algos.gae_advantages(rewards, values, mask, gamma, 1.0)
+    discounted = algos.discounted_returns(rewards, mask, gamma)
+    assert torch.allclose(adv, (discounted - values) * mask, atol=1e-9)
+    assert torch.allclose(ret, discounted, atol=1e-9)  # the critic's target is the Monte-Carlo return
+
+
+@FAST
+@given(token_batches())
+def test_gae_gamma_lambda_one_zero_values_is_reward_to_go(data):
+    rewards, _, mask, _ = data
+    adv, _ = algos.gae_advantages(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask
+    assert torch.allclose(adv, reward_to_go, atol=1e-9)
+
+
+def test_gae_lambda_zero_is_one_step_td_and_a_hand_case():
+    rewards, values, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]]), torch.ones(1, 2)
+    adv, ret = algos.gae_advantages(rewards, values, mask, 0.9, 0.8)
+    # δ_1 = 1 − 0.2 = 0.8; δ_0 = 0.9·0.2 − 0.5 = −0.32; Â_0 = −0.32 + 0.72·0.8 = 0.256
+    assert adv.tolist()[0] == pytest.approx([0.256, 0.8])
+    assert ret.tolist()[0] == pytest.approx([0.756, 1.0])
+    td, _ = algos.gae_advantages(rewards, values, mask, 0.9, 0.0)
+    assert td.tolist()[0] == pytest.approx([-0.32, 0.8])
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 50.0, 60.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # masked entries 1, 2, 3, 4: mean 2.5, Bessel variance 5/3
+    expected = (torch.tensor([1.0, 2.0, 3.0, 4.0]) - 2.5) / math.sqrt(5 / 3 + 1e-8)
+    out = algos.masked_whiten(x, mask)
+    assert out[mask.bool()].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+    assert out[1, 1:].tolist() == [0.0, 0.0]
+    kept = algos.masked_whiten(x, mask, shift_mean=False)
+    assert kept[mask.bool()].tolist() == pytest.approx((expected + 2.5).tolist(), abs=1e-6)
+    assert algos.masked_whiten(torch.tensor([[7.0, 1.0]]), torch.tensor([[1.0, 0.0]])).tolist() == [
+        [0.0, 0.0]
+    ]
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0, 0.6, 3.0, 5.0]], requires_grad=True)
+    old = torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    loss, clipped = algos.value_loss(values, old, returns, mask, clip=0.2)
+    # token 0: (1−2)² = 1 vs (0.7−2)² = 1.69; token 1: 0 vs 0.3² = 0.09; token 2: inside the clip range,
+    # 1.4² = 1.96 both; token 3: 3² = 9 vs 0.7² = 0.49; token 4: padding
+    assert loss.tolist()[0] == pytest.approx([0.845, 0.045, 0.98, 4.5, 0.0])
+    assert clipped.tolist()[0] == [True, True, False, False, False]
+    loss.sum().backward()
+    # the clipped branch is constant in V; the unclipped one has gradient V − R
+    assert values.grad.tolist()[0] == pytest.approx([0.0, 0.0, 0.6 - 2.0, 3.0, 0.0])
+    plain, none = algos.value_loss(values.detach(), old, returns, mask, clip=None)
+    assert plain.tolist()[0] == pytest.approx([0.5, 0.0, 0.98, 4.5, 0.0]) and not none.any()
+
+
+def test_kl_in_reward_by_hand():
+    rewards = torch.tensor([2.0, -1.0, math.nan, 3.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0], [-0.2, 0.4, 9.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    out = algos.kl_in_reward(rewards, kl, mask, beta=0.5)
+    expected = [
+        [-0.05, -0.1, 2.0 - 0.15],
+        [-1.0 - 0.25, 0.0, 0.0],
+        [0.1, -0.2, 0.0],  # unscorable: only the KL
+        [0.0, 0.0, 0.0],  # an empty completion has nowhere to put its reward
+    ]
+    for row, want in zip(out.tolist(), expected, strict=True):
+        assert row == pytest.approx(want)
+    k1 = algos.KL_ESTIMATORS["k1"](torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]))
+    folded = algos.kl_in_reward(torch.tensor([1.0]), k1, torch.ones(1, 2), beta=0.1)
+    assert folded.tolist()[0] == pytest.approx([-0.05, 1.0 + 0.1])
+
+
+def test_discounted_returns_by_hand():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert algos.discounted_returns(rewards, mask, 0.5).tolist() == [[1.5, 1.0, 2.0], [4.0, 0.0, 0.0]]
+
+
+def test_reinforce_pp_token_level_whitens_returns_over_all_tokens():
+    rewards = torch.tensor([1.0, 0.0, 3.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.2, -0.1, 0.4], [0.3, 0.1, 5.0], [0.0, 5.0, 5.0]])
+    beta = 0.5
+    adv, ret = algos.reinforce_pp_token_advantages(algos.kl_in_reward(rewards, kl, mask, beta), mask)
+    # γ = 1: return = reward + the −β·KL still to come
+    want = [[1.0 - 0.25, 1.0 - 0.15, 1.0 - 0.2], [-0.2, -0.05, 0.0], [3.0, 0.0, 0.0]]
+    for row, w in zip(ret.tolist(), want, strict=True):
+        assert row == pytest.approx(w)
+    flat = ret[mask.bool()]
+    assert adv[mask.bool()].tolist() == pytest.approx(((flat - flat.mean()) / flat.std()).tolist(), abs=1e-6)
+    assert torch.all(adv[~mask.bool()] == 0)
+
+
+@FAST
+@given(st.lists(finite, min_size=6, max_size=6), st.floats(1, 10), st.floats(-5, 5))
+def test_reinforce_pp_invariant_to_affine_rewards(values, scale, shift):
+    rewards = torch.tensor(values).double()
+    assume(float(rewards.std()) > 0.5)  # the ε = 1e-4 added to σ is then negligible
+    for name in ("reinforce_pp", "reinforce_pp_baseline"):
+        fn = algos.ADVANTAGE_ESTIMATORS[name]
+        assert torch.allclose(fn(rewards, 3), fn(rewards * scale + shift, 3), atol=1e-3)
+    mask = torch.ones(6, 4, dtype=torch.float64)
+    a, _ = algos.reinforce_pp_token_advantages(algos.last_token_rewards(rewards, mask), mask)
+    b, _ = algos.reinforce_pp_token_advantages(algos.last_token_rewards(rewards * scale + shift, mask), mask)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_reinforce_pp_sequence_level_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0, math.nan])
+    plain = algos.ADVANTAGE_ESTIMATORS["reinforce_pp"](rewards, 3)
+    present = torch.tensor([1.0, 2.0, 6.0, 0.0, 4.0])  # mean 2.6
+    assert plain[:5].tolist() == pytest.approx(((present - 2.6) / (present.std() + 1e-4)).tolist(), abs=1e-6)
+    # baseline: group means 3 and 2 (NaN left out) -> centered −2, −1, 3, −2, 2, then whitened over the batch
+    centered = torch.tensor([-2.0, -1.0, 3.0, -2.0, 2.0])
+    baseline = algos.ADVANTAGE_ESTIMATORS["reinforce_pp_baseline"](rewards, 3)
+    assert baseline[:5].tolist() == pytest.approx((centered / (centered.std() + 1e-4)).tolist(), abs=1e-6)
+    assert plain[5] == 0 and baseline[5] == 0
+
+
+@FAST
+@given(st.lists(finite, min_size=6, max_size=6), st.lists(finite, min_size=2, max_size=2))
+def test_reinforce_pp_baseline_ignores_per_prompt_offsets(values, shifts):
+    rewards = torch.tensor(values).double()
+    shifted = rewards + torch.tensor(shifts).double().repeat_interleave(3)
+    fn = algos.ADVANTAGE_ESTIMATORS["reinforce_pp_baseline"]
+    assert torch.allclose(fn(rewards, 3), fn(shifted, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip", "cispo", "sapo"])
+def test_every_policy_loss_is_the_policy_gradient_on_policy(name):
+    """At π_old = π_θ each surrogate's gradient is −Â·∇log π (sapo: (4/τ)·σ'(0)·τ = 1)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]], requires_grad=True)
+    adv = torch.tensor([1.5, -0.7])
+    loss, low, high = algos.POLICY_LOSSES[name](logp - logp.detach(), adv, logp, epsilon_low=0.2,
+                                                epsilon_high=5.0, temperature_pos=1.0, temperature_neg=1.05)  # fmt: skip
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, -adv.unsqueeze(1).expand(2, 3))
+    assert not low.any() and not high.any()
+
+
+def test_cispo_caps_and_detaches_the_weight():
+    logp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    log_w = torch.log(torch.tensor([[0.5, 2.0, 8.0]]))
+    loss, low, high = algos.cispo_loss(log_w, torch.tensor([2.0]), logp, epsilon_high=5.0)
+    assert loss.tolist()[0] == pytest.approx([1.0, 4.0, 10.0])  # −min(w, 5)·Â·log π
+    loss.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-1.0, -4.0, -10.0])  # capped tokens keep a gradient
+    assert high.tolist() == [[False, False, True]] and not low.any()
+    _, _, negative = algos.cispo_loss(log_w, torch.tensor([-2.0]), logp, epsilon_high=5.0)
+    assert not negative.any()
+
+
+def test_sapo_gate_by_hand():
+    log_w = torch.log(torch.tensor([[1.0, 1.5], [1.0, 0.5]]))
+    adv = torch.tensor([2.0, -1.0])
+    loss, _, _ = algos.sapo_loss(log_w, adv, temperature_pos=1.0, temperature_neg=2.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert loss.tolist()[0] == pytest.approx([-4 * 0.5 * 2.0, -4 * sig(0.5) * 2.0])
+    assert loss.tolist()[1] == pytest.approx([2 * 0.5, 2 * sig(-1.0)])  # τ = 2 where Â ≤ 0

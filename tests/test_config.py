@@ -76,7 +76,7 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
     [
         (
             "algorithm.loss_type=ppo",
-            "algorithm.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo' or 'dapo'",
+            "algorithm.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo' or 'sapo'",
         ),
         ("trainer.learning_rate=fast", "trainer.learning_rate: Input should be a valid number"),
         ("rollout.num_generations=1", "rollout.num_generations: Input should be greater than or equal to 2"),

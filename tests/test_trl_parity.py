@@ -153,14 +153,14 @@ def make_trainer(model, tok, tmp_path, model_dir, *, n_rows=B, reward_funcs=(zer
     return trainer
 
 
-def make_recipe(loss_type, beta, epsilon_high, level, bias_correction=False):
+def make_recipe(loss_type, beta, epsilon_high, level, bias_correction=False, **algorithm):
     return Recipe.model_validate({
         "model": {"name_or_path": "x"},
         "data": {"train": [{"path": "x.jsonl"}]},
         "rewards": [{"name": "alphaalign_safety"}],
         "algorithm": {"loss_type": loss_type, "beta": beta, "kl_estimator": "k3", "epsilon": 0.2,
                       "epsilon_high": epsilon_high, "importance_sampling_level": level,
-                      "kl_bias_correction": bias_correction},
+                      "kl_bias_correction": bias_correction, **algorithm},
         "rollout": {"num_generations": G, "max_new_tokens": MAX_COMPLETION, "temperature": TEMPERATURE},
     })  # fmt: skip
 
@@ -286,6 +286,58 @@ def test_loss_and_gradient_parity(
         )
     print(f"\n[parity] {loss_type:8s} beta={beta:<5} eps_high={epsilon_high} {level:8s} "
           f"|Δloss|={loss_diff:.2e} max|Δgrad|={gdiff:.2e} clipped low/high={n_low}/{n_high}")  # fmt: skip
+
+
+SOFT_CASES = [
+    (loss_type, beta, level)
+    for loss_type in ("cispo", "sapo")
+    for beta in (0.0, 0.04)
+    for level in ("token", "sequence")
+]
+CISPO_CAP = 1.3  # low enough that the fixture's ratios exceed it (ScaleRL's 5.0 caps nothing here)
+SAPO_TEMPERATURES = {"sapo_temperature_pos": 0.8, "sapo_temperature_neg": 1.3}  # not trl's defaults
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "level"), SOFT_CASES)
+def test_cispo_and_sapo_parity(tok, base_model, batch, model_dir, tmp_path, loss_type, beta, level):
+    """trl's `cispo` (capped, detached weight × log π, global token mean) and `sapo` (sigmoid gate, sequence
+    mean): same loss, gradients and, for cispo, the capped-token fraction."""
+    trl_model, ours = copy.deepcopy(base_model), copy.deepcopy(base_model)
+    extra = SAPO_TEMPERATURES if loss_type == "sapo" else {}
+    epsilon_high = CISPO_CAP if loss_type == "cispo" else 0.28
+    trainer = make_trainer(trl_model, tok, tmp_path, model_dir, loss_type=loss_type, beta=beta, epsilon=0.2,
+                           epsilon_high=epsilon_high, importance_sampling_level=level, **extra)  # fmt: skip
+    trl_loss = trainer._compute_loss(trainer.model, trl_inputs(batch, slice(None), beta))
+    trl_loss.backward()
+
+    recipe = make_recipe(loss_type, beta, epsilon_high, level, **extra)
+    mbs, losses, clips = our_losses(ours, tok, batch, recipe, budget=10**6)
+    assert len(mbs) == 1
+    loss_diff = abs(float(trl_loss.detach()) - float(losses[0]))
+    assert loss_diff <= LOSS_ATOL, (float(trl_loss.detach()), float(losses[0]))
+    gdiff = grad_diff(trainer.model, ours)
+    mb, low, high = clips[0]
+    mask = mb.mask.bool()
+    n_high = int((high.expand_as(mask) & mask).sum())
+    assert not (low.expand_as(mask) & mask).any()
+    if loss_type == "cispo":
+        assert n_high > 0  # the cap is exercised
+        fraction = n_high / float(mask.sum()) if level == "token" else float(high[:, 0].float().mean())
+        assert trainer._metrics["train"]["cispo_clip_ratio"][-1] == pytest.approx(fraction, abs=1e-6)
+    else:
+        assert n_high == 0  # sapo clips nothing
+    print(f"\n[parity] {loss_type:6s} beta={beta:<5} {level:8s} |Δloss|={loss_diff:.2e} "
+          f"max|Δgrad|={gdiff:.2e} capped={n_high}")  # fmt: skip
+
+
+def test_sapo_temperatures_matter(tok, base_model, batch):
+    """The gate's temperatures reach the loss (a recipe that ignored them would still pass parity at defaults)."""
+    losses = []
+    for extra in ({}, SAPO_TEMPERATURES):
+        _, (loss,), _ = our_losses(copy.deepcopy(base_model), tok, batch,
+                                   make_recipe("sapo", 0.0, None, "token", **extra), budget=10**6)  # fmt: skip
+        losses.append(float(loss))
+    assert abs(losses[0] - losses[1]) > 1e-3
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])

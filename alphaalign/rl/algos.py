@@ -1,6 +1,11 @@
-"""GRPO math: small pure functions on tensors, registered by name.
+"""RL math (GRPO, RLOO, REINFORCE++, PPO with GAE): small pure functions on tensors, registered by name.
 
 Shapes: B completions, T completion tokens (right-padded), `mask` is 1 on real completion tokens.
+Registries: ADVANTAGE_ESTIMATORS take one scalar reward per completion, `(rewards [B], group_size,
+scale_rewards) -> advantages [B]` (what the trainer calls); TOKEN_ADVANTAGE_ESTIMATORS take per-token rewards
+(`kl_in_reward`) first, then what each needs (GAE: the critic's values; both: `mask` [B, T]), and return
+`(advantages, returns)`, both [B, T];
+POLICY_LOSSES give the per-token policy loss of each surrogate; KL_ESTIMATORS the per-token KL.
 Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/test_trl_parity.py):
 Bessel-corrected NaN-aware std with ε = 1e-4 added to σ, temperature-scaled log-probs, k3 KL added after
 the importance weights, and the loss normalisers listed in `aggregate_loss`.
@@ -15,8 +20,11 @@ import torch
 from torch import Tensor
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+TOKEN_ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 STD_EPS = 1e-4
+WHITEN_EPS = 1e-8  # added to the variance by verl's and OpenRLHF's whitening
 
 
 def register(table: dict, name: str):
@@ -93,6 +101,135 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "none
 def batch_zscore(rewards: Tensor) -> Tensor:
     """(r − mean) / (σ + 1e-4) over the whole batch: the advantage for `normalize_then_sum` (TRL's GDPO)."""
     return torch.nan_to_num((rewards - torch.nanmean(rewards)) / (nanstd(rewards) + STD_EPS), nan=0.0)
+
+
+@register(ADVANTAGE_ESTIMATORS, "reinforce_pp")
+def reinforce_pp_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "batch") -> Tensor:
+    """REINFORCE++ at sequence level: the rewards whitened over the whole batch, no per-prompt baseline.
+
+    The sequence-level form of `reinforce_pp_token_advantages` for the scalar-reward calling convention: the
+    KL stays a loss term, and the statistics count each completion once where OpenRLHF/verl count each token.
+    `scale_rewards` is not used (the batch whitening is the method).
+    """
+    return batch_zscore(rewards)
+
+
+@register(ADVANTAGE_ESTIMATORS, "reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor, group_size: int, scale_rewards: str = "batch"
+) -> Tensor:
+    """REINFORCE++-baseline at sequence level: r minus its group's mean, then whitened over the batch.
+
+    OpenRLHF's `reinforce_baseline` subtracts the group mean from the scalar reward before the KL is folded in
+    and the returns are whitened; the token-level form is
+    `reinforce_pp_token_advantages(kl_in_reward(grpo_advantages(r, G, "none"), kl, mask, beta), mask)`.
+    `scale_rewards` is not used. NaN rewards get advantage 0.
+    """
+    centered = grpo_advantages(rewards, group_size, "none").masked_fill(torch.isnan(rewards), math.nan)
+    return batch_zscore(centered)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token rewards -> advantages and returns (PPO with a critic, REINFORCE++)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x − mean) / sqrt(var + 1e-8) with the mean and Bessel-corrected variance over the masked entries
+    (verl's `masked_whiten`); entries outside the mask are 0. `shift_mean=False` adds the mean back."""
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1.0)
+    out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    return (out if shift_mean else out + mean) * mask
+
+
+def last_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """[B, T] zeros with each scalar reward on its completion's last real token; NaN (unscorable) counts as 0."""
+    lengths = mask.sum(-1).long()
+    out = torch.zeros(mask.shape, dtype=rewards.dtype, device=rewards.device)
+    value = torch.nan_to_num(rewards, nan=0.0) * (lengths > 0)  # an empty completion has no token to hold it
+    return out.scatter_(1, (lengths - 1).clamp(min=0).unsqueeze(1), value.unsqueeze(1))
+
+
+def kl_in_reward(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token rewards of classic RLHF PPO: −β·KL on every completion token plus the scalar reward [B] on the
+    last one. `kl` [B, T] is a per-token estimate (k1 = log π_θ − log π_ref, as OpenRLHF and verl); no gradient
+    flows through it here."""
+    mask = mask.to(kl.dtype)
+    return last_token_rewards(rewards.to(kl.dtype), mask) - beta * kl.detach() * mask
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """G_t = Σ_{k≥0} γ^k r_{t+k} within each completion; 0 outside the mask."""
+    mask = mask.to(token_rewards.dtype)
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in reversed(range(token_rewards.shape[1])):
+        running = (token_rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+@register(TOKEN_ADVANTAGE_ESTIMATORS, "gae")
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over right-padded completions.
+
+    δ_t = r_t + γ·V_{t+1} − V_t with V = 0 after the last completion token (the episode ends there);
+    Â_t = δ_t + γλ·Â_{t+1}; returns R_t = Â_t + V_t (the critic's target). Values and rewards outside the mask
+    are ignored; both outputs are 0 there. verl's `compute_gae_advantage_return` runs the same recursion and
+    returns `masked_whiten` of these advantages with the same returns.
+    """
+    mask = mask.to(token_rewards.dtype)
+    values = values.to(token_rewards.dtype) * mask
+    advantages = torch.zeros_like(token_rewards)
+    next_value = torch.zeros_like(token_rewards[:, 0])
+    running = torch.zeros_like(next_value)
+    for t in reversed(range(token_rewards.shape[1])):
+        m = mask[:, t]
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m
+        next_value = values[:, t]  # 0 on padding, so the last real token bootstraps from 0
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+@register(TOKEN_ADVANTAGE_ESTIMATORS, "reinforce_pp")
+def reinforce_pp_token_advantages(
+    token_rewards: Tensor, mask: Tensor, gamma: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (OpenRLHF's `reinforce`, verl's `reinforce_plus_plus`): discounted returns of the per-token
+    rewards (KL folded in by `kl_in_reward`), whitened over every completion token of the batch.
+
+    Returns (advantages, returns). For the baseline variant pass group-centered scalar rewards to
+    `kl_in_reward` (see `reinforce_pp_baseline_advantages`).
+    """
+    returns = discounted_returns(token_rewards, mask, gamma)
+    return masked_whiten(returns, mask), returns
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """PPO value loss per token: ½·max((V − R)², (clip(V, V_old ± c) − R)²); c None: ½·(V − R)².
+
+    The ½ and the max of clipped and unclipped errors are verl's `compute_value_loss` and OpenRLHF's
+    `ValueLoss`. Returns the per-token loss (0 outside the mask; reduce it with `aggregate_loss`) and the
+    tokens where the clipped error was the larger (verl's `vf_clipfrac`).
+    """
+    mask = mask.to(values.dtype)
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped * mask, torch.zeros_like(mask, dtype=torch.bool)
+    clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped) * mask, (clipped > unclipped) & mask.bool()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,6 +316,52 @@ def clipped_surrogate(
     return loss, low, high
 
 
+@register(POLICY_LOSSES, "clip")
+def _clip_loss(log_weights, advantages, logp, *, epsilon_low, epsilon_high=None, **_):
+    return clipped_surrogate(log_weights, advantages, epsilon_low, epsilon_high)
+
+
+@register(POLICY_LOSSES, "cispo")
+def cispo_loss(
+    log_weights: Tensor, advantages: Tensor, logp: Tensor, *, epsilon_high: float, **_
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CISPO (MiniMax-M1; trl's `cispo`): −sg(min(w, ε_max))·Â·log π_θ. The importance weight is capped and
+    detached, so every token keeps its gradient; `epsilon_high` is the cap ε_max itself (ScaleRL: 5.0).
+
+    Returns the loss, an empty low mask and the tokens whose weight was capped with Â > 0 (trl's
+    `cispo_clip_ratio`).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(log_weights)
+    loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logp
+    high = (ratio > epsilon_high) & (adv > 0)
+    return loss, torch.zeros_like(high), high
+
+
+@register(POLICY_LOSSES, "sapo")
+def sapo_loss(
+    log_weights: Tensor,
+    advantages: Tensor,
+    logp: Tensor | None = None,
+    *,
+    temperature_pos: float = 1.0,
+    temperature_neg: float = 1.05,
+    **_,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SAPO (trl's `sapo`): −(4/τ)·σ(τ·(w − 1))·Â, a smooth gate in place of the hard clip; τ is
+    `temperature_pos` where Â > 0, else `temperature_neg`. Nothing is clipped: both masks are empty."""
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+    tau = torch.where(adv > 0, temperature_pos, temperature_neg)
+    loss = -torch.sigmoid(tau * (torch.exp(log_weights) - 1)) * 4 / tau * adv
+    none = torch.zeros(loss.shape, dtype=torch.bool, device=loss.device)
+    return loss, none, none
+
+
+# The surrogate and the normaliser behind each `algorithm.loss_type` (trl couples them the same way).
+SURROGATE_OF_LOSS_TYPE = {"cispo": "cispo", "sapo": "sapo"}  # every other loss type: "clip"
+AGGREGATION_OF_LOSS_TYPE = {"cispo": "dapo", "sapo": "grpo"}  # every other loss type: its own name
+
+
 @register(KL_ESTIMATORS, "k1")
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """log π_θ − log π_ref (unbiased, high variance, can be negative)."""
@@ -215,7 +398,9 @@ def aggregate_loss(
       bnpo     (Σ L·M / Σ M) / num_micro_batches                  (token mean within each micro-batch, as TRL)
       dr_grpo  Σ L·M / (total_sequences · max_completion_length)
       dapo     Σ L·M / total_tokens                               (global token mean)
+    `cispo` aggregates as dapo and `sapo` as grpo (`AGGREGATION_OF_LOSS_TYPE`), as in trl.
     """
+    loss_type = AGGREGATION_OF_LOSS_TYPE.get(loss_type, loss_type)
     mask = mask.to(per_token_loss.dtype)
     masked = per_token_loss * mask
     n_seq = total_sequences if total_sequences is not None else per_token_loss.shape[0]
