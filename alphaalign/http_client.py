@@ -9,6 +9,9 @@ has passed: an attempt ends at its deadline whatever the server sends, headers o
 `request()` retries connection errors, timeouts, 5xx replies and replies the caller's `check` rejects with
 `Retry`, at most `retries` times, sleeping `backoff(k)` seconds before retry k (cut short by the deadline),
 and raises `RequestFailed` with the number of attempts and the last failure.
+
+Replies are untrusted: `parse_reply` checks a body against a pydantic model of the reply's shape (`Reply`:
+strict types, finite floats, unknown fields ignored) and says in one line what is wrong with it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpcore
 import httpx
+import pydantic
 
 _current = threading.local()  # the deadline (time.monotonic()) of the request this thread is sending
 
@@ -154,3 +158,43 @@ def request(
         if on_failure is not None:
             on_failure(last)
     raise RequestFailed(attempts, last)
+
+
+class Reply(pydantic.BaseModel):
+    """Base of the models of server replies: no type coercion (a token id "5" or 5.0 is not an id), no inf
+    or NaN, extra fields ignored (servers add fields between versions)."""
+
+    model_config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, extra="ignore", frozen=True)
+
+    def retry_reason(self) -> str | None:
+        """Why a well-formed reply says "not now" (the request is retried), or None."""
+        return None
+
+
+class BadReply(ValueError):
+    """A reply body that is not JSON or not of the expected shape; the message is one line."""
+
+
+R = TypeVar("R", bound=Reply)
+
+
+def parse_reply(response: httpx.Response, model: type[R]) -> R:
+    """The reply body as `model`, or `BadReply` saying which field is wrong (dotted path) and why."""
+    try:
+        body = response.json()
+    except ValueError:  # HTML from a proxy, plain text, an empty body
+        kind = response.headers.get("content-type", "no content type")
+        raise BadReply(f"the reply is not JSON ({kind}): {short(response.text, 80) or 'empty body'}") from None
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise BadReply(describe(exc)) from None
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    """A validation error in one line: the first bad field, its value, and how many more there are."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the reply"
+    value = short(repr(first.get("input")), 60)
+    more = exc.error_count() - 1
+    return f"{where}: {first['msg'].lower()} (got {value})" + (f", and {more} more problem(s)" if more else "")

@@ -16,8 +16,10 @@ import time
 from collections.abc import Callable
 
 import httpx
+from pydantic import Field
 
 from alphaalign.errors import UserError
+from alphaalign.http_client import BadReply, Reply, parse_reply, short
 
 MAX_BACKOFF_S = 10.0
 
@@ -30,9 +32,18 @@ class _Retry(Exception):
     pass
 
 
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "…"
+class _Message(Reply):
+    content: str
+
+
+class _Choice(Reply):
+    message: _Message
+
+
+class ChatReply(Reply):
+    """An OpenAI chat completion: the first choice's message text is the judge's answer."""
+
+    choices: list[_Choice] = Field(min_length=1)
 
 
 class ChatClient:
@@ -113,13 +124,10 @@ class ChatClient:
     def _content(self, response: httpx.Response) -> str:
         status = response.status_code
         if status >= 500 or status == 429:
-            raise _Retry(f"HTTP {status}: {_short(response.text)}")
+            raise _Retry(f"HTTP {status}: {short(response.text, 200)}")
         if status >= 400:
-            raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {_short(response.text)}")
+            raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {short(response.text, 200)}")
         try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retry(f"HTTP {status} but not chat-completion JSON: {_short(response.text)}") from None
-        if not isinstance(content, str):
-            raise _Retry(f"HTTP {status}: message content is {type(content).__name__}, not text")
-        return content
+            return parse_reply(response, ChatReply).choices[0].message.content
+        except BadReply as exc:
+            raise _Retry(f"HTTP {status} but not chat-completion JSON: {exc}") from None

@@ -18,14 +18,19 @@ named by ``token_env`` and never printed.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
 import httpx
 
 from alphaalign.errors import UserError
-from alphaalign.http_client import DeadlineClient, RequestFailed, Retry, request, short
+from alphaalign.http_client import BadReply, DeadlineClient, Reply, RequestFailed, Retry, parse_reply, request, short
+
+
+class Scores(Reply):
+    """The reply: finite numbers only (`Reply` refuses strings, booleans, null, inf and NaN)."""
+
+    scores: list[float]
 
 
 class RemoteScorer:
@@ -84,12 +89,9 @@ def _parse_scores(reply: httpx.Response, expected: int) -> list[float]:
     if reply.status_code != 200:
         raise Retry(f"HTTP {reply.status_code}: {short(reply.text, 80)}")
     try:
-        scores = reply.json()["scores"]
-    except (ValueError, KeyError, TypeError):
-        raise Retry(f'reply is not JSON of the form {{"scores": [...]}}: {short(reply.text, 80)}') from None
-    if not isinstance(scores, list) or len(scores) != expected:
-        got = len(scores) if isinstance(scores, list) else type(scores).__name__
-        raise Retry(f"expected {expected} scores, got {got}")
-    if not all(isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
-        raise Retry("scores must be finite numbers")
-    return [float(s) for s in scores]
+        scores = parse_reply(reply, Scores).scores
+    except BadReply as exc:
+        raise Retry(f'the reply is not of the form {{"scores": [<finite number>, ...]}}: {exc}') from None
+    if len(scores) != expected:
+        raise Retry(f"expected {expected} scores, got {len(scores)}")
+    return scores

@@ -43,6 +43,9 @@ def make_engine(
             token = server.token
         url, token = ranks.gather((url, token))[0]  # every rank's clients send the server's token
         servers = [url]
-    engine = VLLMServerEngine(servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank, token)
+    vocab_size = policy.config.vocab_size  # the embedding's rows: a larger id would crash the trainer
+    engine = VLLMServerEngine(
+        servers, sync, rc.timeout, rc.retries, recipe.trainer.seed, ranks.rank, token, vocab_size
+    )
     resources.callback(engine.close)
     return engine

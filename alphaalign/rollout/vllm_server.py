@@ -12,6 +12,11 @@ since the server's last answer, not from each call: once that budget is spent, e
 once, so a dead server stops the run within `rollout.timeout` however many calls were waiting on it. A
 server that answers again within the budget is used again. Weight sync (`weight_sync.py`) and generation
 take the same lock, so each batch is sampled by exactly one policy version, which is stamped on the rollouts.
+
+Replies are checked field by field against models of their shape (`ModelList`, `Completions`, ...): a body
+that is not JSON (an HTML error page from a proxy), an empty model list, a token id that is not an integer
+or lies outside the policy's vocabulary, a missing or non-finite log-prob ends in one `ServerError` naming
+the endpoint and the field, at once (a server that answers nonsense is not retried).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, TypeVar
 
 import httpx
+from pydantic import Field
 
 from alphaalign.errors import UserError
-from alphaalign.http_client import DeadlineClient, RequestFailed, request, short
+from alphaalign.http_client import BadReply, DeadlineClient, Reply, RequestFailed, Retry, parse_reply, request, short
 from alphaalign.rollout.base import Rollouts, SamplingParams
 from alphaalign.rollout.vllm_auth import auth_headers, env_token
 
@@ -35,6 +42,57 @@ MAX_BACKOFF_S = 10.0  # longest pause between attempts: a server that comes back
 
 class ServerError(UserError):
     """A rollout server that is down, too slow, or answers something unusable."""
+
+
+class _Model(Reply):
+    id: str = Field(min_length=1)
+
+
+class ModelList(Reply):
+    """`GET /v1/models`: the served model comes first."""
+
+    data: list[_Model] = Field(min_length=1)
+
+
+class _Logprobs(Reply):
+    token_logprobs: list[Annotated[float, Field(le=0.0)]]  # log-probs: finite (Reply) and at most 0
+
+
+class _Choice(Reply):
+    index: int = Field(ge=0)
+    token_ids: list[Annotated[int, Field(ge=0)]]
+    logprobs: _Logprobs
+    finish_reason: str
+
+
+class Completions(Reply):
+    """`POST /v1/completions` with `return_token_ids` and `logprobs: 0`."""
+
+    choices: list[_Choice]
+
+
+class _ReloadResult(Reply):  # what vllm_worker_ext.WeightReloader.alphaalign_reload returns
+    seconds: float = Field(ge=0.0)
+    lm_heads_repacked: int = Field(ge=0)
+
+
+class ReloadReply(Reply):
+    """`POST /collective_rpc` of `alphaalign_reload`: one result per worker, so a 200 from something that is
+    not the server (a proxy page) cannot pass for a reload."""
+
+    results: list[_ReloadResult] = Field(min_length=1)
+
+
+class PrefixCacheReset(Reply):
+    """`POST /reset_prefix_cache`; false while blocks are still held (vLLM says: retry)."""
+
+    success: bool
+
+    def retry_reason(self) -> str | None:
+        return None if self.success else "the server did not reset its prefix cache (success: false)"
+
+
+R = TypeVar("R", bound=Reply)
 
 
 class ServerClient:
@@ -52,7 +110,10 @@ class ServerClient:
         self.failing_since: float | None = None
         self.last_failure = ""
 
-    def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+    def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None,
+             reply: type[R] | None = None) -> R | dict:  # fmt: skip
+        """The reply parsed as `reply` (a `ServerError` naming the field when it does not fit), or without
+        `reply`, its JSON as it is (plain text under 'text'), for routes whose body is not read."""
         budget = self.timeout if timeout is None else timeout
         endpoint = self.url + path
         start = time.monotonic() if self.failing_since is None else self.failing_since
@@ -61,7 +122,15 @@ class ServerClient:
             self.failing_since = None  # it answers
             if response.status_code >= 400:
                 raise ServerError(f"{endpoint}: HTTP {response.status_code}: {short(response.text)}")
-            return _json(response)
+            if reply is None:
+                return _json(response)
+            try:
+                parsed = parse_reply(response, reply)
+            except BadReply as exc:
+                raise ServerError(f"{endpoint}: unusable reply: {exc}") from None
+            if (reason := parsed.retry_reason()) is not None:
+                raise Retry(reason)
+            return parsed
 
         def failed(failure: str) -> None:
             self.last_failure = failure
@@ -103,23 +172,29 @@ def _json(response: httpx.Response) -> dict:
         return {"text": response.text}
 
 
-def parse_completions(reply: dict, n: int, endpoint: str) -> list[tuple[list, list, str]]:
-    """(completion ids, log-probs, finish reason) of the `n` choices for one prompt, in index order."""
-    try:
-        choices = sorted(reply["choices"], key=lambda c: c["index"])
-        out = [(c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
-    except (KeyError, TypeError):
-        raise ServerError(
-            f"{endpoint}: the reply lacks token ids or log-probs (is it a vLLM server started by `alphaalign serve`?)"
-        ) from None
-    if len(out) != n:
-        raise ServerError(f"{endpoint}: expected {n} completions, got {len(out)}")
-    for ids, logprobs, reason in out:
-        if reason not in FINISH_REASONS:
-            raise ServerError(f"{endpoint}: a completion ended with finish_reason {reason!r}")
-        if len(ids) != len(logprobs):
-            raise ServerError(f"{endpoint}: {len(ids)} completion tokens but {len(logprobs)} log-probs")
-    return [(ids, logprobs, FINISH_REASONS[reason]) for ids, logprobs, reason in out]
+def parse_completions(
+    reply: Completions, n: int, endpoint: str, vocab_size: int | None = None
+) -> list[tuple[list, list, str]]:
+    """(completion ids, log-probs, finish reason) of the `n` choices for one prompt, in index order; every
+    id below `vocab_size` (the policy's embedding rows) when given."""
+    choices = sorted(reply.choices, key=lambda c: c.index)
+    if [c.index for c in choices] != list(range(n)):
+        raise ServerError(f"{endpoint}: expected {n} completions indexed 0..{n - 1}, got indices "
+                          f"{short(str([c.index for c in choices]), 80)}")  # fmt: skip
+    for c in choices:
+        if c.finish_reason not in FINISH_REASONS:
+            raise ServerError(f"{endpoint}: choices.{c.index}: finish_reason {c.finish_reason!r}")
+        if len(c.token_ids) != len(c.logprobs.token_logprobs):
+            raise ServerError(
+                f"{endpoint}: choices.{c.index}: {len(c.token_ids)} completion tokens but "
+                f"{len(c.logprobs.token_logprobs)} log-probs"
+            )
+        if vocab_size is not None and c.token_ids and max(c.token_ids) >= vocab_size:
+            raise ServerError(
+                f"{endpoint}: choices.{c.index}.token_ids: token id {max(c.token_ids)} is outside the "
+                f"policy's vocabulary of {vocab_size} (is the server serving another model?)"
+            )
+    return [(list(c.token_ids), list(c.logprobs.token_logprobs), FINISH_REASONS[c.finish_reason]) for c in choices]
 
 
 class VLLMServerEngine:
@@ -127,19 +202,19 @@ class VLLMServerEngine:
     servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
     def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0, rank: int = 0,
-                 token: str | None = None):  # fmt: skip
+                 token: str | None = None, vocab_size: int | None = None):  # fmt: skip
         """`rank`: this trainer process's rank; its prompts are numbered after those of the ranks before it,
         so every process samples with its own seeds. `token`: the servers' secret (default: from the
-        environment, see vllm_auth.py)."""
+        environment, see vllm_auth.py). `vocab_size`: the policy's, which every generated token id must be
+        below."""
         self.clients = [ServerClient(url, timeout, retries, token) for url in servers]
-        self.sync, self.seed, self.rank = sync, seed, rank
+        self.sync, self.seed, self.rank, self.vocab_size = sync, seed, rank, vocab_size
         self.version = 0
         self._calls_at_version = 0
         self._lock = threading.Lock()
         self.check_health()
-        self.base_model = self.clients[0].call("GET", "/v1/models", timeout=min(timeout, 30.0))["data"][0][
-            "id"
-        ]
+        models = self.clients[0].call("GET", "/v1/models", timeout=min(timeout, 30.0), reply=ModelList)
+        self.base_model = models.data[0].id
         if sync is not None:
             sync.attach(self.clients)
 
@@ -181,8 +256,8 @@ class VLLMServerEngine:
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
             "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
         }  # fmt: skip
-        reply = client.call("POST", "/v1/completions", payload)
-        return parse_completions(reply, n, client.url + "/v1/completions")
+        reply = client.call("POST", "/v1/completions", payload, reply=Completions)
+        return parse_completions(reply, n, client.url + "/v1/completions", self.vocab_size)
 
     def update_weights(self, version: int) -> float:
         """Push the trainer's weights to every server (after in-flight generation ends); returns seconds."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from alphaalign.errors import UserError
-from alphaalign.rollout.vllm_server import ServerError
+from alphaalign.rollout.vllm_server import PrefixCacheReset, ReloadReply, ServerError
 
 ADAPTER_NAME = "policy"
 
@@ -60,8 +60,8 @@ class CheckpointSync(_FolderSync):
     def load(self, client, folder: Path) -> None:
         rpc = {"method": "alphaalign_reload", "kwargs": {"weights_path": str(folder.resolve())}}
         try:
-            client.call("POST", "/collective_rpc", rpc)
-            client.call("POST", "/reset_prefix_cache")
+            client.call("POST", "/collective_rpc", rpc, reply=ReloadReply)
+            client.call("POST", "/reset_prefix_cache", reply=PrefixCacheReset)
         except ServerError as exc:
             if self.restart is None:
                 raise ServerError(f"{exc} (restart that server on {folder} to go on)") from None
@@ -75,8 +75,8 @@ class LoraSync(_FolderSync):
 
     def load(self, client, folder: Path) -> None:
         request = {"lora_name": ADAPTER_NAME, "lora_path": str(folder.resolve()), "load_inplace": True}
-        client.call("POST", "/v1/load_lora_adapter", request)
-        client.call("POST", "/reset_prefix_cache")
+        client.call("POST", "/v1/load_lora_adapter", request)  # answers plain text; the status says it all
+        client.call("POST", "/reset_prefix_cache", reply=PrefixCacheReset)
 
 
 class NcclSync:
