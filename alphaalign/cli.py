@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output, writing
 
 
 def validate(recipe_path: str, overrides: list[str]):
@@ -22,8 +23,9 @@ def validate(recipe_path: str, overrides: list[str]):
     from alphaalign.data import check_data
 
     recipe = load_recipe(recipe_path, overrides)
-    check_data(recipe)
+    columns = check_data(recipe)
     check_rewards(recipe_path, recipe)
+    check_column_clashes(recipe_path, recipe, columns)
     check_output_dir(recipe_path, recipe.trainer.output_dir)
     if recipe.trainer.deepspeed is not None:
         from alphaalign.rl.zero import read_config
@@ -52,15 +54,23 @@ def check_rewards(recipe_path: str, recipe) -> None:
             raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
 
 
+def check_column_clashes(recipe_path: str, recipe, columns: dict) -> None:
+    """No training data column takes the name of a reward's argument (the rewards get both as keywords)."""
+    from alphaalign.rewards import resolve_reward
+    from alphaalign.rewards.registry import column_clash
+    from alphaalign.rewards.stack import clash_message
+
+    for key, (path, names) in columns.items():
+        if not key.startswith("data.train."):  # held-out prompts are not scored by the rewards
+            continue
+        for k, spec in enumerate(recipe.rewards):
+            if (clash := column_clash(resolve_reward(spec.name), spec.args, names)) is not None:
+                raise UserError(f"{recipe_path}: {key}: {path}: {clash_message(clash, k, spec.name)}")
+
+
 def check_output_dir(recipe_path: str, output_dir: str) -> None:
     """The output folder, or the nearest folder above it that exists, must be writable (nothing is created)."""
-    path = Path(output_dir).expanduser().absolute()
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(
-            f"{recipe_path}: trainer.output_dir: cannot write to {output_dir} ({path} is not a writable folder)"
-        )
+    check_output(output_dir, f"{recipe_path}: trainer.output_dir", folder=True)
 
 
 def format_eval_table(before: dict, after: dict) -> str:
@@ -125,6 +135,7 @@ def cmd_score(args) -> int:
     from alphaalign.rl.trainer import format_tags
     from alphaalign.scoring import DEFAULT_TAGS, format_summary, score_file, select_terms
 
+    check_output(args.output, "--output", folder=False)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
     judge, where = RulesJudge(), "--judge"
     if args.recipe:
@@ -166,13 +177,17 @@ def cmd_eval_rm(args) -> int:
 
     from alphaalign.rm.evaluate import evaluate_rm, format_table
 
+    if args.output:  # before the model runs: a path that cannot be written would lose the metrics
+        check_output(args.output, "--output", folder=False)
     results = evaluate_rm(
         args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
         args.device, args.batch_size, args.max_length,
     )  # fmt: skip
     print(format_table(results))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        with writing(args.output, "the metrics"):
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -234,13 +249,7 @@ def cmd_eval(args) -> int:
         return 0
     if args.out is None:
         raise UserError("--out is required")
-    for flag, value in (
-        ("--samples", args.samples),
-        ("--limit", args.limit),
-        ("--max-new-tokens", args.max_new_tokens),
-    ):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    out = check_output(args.out, "--out", folder=True)
     if args.temperature is not None and args.temperature <= 0:
         raise UserError(f"--temperature must be above 0 (sampling), got {args.temperature}")
     recipe = eval_recipe(args)
@@ -263,7 +272,6 @@ def cmd_eval(args) -> int:
         template=args.template or recipe.data.template, limit=args.limit,
         seed=recipe.trainer.seed,
     )  # fmt: skip
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where)
     print(format_summary_table(summary))
@@ -282,6 +290,7 @@ def cmd_report(args) -> int:
     for folder in folders:
         if not folder.is_dir():
             raise UserError(f"{folder}: no such folder")
+    check_output(args.out, "--out", folder=True)
     files = write_report(folders, Path(args.out))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -297,7 +306,9 @@ def cmd_bench(args) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA device is visible to torch")
-    out = Path(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"))
+    out = check_output(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"), "--out",
+                       folder=False)  # fmt: skip
+    check_output(args.cache, "--cache", folder=True)
     result = run_bench(workload, device, args.systems or default_systems(workload), args.rounds, out, Path(args.cache),
                        rewards=not args.no_rewards)  # fmt: skip
     print(format_table(result))
@@ -385,16 +396,59 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (batch sizes, lengths, samples, rounds): at least 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    value = _int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type of thresholds on a probability: a finite number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (torch's names for the devices the project runs on)."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
 JUDGE_HELP = (
     "who judges refusals: rules, classifier, llm, a YAML file, or inline YAML such as "
     "'{type: llm, model: M, url: http://host:8000/v1, rubric: strongreject}' (docs/evaluation.md)"
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with mistakes in one line (no usage block), exit code 2 as argparse has it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="alphaalign", description="Safety alignment with RL on verifiable rewards."
-    )
+    parser = Parser(prog="alphaalign", description="Safety alignment with RL on verifiable rewards.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
@@ -447,16 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.add_argument("--model", required=True, help="the CSRM: a folder from train-rm, or a hub id")
     eval_rm.add_argument("--format", choices=["auto", "cosapien", "dynabench"], default="auto")
     eval_rm.add_argument(
-        "--threshold", type=finite_float, default=0.5, help="predict a violation when P(violation) >= this"
+        "--threshold", type=probability, default=0.5, help="predict a violation when P(violation) >= this"
     )
     eval_rm.add_argument(
         "--temperature", type=finite_float, help="override the stored calibration temperature"
     )
     eval_rm.add_argument("--bias", type=finite_float, help="override the stored calibration bias")
-    eval_rm.add_argument("--dtype", default="auto")
-    eval_rm.add_argument("--device", default="auto")
-    eval_rm.add_argument("--batch-size", type=int, default=8)
-    eval_rm.add_argument("--max-length", type=int, default=4096, help="tokens per chat, cut at the end")
+    eval_rm.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    eval_rm.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    eval_rm.add_argument("--batch-size", type=positive_int, default=8)
+    eval_rm.add_argument(
+        "--max-length", type=positive_int, default=4096, help="tokens per chat, cut at the end"
+    )
     eval_rm.add_argument("--output", help="also write the metrics as JSON here")
     eval_rm.set_defaults(fn=cmd_eval_rm)
     serve = sub.add_parser(
@@ -465,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("recipe", help=RECIPE_HELP)
     serve.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port, default=8000)
     serve.set_defaults(fn=cmd_serve)
 
     ev = sub.add_parser(
@@ -488,10 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--template", help="alphaalign, none or a Jinja string (default: the recipe's, else alphaalign)"
     )
-    ev.add_argument("--samples", type=int, default=1, help="responses per prompt (pass@k for k ≤ samples)")
-    ev.add_argument("--max-new-tokens", type=int, help="default: the recipe's rollout.max_new_tokens")
+    ev.add_argument(
+        "--samples", type=positive_int, default=1, help="responses per prompt (pass@k for k ≤ samples)"
+    )
+    ev.add_argument(
+        "--max-new-tokens", type=positive_int, help="default: the recipe's rollout.max_new_tokens"
+    )
     ev.add_argument("--temperature", type=finite_float, help="default: the recipe's rollout.temperature")
-    ev.add_argument("--limit", type=int, help="first N prompts of each benchmark")
+    ev.add_argument("--limit", type=positive_int, help="first N prompts of each benchmark")
     ev.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else the V_r of its "
                     "alphaalign_safety reward, else rules")  # fmt: skip
     ev.add_argument("--refusal-classifier", help="judge refusals with this sequence-classification model (id or "
@@ -499,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--refusal-label", help="the classifier's refusal label name or output index (default refusal)"
     )
-    ev.add_argument("--refusal-threshold", type=finite_float, help="P(refusal label) at which a response is a refusal "
+    ev.add_argument("--refusal-threshold", type=probability, help="P(refusal label) at which a response is a refusal "
                     "(default 0.5)")  # fmt: skip
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
     ev.add_argument("--out", help="output folder (required)")
@@ -543,6 +603,7 @@ def add_launch_parsers(sub) -> None:
         help="write (and submit) an sbatch script: vLLM servers on the first nodes, torchrun trainer on the rest",
     )
     add_recipe_arguments(slurm)
+    # launch's counts are checked with the layout they make (launch.check_layout)
     slurm.add_argument("--nodes", type=int, required=True, help="nodes in the job")
     slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node (0: CPU nodes)")
     slurm.add_argument("--vllm-nodes", type=int, default=0, help="nodes that run vLLM servers (default 0)")

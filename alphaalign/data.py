@@ -34,6 +34,16 @@ ALPHAALIGN_TEMPLATE = (
 )
 
 
+# column names the pipeline passes itself: a data column of that name would collide with it
+RESERVED_COLUMNS = {
+    "prompt": "the template's {{ prompt }}, the request itself",
+    "prompts": "the reward functions' first argument",
+    "completions": "the reward functions' second argument",
+    "label": "the label column the rewards are passed (harmful/benign)",
+    "group": "the rewards' group column (the prompt's index in the step)",
+}
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str  # the user's request, without any template
@@ -100,7 +110,7 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
             import pyarrow.parquet as pq
 
             return [(i + 2, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel's CSVs) is not part of the first key
     except FileNotFoundError:
         raise UserError(f"{path}: data file not found") from None
     except UnicodeDecodeError:
@@ -161,6 +171,12 @@ def load_source(source: DataSource, base: Path) -> list[Example]:
                     f"{where}:{lineno}: label field '{source.label_field}' is {raw!r}; expected harmful or benign"
                 )
         columns = {k: v for k, v in row.items() if k not in (source.prompt_field, source.label_field)}
+        if clash := RESERVED_COLUMNS.keys() & columns.keys():
+            key = min(clash)
+            hint = " or set label_field: label" if key == "label" else ""
+            raise UserError(
+                f"{where}:{lineno}: column '{key}' collides with {RESERVED_COLUMNS[key]}; rename it{hint}"
+            )
         examples.append(Example(prompt=prompt, label=label, columns=columns))
     return examples
 
@@ -169,19 +185,24 @@ def recipe_base(recipe: Recipe) -> Path:
     return recipe._source.parent if recipe._source else Path.cwd()
 
 
-def check_data(recipe: Recipe) -> None:
-    """Read every local data file of the recipe (no hub access) so that data mistakes fail early."""
+def check_data(recipe: Recipe) -> dict[str, tuple[Path, set[str]]]:
+    """Read every local data file of the recipe (no hub access) so that data mistakes fail early; returns
+    {"data.train.0": (file, the columns its rows pass to the rewards)}."""
+    columns = {}
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, split)):
             if source.path is None:
                 continue
-            if not resolve_path(source, recipe_base(recipe)).is_file():
+            path = resolve_path(source, recipe_base(recipe))
+            if not path.is_file():
                 raise UserError(f"{recipe._source}: data.{split}.{i}.path: file not found: {source.path}")
-            load_source(source, recipe_base(recipe))
+            examples = load_source(source, recipe_base(recipe))
+            columns[f"data.{split}.{i}"] = (path, {key for ex in examples for key in ex.columns})
     try:
         compile_template(recipe.data.template)
     except (ValueError, jinja2.TemplateError) as exc:
         raise UserError(f"{recipe._source}: data.template: {exc}") from None
+    return columns
 
 
 class PromptStream:

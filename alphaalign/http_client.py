@@ -184,7 +184,9 @@ def parse_reply(response: httpx.Response, model: type[R]) -> R:
         body = response.json()
     except ValueError:  # HTML from a proxy, plain text, an empty body
         kind = response.headers.get("content-type", "no content type")
-        raise BadReply(f"the reply is not JSON ({kind}): {short(response.text, 80) or 'empty body'}") from None
+        raise BadReply(
+            f"the reply is not JSON ({kind}): {short(response.text, 80) or 'empty body'}"
+        ) from None
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as exc:
@@ -197,4 +199,6 @@ def describe(exc: pydantic.ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "the reply"
     value = short(repr(first.get("input")), 60)
     more = exc.error_count() - 1
-    return f"{where}: {first['msg'].lower()} (got {value})" + (f", and {more} more problem(s)" if more else "")
+    return f"{where}: {first['msg'].lower()} (got {value})" + (
+        f", and {more} more problem(s)" if more else ""
+    )

@@ -98,7 +98,7 @@ def score_file(
     counts: Counter = Counter()
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     try:
-        source = input_path.open(encoding="utf-8")
+        source = input_path.open(encoding="utf-8-sig")  # a leading BOM is not part of the first row
     except OSError as exc:
         raise UserError(f"{input_path}: cannot read ({exc.strerror})") from None
     try:
@@ -113,6 +113,9 @@ def score_file(
                 for lineno, line in enumerate(source, start=1):
                     if line.strip():
                         chunk.append(_read_row(line, f"{input_path}:{lineno}"))
+                        stack.check_columns(
+                            chunk[-1].keys() - {"prompt", "completion"}, f"{input_path}:{lineno}"
+                        )
                     if len(chunk) == chunk_rows:
                         _write(_score_chunk(stack, chunk, tags, judge), sink, counts)
                         chunk = []

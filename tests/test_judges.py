@@ -205,7 +205,10 @@ def test_5xx_and_html_are_retried_4xx_fails_at_once(scripted, tmp_path):
     assert len(flaky.bodies) == 3
     html = scripted(lambda body, n: ("status", 200, "<html>login</html>", "text/html"))
     with open_judge(spec(html.url, tmp_path, retries=1), "--judge") as judge:
-        with pytest.raises(JudgeError, match=r"2 failed attempt\(s\).*not chat-completion JSON: the reply is not JSON .*<html>login"):
+        with pytest.raises(
+            JudgeError,
+            match=r"2 failed attempt\(s\).*not chat-completion JSON: the reply is not JSON .*<html>login",
+        ):
             judge.judge(["p"], ["b"])
     denied = scripted(lambda body, n: ("status", 401, '{"error": "bad key"}', "application/json"))
     with open_judge(spec(denied.url, tmp_path, retries=3), "--judge") as judge:

@@ -6,6 +6,10 @@ plus ``label`` (harmful/benign) and, from the trainer, ``group`` (the prompt's i
 rollouts of one prompt share it; rows are not necessarily ordered by group), aligned with ``completions``;
 ``None`` means "not applicable". A recipe's ``args`` are bound with ``functools.partial`` by the caller.
 A function without ``**kwargs`` is passed only the columns it names (``f(prompts, completions, label)``).
+
+Columns and arguments share the keyword namespace, so a column may not take an argument's name: `prompts`
+and `completions`, a recipe arg of the term, or any named parameter of a built-in reward other than the
+trainer's columns (built-ins read data columns through ``**columns`` only). `column_clash` finds one.
 """
 
 from __future__ import annotations
@@ -84,6 +88,15 @@ def named_columns(fn: RewardFn) -> set[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
     return set(_keyword_names(params))
+
+
+def column_clash(fn: RewardFn, args: dict, columns) -> str | None:
+    """The first of ``columns`` (names) that would be passed to ``fn`` in place of one of its arguments
+    (crashing the call, or silently replacing the recipe's value or the default), or None."""
+    taken = set(_POSITIONAL) | set(args)
+    if fn in _REWARDS.values():
+        taken |= set(_keyword_names(inspect.signature(fn).parameters)) - set(COLUMNS_FROM_TRAINER)
+    return next((c for c in sorted(columns) if c in taken), None)
 
 
 def _takes_two_positionals(params) -> bool:

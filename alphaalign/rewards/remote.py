@@ -24,7 +24,16 @@ import time
 import httpx
 
 from alphaalign.errors import UserError
-from alphaalign.http_client import BadReply, DeadlineClient, Reply, RequestFailed, Retry, parse_reply, request, short
+from alphaalign.http_client import (
+    BadReply,
+    DeadlineClient,
+    Reply,
+    RequestFailed,
+    Retry,
+    parse_reply,
+    request,
+    short,
+)
 
 
 class Scores(Reply):

@@ -6,11 +6,16 @@ arguments, and `when` restricts the term to harmful or benign prompts: the funct
 only (so a reward model never scores rows it does not apply to), and the other rows get NaN, i.e. "not
 applicable", which leaves them out of that term's statistics and of the weighted sum.
 
+A term's function that raises, or returns anything but a sequence of one real number (or None) per row it
+was given, ends the run in one line naming `rewards.N`. Non-finite values are the step guard's business
+(`trainer.max_bad_steps`): NaN means "not applicable", ±inf skips the step.
+
 `columns` always holds `label` (harmful/benign) and, from the trainer, `group`: the index within the step of
 the prompt each completion answers, so the rollouts of one prompt share a group id. Rows are not guaranteed to
 be ordered by group. The other columns are the data rows' remaining fields. A function without `**kwargs`
-gets only the columns it names, and a column with the name of one of the term's `args` is not passed (the
-recipe's value wins).
+gets only the columns it names. A column named like one of a term's arguments (`registry.column_clash`) is
+refused in one line naming the column and the term: `validate` does it for local data files, `score` for
+whatever reaches it (hub data, `alphaalign score` input).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import numbers
 from functools import partial
 
 import torch
 
 from alphaalign.config import RewardSpec
-from alphaalign.rewards.registry import named_columns, resolve_reward
+from alphaalign.errors import UserError
+from alphaalign.rewards.registry import column_clash, named_columns, resolve_reward
 
 
 def _pick(items: list, rows: list[int]) -> list:
@@ -33,19 +40,28 @@ def _pick(items: list, rows: list[int]) -> list:
 class RewardStack:
     def __init__(self, specs: list[RewardSpec]):
         self.specs = specs
-        self.fns = [partial(resolve_reward(spec.name), **spec.args) for spec in specs]
+        self.bare = [resolve_reward(spec.name) for spec in specs]
+        self.fns = [partial(fn, **spec.args) for fn, spec in zip(self.bare, specs, strict=True)]
         names = [spec.name.rpartition(":")[2] for spec in specs]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         self.weights = torch.tensor([spec.weight for spec in specs], dtype=torch.float32)
         self.takes = [named_columns(fn) for fn in self.fns]
 
+    def check_columns(self, columns, where: str = "") -> None:
+        """A `UserError` (starting with `where`) naming the first column (name) that clashes with an argument
+        of a term."""
+        for k, (spec, fn) in enumerate(zip(self.specs, self.bare, strict=True)):
+            if (clash := column_clash(fn, spec.args, columns)) is not None:
+                raise UserError(f"{where}{': ' if where else ''}{clash_message(clash, k, spec.name)}")
+
     def _columns_for(self, k: int, columns: dict[str, list]) -> dict[str, list]:
-        """The columns term k is passed: those its function names (all with **kwargs), minus its recipe args."""
-        takes, args = self.takes[k], self.specs[k].args
-        return {key: v for key, v in columns.items() if key not in args and (takes is None or key in takes)}
+        """The columns term k is passed: those its function names (all with **kwargs)."""
+        takes = self.takes[k]
+        return {key: v for key, v in columns.items() if takes is None or key in takes}
 
     def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> torch.Tensor:
         """A [B, K] float tensor: term k's reward for completion i, NaN where the term does not apply."""
+        self.check_columns(columns)
         table = torch.full((len(completions), len(self.fns)), math.nan)
         labels = columns["label"]
         for k, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
@@ -53,17 +69,47 @@ class RewardStack:
             if not rows:
                 continue
             passed = self._columns_for(k, columns)
-            if len(rows) == len(completions):
-                values = fn(prompts, completions, **passed)
+            if len(rows) != len(completions):
+                prompts_k, completions_k = _pick(prompts, rows), _pick(completions, rows)
+                passed = {key: _pick(v, rows) for key, v in passed.items()}
             else:
-                values = fn(_pick(prompts, rows), _pick(completions, rows),
-                            **{key: _pick(v, rows) for key, v in passed.items()})  # fmt: skip
-            if inspect.isawaitable(values):
-                values = asyncio.run(values)
-            if len(values) != len(rows):
-                raise RuntimeError(
-                    f"reward '{spec.name}' returned {len(values)} values for {len(rows)} completions"
-                )
-            column = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
-            table[rows, k] = column
+                prompts_k, completions_k = prompts, completions
+            where = f"rewards.{k} ({spec.name})"
+            try:
+                values = fn(prompts_k, completions_k, **passed)
+                if inspect.isawaitable(values):
+                    values = asyncio.run(values)
+            except UserError:
+                raise
+            except Exception as exc:  # a reward's own failure, in one line (--debug shows its traceback)
+                raise UserError(f"{where}: the reward function raised {type(exc).__name__}: {exc}") from exc
+            table[rows, k] = _reward_column(values, len(rows), where)
         return table
+
+
+def _reward_column(values, n: int, where: str) -> torch.Tensor:
+    """A reward's return value as n float32 values (None: NaN, not applicable), or a `UserError` saying how it
+    breaks the contract: a sequence (list, tuple, 1-D tensor or array) of n real numbers or None."""
+    if hasattr(values, "tolist") and not isinstance(values, list | tuple):  # a tensor or an array
+        values = values.tolist()
+    if not isinstance(values, list | tuple):
+        raise UserError(f"{where}: returned {type(values).__name__}; a reward returns a list of {n} numbers "
+                        "(None: not applicable)")  # fmt: skip
+    if len(values) != n:
+        raise UserError(f"{where}: returned {len(values)} values for {n} completions")
+    floats = []
+    for i, v in enumerate(values):
+        try:  # real numbers, numpy scalars and one-element tensors; not strings, however numeric they look
+            if v is not None and not isinstance(v, numbers.Real | torch.Tensor):
+                raise TypeError
+            floats.append(math.nan if v is None else float(v))
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(
+                f"{where}: value {i} is {type(v).__name__} {v!r:.40}, not a number or None"
+            ) from None
+    return torch.tensor(floats, dtype=torch.float32)
+
+
+def clash_message(column: str, k: int, name: str) -> str:
+    return (f"data column '{column}' has the name of an argument of rewards.{k} ({name}), which would take "
+            "the column in its place; rename the column")  # fmt: skip

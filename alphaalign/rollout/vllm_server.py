@@ -31,7 +31,16 @@ import httpx
 from pydantic import Field
 
 from alphaalign.errors import UserError
-from alphaalign.http_client import BadReply, DeadlineClient, Reply, RequestFailed, Retry, parse_reply, request, short
+from alphaalign.http_client import (
+    BadReply,
+    DeadlineClient,
+    Reply,
+    RequestFailed,
+    Retry,
+    parse_reply,
+    request,
+    short,
+)
 from alphaalign.rollout.base import Rollouts, SamplingParams
 from alphaalign.rollout.vllm_auth import auth_headers, env_token
 
@@ -194,7 +203,9 @@ def parse_completions(
                 f"{endpoint}: choices.{c.index}.token_ids: token id {max(c.token_ids)} is outside the "
                 f"policy's vocabulary of {vocab_size} (is the server serving another model?)"
             )
-    return [(list(c.token_ids), list(c.logprobs.token_logprobs), FINISH_REASONS[c.finish_reason]) for c in choices]
+    return [
+        (list(c.token_ids), list(c.logprobs.token_logprobs), FINISH_REASONS[c.finish_reason]) for c in choices
+    ]
 
 
 class VLLMServerEngine:
