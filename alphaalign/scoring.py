@@ -102,6 +102,7 @@ def score_file(
     except OSError as exc:
         raise UserError(f"{input_path}: cannot read ({exc.strerror})") from None
     try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
         sink = tmp.open("w", encoding="utf-8")
     except OSError as exc:
         source.close()
