@@ -418,14 +418,6 @@ def port(text: str) -> int:
     return value
 
 
-def probability(text: str) -> float:
-    """argparse type of thresholds on a probability: a finite number in [0, 1]."""
-    value = finite_float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def device_name(text: str) -> str:
     """auto, cpu, cuda or cuda:N (torch's names for the devices the project runs on)."""
     kind, _, index = text.partition(":")
@@ -501,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.add_argument("--model", required=True, help="the CSRM: a folder from train-rm, or a hub id")
     eval_rm.add_argument("--format", choices=["auto", "cosapien", "dynabench"], default="auto")
     eval_rm.add_argument(
-        "--threshold", type=probability, default=0.5, help="predict a violation when P(violation) >= this"
+        "--threshold", type=finite_float, default=0.5, help="predict a violation when P(violation) >= this"
     )
     eval_rm.add_argument(
         "--temperature", type=finite_float, help="override the stored calibration temperature"
@@ -559,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--refusal-label", help="the classifier's refusal label name or output index (default refusal)"
     )
-    ev.add_argument("--refusal-threshold", type=probability, help="P(refusal label) at which a response is a refusal "
+    ev.add_argument("--refusal-threshold", type=finite_float, help="P(refusal label) at which a response is a refusal "
                     "(default 0.5)")  # fmt: skip
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
     ev.add_argument("--out", help="output folder (required)")

@@ -253,8 +253,10 @@ def test_stack_calls_a_term_only_with_the_rows_it_applies_to():
 
 def test_a_reward_without_kwargs_gets_only_the_columns_it_names():
     stack = RewardStack([RewardSpec(name="reward_fixtures:label_only", args={"bonus": 2.0})])
-    columns = {"label": ["harmful", "benign"], "group": [0, 1], "config": ["c", "c"], "bonus": [9.0, 9.0]}
-    assert stack.score(["p", "q"], ["a", "b"], columns)[:, 0].tolist() == [2.0, 0.0]  # the recipe arg wins
+    columns = {"label": ["harmful", "benign"], "group": [0, 1], "config": ["c", "c"]}
+    assert stack.score(["p", "q"], ["a", "b"], columns)[:, 0].tolist() == [2.0, 0.0]
+    with pytest.raises(UserError, match="data column 'bonus' has the name of an argument of rewards.0"):
+        stack.score(["p", "q"], ["a", "b"], {**columns, "bonus": [9.0, 9.0]})  # not silently the recipe's
 
 
 def test_validate_rejects_a_reward_that_cannot_take_prompts_and_completions():
