@@ -475,6 +475,8 @@ def output_commands(tmp_path):
         "score --output": (["score", "--input", missing, "--output"], False),
         "eval-rm --output": (["eval-rm", missing, "--model", tmp_path / "no-model", "--output"], False),
         "bench --out": (["bench", "--workload", "tiny", "--cache", tmp_path / "cache", "--out"], False),
+        "eval-detector --errors": (["eval-detector", missing, "--errors"], False),
+        "eval-detector --json": (["eval-detector", missing, "--json"], False),
     }  # fmt: skip
 
 
@@ -483,12 +485,18 @@ def test_the_output_command_list_is_complete():
     found = set()
     for name, sub in build_parser()._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
-            if action.option_strings and action.option_strings[0] in ("--out", "--output"):
+            if action.option_strings and action.option_strings[0] in (
+                "--out",
+                "--output",
+                "--errors",
+                "--json",
+            ):
                 found.add(f"{name} {action.option_strings[0]}")
     assert found == set(OUTPUT_NAMES)
 
 
-OUTPUT_NAMES = ["report --out", "eval --out", "score --output", "eval-rm --output", "bench --out"]
+OUTPUT_NAMES = ["report --out", "eval --out", "score --output", "eval-rm --output", "bench --out",
+                "eval-detector --errors", "eval-detector --json"]  # fmt: skip
 FOLDER_OUTPUTS = {"report --out", "eval --out"}
 BAD_PATHS = [(command, bad) for command in OUTPUT_NAMES
              for bad in ["file for a folder" if command in FOLDER_OUTPUTS else "folder for a file",
