@@ -411,6 +411,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type of GPU counts: 0 (CPU) or more."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (CPU) or more, got {value}")
+    return value
+
+
 def port(text: str) -> int:
     value = _int(text)
     if not 1 <= value <= 65535:
@@ -452,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(fn=fn)
         if name == "validate":
-            p.add_argument("--gpus", type=int, help="check the plan on a node of this many GPUs (default: the "
+            p.add_argument("--gpus", type=non_negative_int, help="check the plan on a node of this many GPUs (default: the "
                            "recipe's launch.gpus, else one trainer process)")  # fmt: skip
             add_gpu_memory_argument(p)
     score = sub.add_parser("score", help="score completions in a JSONL file with a recipe's reward terms")

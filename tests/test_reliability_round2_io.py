@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alphaalign.cli import build_parser, main, port, positive_int
+from alphaalign.cli import build_parser, main, non_negative_int, port, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 UNWRITABLE = "/proc/alphaalign-test"  # a folder no one, root included, can create files in
@@ -527,7 +527,7 @@ def int_flags():
             if isinstance(action.choices, dict):
                 for name, sub in action.choices.items():
                     yield from walk(sub, [*words, name])
-            elif action.type in (int, positive_int, port) and action.option_strings:
+            elif action.type in (int, positive_int, non_negative_int, port) and action.option_strings:
                 yield " ".join(words), action.option_strings[0], action.type
 
     return list(walk(build_parser(), []))
@@ -539,6 +539,7 @@ def int_flag_base(words: str, tmp_path, write_recipe) -> list:
         {"rollout": {"engine": "vllm_server"}, "trainer": {"output_dir": str(tmp_path / "r")}}
     )
     return {
+        "validate": ["validate", recipe],
         "eval-rm": ["eval-rm", tmp_path / "f.jsonl", "--model", "m"],
         "eval": ["eval", "--model", "m", "--out", tmp_path / "ev"],
         "serve": ["serve", recipe],
@@ -563,7 +564,8 @@ def test_every_plain_int_flag_is_checked_after_parsing():
 def test_every_int_flag_refuses_values_out_of_range_in_one_line(
     words, flag, kind, tmp_path, write_recipe, capsys
 ):
-    for bad in ["-1", "0"] if kind is not int or flag in ("--nodes", "--rounds") else ["-1"]:
+    zero_is_bad = kind in (positive_int, port) or flag in ("--nodes", "--rounds")
+    for bad in ["-1", "0"] if zero_is_bad else ["-1"]:
         line = one_line_error(*run(capsys, [*int_flag_base(words, tmp_path, write_recipe), f"{flag}={bad}"]))
         assert flag in line, line
 
@@ -584,7 +586,7 @@ LAYOUTS = [  # (launch arguments, trainer processes counted by hand)
     (["slurm", "--nodes", "3", "--gpus-per-node", "2", "--vllm-nodes", "1"], 4),
     (["slurm", "--nodes", "1", "--gpus-per-node", "4", "--vllm-nodes", "1", "--vllm-gpus", "1"], 3),
     (["local", "--gpus", "4", "--vllm-servers", "1"], 3),
-    (["local", "--gpus", "2"], 2),
+    (["local", "--gpus", "3", "--vllm-servers", "1"], 2),
 ]
 
 
@@ -593,14 +595,16 @@ def test_launch_refuses_prompts_per_step_that_do_not_divide_over_the_trainer_pro
     layout, procs, write_recipe, tmp_path, capsys
 ):
     recipe = write_recipe(
-        {"rollout": {"engine": "vllm_server"}, "trainer": {"output_dir": str(tmp_path / "r")}}
+        {
+            "rollout": {"engine": "vllm_server"},
+            "trainer": {"output_dir": str(tmp_path / "r"), "deepspeed": "zero2"},
+        }
     )
     where, *flags = layout
     argv = ["launch", where, recipe, *flags, "--dry-run"]
     line = one_line_error(*run(capsys, [*argv, f"trainer.prompts_per_step={procs + 1}"]))
     assert (
-        f"trainer.prompts_per_step: {procs + 1} prompts do not split evenly over the job's {procs} trainer"
-        in line
+        f"trainer.prompts_per_step: {procs + 1} prompts do not split evenly over the {procs} trainer" in line
     )
     code, err = run(capsys, [*argv, f"trainer.prompts_per_step={2 * procs}"])
     assert code == 0, err
