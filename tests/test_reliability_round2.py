@@ -103,6 +103,9 @@ FLOAT_FLAGS = [
     ["eval-rm", "f.jsonl", "--model", "m", "--threshold"],
     ["eval-rm", "f.jsonl", "--model", "m", "--temperature"],
     ["eval-rm", "f.jsonl", "--model", "m", "--bias"],
+    ["validate", "r.yaml", "--gpu-memory"],
+    ["launch", "slurm", "r.yaml", "--nodes", "2", "--gpu-memory"],
+    ["launch", "local", "r.yaml", "--gpu-memory"],
 ]
 
 
@@ -119,9 +122,20 @@ def test_the_float_flag_list_is_complete():
                     yield from float_flags(action.choices[sub])
 
     assert not list(float_flags(build_parser())), "a float flag without the finite_float type"
-    flags = {a.option_strings[0] for p in build_parser()._subparsers._group_actions[0].choices.values()
-             for a in p._actions if a.type is finite_float}  # fmt: skip
-    assert flags == {argv[-1] for argv in FLOAT_FLAGS}
+
+    def finite_flags(parser, path):  # (subcommand path, flag) of every finite_float flag, nested commands too
+        for action in parser._actions:
+            if action.type is finite_float:
+                yield (*path, action.option_strings[0])
+            if isinstance(getattr(action, "choices", None), dict):
+                for name, sub in action.choices.items():
+                    yield from finite_flags(sub, (*path, name))
+
+    def command(argv):  # the subcommand words of a FLOAT_FLAGS entry
+        return tuple(argv[:2]) if argv[0] == "launch" else (argv[0],)
+
+    listed = {(*command(argv), argv[-1]) for argv in FLOAT_FLAGS}
+    assert set(finite_flags(build_parser(), ())) == listed
 
 
 @pytest.mark.parametrize("argv", FLOAT_FLAGS)
