@@ -158,17 +158,18 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    # names from alphaalign/rl/algos.py's registries (RECIPE_REGISTRIES), checked by _registered below
+    advantage_estimator: str = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    loss_type: str = "dapo"
     epsilon: float = Field(0.2, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0)  # with cispo: the cap on the importance weight (e.g. 5.0)
     sapo_temperature_pos: float = Field(1.0, gt=0)  # sapo's gate temperature where the advantage is > 0
     sapo_temperature_neg: float = Field(1.05, gt=0)  # ... and where it is ≤ 0
     importance_sampling_level: Literal["token", "sequence"] = "token"
     beta: float = Field(0.0, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = "k3"
     kl_bias_correction: bool = True  # KL term × the importance ratio (trl 1.16's use_bias_correction_kl)
     num_iterations: int = Field(1, ge=1)
     # Correction for the gap between the rollout engine's log-probs and the trainer's (TRL's
@@ -179,6 +180,18 @@ class AlgorithmConfig(_Section):
     rollout_correction_max: float = Field(3.0, gt=0)
     rollout_correction_min: float | None = Field(None, ge=0)
     mask_truncated_completions: bool = False
+
+    @field_validator("advantage_estimator", "kl_estimator", "loss_type")
+    @classmethod
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        from alphaalign.rl.algos import RECIPE_REGISTRIES  # torch loads only once a recipe is validated
+
+        names = RECIPE_REGISTRIES[f"algorithm.{info.field_name}"]
+        if name not in names:
+            raise ValueError(
+                f"{name!r} is not registered in alphaalign/rl/algos.py; choose one of {', '.join(names)}"
+            )
+        return name
 
 
 class TrainerConfig(_Section):
@@ -284,6 +297,20 @@ class Recipe(_Section):
     judge: JudgeSpec = RulesJudge()  # who judges `alphaalign eval`/`score` verdicts (docs/evaluation.md)
     launch: LaunchConfig | None = None  # null: one trainer process, wherever it runs
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _aggregation_owns_the_advantage(self) -> Recipe:
+        # normalize_then_sum z-scores the summed reward over the batch itself (TRL's GDPO): an estimator or a
+        # scaling chosen beside it would be silently ignored
+        ac = self.algorithm
+        if ac.reward_aggregation == "normalize_then_sum":
+            for key, default in (("advantage_estimator", "grpo"), ("scale_rewards", "group")):
+                if getattr(ac, key) != default:
+                    raise ValueError(
+                        f"algorithm.{key}: {getattr(ac, key)!r} has no effect with reward_aggregation: "
+                        f"normalize_then_sum (it z-scores the summed reward over the batch); leave it at {default!r}"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _one_sequence_fits_a_micro_batch(self) -> Recipe:

@@ -76,7 +76,8 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
     [
         (
             "algorithm.loss_type=ppo",
-            "algorithm.loss_type: Input should be 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo' or 'sapo'",
+            "algorithm.loss_type: 'ppo' is not registered in alphaalign/rl/algos.py; "
+            "choose one of grpo, bnpo, dr_grpo, dapo, cispo, sapo",
         ),
         ("trainer.learning_rate=fast", "trainer.learning_rate: Input should be a valid number"),
         ("rollout.num_generations=1", "rollout.num_generations: Input should be greater than or equal to 2"),
@@ -104,6 +105,34 @@ def test_bad_values_name_the_key(write_recipe, override, message):
     with pytest.raises(UserError, match=message) as err:
         load_recipe(write_recipe(), override if isinstance(override, list) else [override])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["advantage_estimator", "kl_estimator", "loss_type"])
+def test_algorithm_names_come_from_the_registries(write_recipe, key, monkeypatch):
+    from alphaalign.rl.algos import RECIPE_REGISTRIES
+
+    registry = RECIPE_REGISTRIES[f"algorithm.{key}"]
+    assert len(registry) >= 3
+    for name in registry:  # every registered name is a valid setting
+        assert getattr(load_recipe(write_recipe(), [f"algorithm.{key}={name}"]).algorithm, key) == name
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(), [f"algorithm.{key}=nope"])
+    assert str(err.value) == (
+        f"override 'algorithm.{key}=nope': algorithm.{key}: 'nope' is not registered in alphaalign/rl/algos.py; "
+        f"choose one of {', '.join(registry)}"
+    )
+    monkeypatch.setitem(registry, "nope", registry[next(iter(registry))])  # registering makes it valid
+    assert getattr(load_recipe(write_recipe(), [f"algorithm.{key}=nope"]).algorithm, key) == "nope"
+
+
+@pytest.mark.parametrize("override", ["algorithm.advantage_estimator=rloo", "algorithm.scale_rewards=none"])
+def test_normalize_then_sum_refuses_the_keys_it_would_ignore(write_recipe, override):
+    key = override.split("=")[0]
+    with pytest.raises(UserError) as err:
+        load_recipe(write_recipe(), ["algorithm.reward_aggregation=normalize_then_sum", override])
+    assert str(err.value).startswith(f"override '{override}': {key}: ")
+    assert "has no effect with reward_aggregation: normalize_then_sum" in str(err.value)
+    assert load_recipe(write_recipe(), [override]).algorithm.reward_aggregation == "sum_then_normalize"
 
 
 def test_server_engine_keys(write_recipe):

@@ -5,7 +5,10 @@ Registries: ADVANTAGE_ESTIMATORS take one scalar reward per completion, `(reward
 scale_rewards) -> advantages [B]` (what the trainer calls); TOKEN_ADVANTAGE_ESTIMATORS take per-token rewards
 (`kl_in_reward`) first, then what each needs (GAE: the critic's values; both: `mask` [B, T]), and return
 `(advantages, returns)`, both [B, T];
-POLICY_LOSSES give the per-token policy loss of each surrogate; KL_ESTIMATORS the per-token KL.
+POLICY_LOSSES give the per-token policy loss of each surrogate; LOSS_AGGREGATIONS reduce it to one number;
+LOSS_TYPES pair a surrogate with a normaliser (what `algorithm.loss_type` names); KL_ESTIMATORS the
+per-token KL. The recipe keys that name an entry are validated against these tables (`RECIPE_REGISTRIES`),
+so registering a function is all it takes to make its name a valid setting.
 Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/test_trl_parity.py):
 Bessel-corrected NaN-aware std with ε = 1e-4 added to σ, temperature-scaled log-probs, k3 KL added after
 the importance weights, and the loss normalisers listed in `aggregate_loss`.
@@ -23,6 +26,8 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
 TOKEN_ADVANTAGE_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {}
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+LOSS_AGGREGATIONS: dict[str, Callable[..., Tensor]] = {}
+LOSS_TYPES: dict[str, tuple[str, str]] = {}  # loss_type -> (POLICY_LOSSES name, LOSS_AGGREGATIONS name)
 STD_EPS = 1e-4
 WHITEN_EPS = 1e-8  # added to the variance by verl's and OpenRLHF's whitening
 
@@ -358,8 +363,14 @@ def sapo_loss(
 
 
 # The surrogate and the normaliser behind each `algorithm.loss_type` (trl couples them the same way).
-SURROGATE_OF_LOSS_TYPE = {"cispo": "cispo", "sapo": "sapo"}  # every other loss type: "clip"
-AGGREGATION_OF_LOSS_TYPE = {"cispo": "dapo", "sapo": "grpo"}  # every other loss type: its own name
+LOSS_TYPES.update(
+    grpo=("clip", "grpo"),
+    bnpo=("clip", "bnpo"),
+    dr_grpo=("clip", "dr_grpo"),
+    dapo=("clip", "dapo"),
+    cispo=("cispo", "dapo"),
+    sapo=("sapo", "grpo"),
+)
 
 
 @register(KL_ESTIMATORS, "k1")
@@ -398,24 +409,47 @@ def aggregate_loss(
       bnpo     (Σ L·M / Σ M) / num_micro_batches                  (token mean within each micro-batch, as TRL)
       dr_grpo  Σ L·M / (total_sequences · max_completion_length)
       dapo     Σ L·M / total_tokens                               (global token mean)
-    `cispo` aggregates as dapo and `sapo` as grpo (`AGGREGATION_OF_LOSS_TYPE`), as in trl.
+    `cispo` aggregates as dapo and `sapo` as grpo (`LOSS_TYPES`), as in trl.
     """
-    loss_type = AGGREGATION_OF_LOSS_TYPE.get(loss_type, loss_type)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
     mask = mask.to(per_token_loss.dtype)
-    masked = per_token_loss * mask
     n_seq = total_sequences if total_sequences is not None else per_token_loss.shape[0]
-    if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_seq
-    if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("dr_grpo needs max_completion_length")
-        return masked.sum() / (n_seq * max_completion_length)
-    if loss_type == "dapo":
-        n_tok = total_tokens if total_tokens is not None else mask.sum()
-        return masked.sum() / max(float(n_tok), 1.0)
-    raise ValueError(f"unknown loss_type {loss_type!r}")
+    return LOSS_AGGREGATIONS[LOSS_TYPES[loss_type][1]](
+        per_token_loss * mask, mask, n_seq=n_seq, total_tokens=total_tokens,
+        max_completion_length=max_completion_length, num_micro_batches=num_micro_batches,
+    )  # fmt: skip
+
+
+@register(LOSS_AGGREGATIONS, "grpo")
+def _sequence_mean(masked: Tensor, mask: Tensor, *, n_seq: int, **_) -> Tensor:
+    return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / n_seq
+
+
+@register(LOSS_AGGREGATIONS, "bnpo")
+def _micro_batch_token_mean(masked: Tensor, mask: Tensor, *, num_micro_batches: int, **_) -> Tensor:
+    return masked.sum() / mask.sum().clamp(min=1.0) / num_micro_batches
+
+
+@register(LOSS_AGGREGATIONS, "dr_grpo")
+def _constant_length(masked: Tensor, mask: Tensor, *, n_seq: int, max_completion_length, **_) -> Tensor:
+    if max_completion_length is None:
+        raise ValueError("dr_grpo needs max_completion_length")
+    return masked.sum() / (n_seq * max_completion_length)
+
+
+@register(LOSS_AGGREGATIONS, "dapo")
+def _global_token_mean(masked: Tensor, mask: Tensor, *, total_tokens, **_) -> Tensor:
+    n_tok = total_tokens if total_tokens is not None else mask.sum()
+    return masked.sum() / max(float(n_tok), 1.0)
+
+
+# The registry behind each recipe key that names one of the functions above.
+RECIPE_REGISTRIES: dict[str, dict] = {
+    "algorithm.advantage_estimator": ADVANTAGE_ESTIMATORS,
+    "algorithm.kl_estimator": KL_ESTIMATORS,
+    "algorithm.loss_type": LOSS_TYPES,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, rec
     logp, entropy = algos.token_logprobs_and_entropy(logits, mb.completion_ids, temperature)
     old = logp.detach() if old_logp is None else old_logp
     log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
-    surrogate = algos.POLICY_LOSSES[algos.SURROGATE_OF_LOSS_TYPE.get(ac.loss_type, "clip")]
+    surrogate = algos.POLICY_LOSSES[algos.LOSS_TYPES[ac.loss_type][0]]
     per_token, low, high = surrogate(
         log_w, advantages, logp, epsilon_low=ac.epsilon,
         epsilon_high=ac.epsilon if ac.epsilon_high is None else ac.epsilon_high,
