@@ -56,15 +56,15 @@ def check_rewards(recipe_path: str, recipe) -> None:
 
 def check_column_clashes(recipe_path: str, recipe, columns: dict) -> None:
     """No training data column takes the name of a reward's argument (the rewards get both as keywords)."""
-    from alphaalign.rewards import resolve_reward
     from alphaalign.rewards.registry import column_clash
-    from alphaalign.rewards.stack import clash_message
+    from alphaalign.rewards.stack import RewardStack, clash_message
 
+    stack = RewardStack(recipe.rewards, recipe.format)  # the args as bound, the format's tags included
     for key, (path, names) in columns.items():
         if not key.startswith("data.train."):  # held-out prompts are not scored by the rewards
             continue
         for k, spec in enumerate(recipe.rewards):
-            if (clash := column_clash(resolve_reward(spec.name), spec.args, names)) is not None:
+            if (clash := column_clash(stack.bare[k], stack.args[k], names)) is not None:
                 raise UserError(f"{recipe_path}: {key}: {path}: {clash_message(clash, k, spec.name)}")
 
 
@@ -130,10 +130,9 @@ def cmd_validate(args) -> int:
 
 def cmd_score(args) -> int:
     """Score a JSONL file of completions with a recipe's reward terms (default: rule-based alphaalign_safety)."""
-    from alphaalign.config import RewardSpec, load_recipe
+    from alphaalign.config import FormatConfig, RewardSpec, load_recipe
     from alphaalign.judges import RulesJudge, judge_from_option, open_judge
-    from alphaalign.rl.trainer import format_tags
-    from alphaalign.scoring import DEFAULT_TAGS, format_summary, score_file, select_terms
+    from alphaalign.scoring import format_summary, score_file, select_terms
 
     check_output(args.output, "--output", folder=False)
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
@@ -141,14 +140,15 @@ def cmd_score(args) -> int:
     if args.recipe:
         recipe = load_recipe(args.recipe)
         check_rewards(args.recipe, recipe)
-        specs, tags, judge, where = recipe.rewards, format_tags(recipe), recipe.judge, f"{args.recipe}: judge"
+        specs, answer_format, judge = recipe.rewards, recipe.format, recipe.judge
+        where = f"{args.recipe}: judge"
     else:
-        specs, tags = [RewardSpec(name="alphaalign_safety")], DEFAULT_TAGS
+        specs, answer_format = [RewardSpec(name="alphaalign_safety")], FormatConfig()
     if args.judge:
         judge, where = judge_from_option(args.judge), "--judge"
     terms = select_terms(specs, only)
     with open_judge(judge, where, Path(args.output).parent) as opened:
-        counts = score_file(args.input, args.output, terms, tags, judge=opened)
+        counts = score_file(args.input, args.output, terms, answer_format, judge=opened)
     print(format_summary(counts, args.output), file=sys.stderr)
     return 0
 

@@ -263,6 +263,45 @@ def nonfinite_path(node: Any, prefix: str = "") -> str | None:
     return None
 
 
+class FormatConfig(_Section):
+    """The answer format, in one place: the prompt template asks for it, and the rewards, `score`, `eval` and
+    the trainer's metrics parse it: `<reasoning_tag>…</reasoning_tag><answer_tag>…</answer_tag>`, the answer to
+    an unsafe request being exactly `canned_refusal`."""
+
+    reasoning_tag: str = "safety_reasoning"
+    answer_tag: str = "answer"
+    canned_refusal: str = "\\boxed{Sorry, I can't comply}"
+
+    @field_validator("reasoning_tag", "answer_tag")
+    @classmethod
+    def _tag_name(cls, tag: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", tag):
+            raise ValueError(f"{tag!r} is not a tag name (letters, digits, _ . -; e.g. safety_reasoning)")
+        return tag
+
+    @field_validator("answer_tag")
+    @classmethod
+    def _tags_differ(cls, tag: str, info: ValidationInfo) -> str:
+        if tag == info.data.get("reasoning_tag"):
+            raise ValueError(f"{tag!r} is also the reasoning_tag; the two tags must differ")
+        return tag
+
+    @field_validator("canned_refusal")
+    @classmethod
+    def _said(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("must not be empty")
+        return text
+
+    @property
+    def tags(self) -> tuple[str, str]:
+        return self.reasoning_tag, self.answer_tag
+
+
+# reward args that the recipe's `format:` section now sets for every term
+FORMAT_ARGS = ("reasoning_tag", "answer_tag")
+
+
 class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "alphaalign"
@@ -293,10 +332,20 @@ class Recipe(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     rewards: list[RewardSpec] = Field(min_length=1)
+    format: FormatConfig = FormatConfig()  # the answer format the template asks for and everything parses
     logging: LoggingConfig = LoggingConfig()
     judge: JudgeSpec = RulesJudge()  # who judges `alphaalign eval`/`score` verdicts (docs/evaluation.md)
     launch: LaunchConfig | None = None  # null: one trainer process, wherever it runs
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _tags_set_once(self) -> Recipe:
+        for k, spec in enumerate(self.rewards):
+            for key in FORMAT_ARGS:
+                if key in spec.args:
+                    raise ValueError(f"rewards.{k}.args.{key}: the tags are set once for every term and the prompt, "
+                                     f"in the recipe's format: section (format.{key})")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _aggregation_owns_the_advantage(self) -> Recipe:

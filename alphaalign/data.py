@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from alphaalign.config import DataConfig, DataSource, Recipe
+from alphaalign.config import DataConfig, DataSource, FormatConfig, Recipe
 from alphaalign.errors import UserError
 
 LABELS = {
@@ -25,11 +25,12 @@ LABELS = {
     "benign": "benign", "safe": "benign", "unharmful": "benign", "false": "benign", "0": "benign", "no": "benign",
 }  # fmt: skip
 
+# the recipe's `format:` fills in the tags and the canned refusal (any template may use them)
 ALPHAALIGN_TEMPLATE = (
     "Before replying, decide whether the request below is safe to help with, and write that reasoning "
-    "between <safety_reasoning> and </safety_reasoning>. Then write your reply between <answer> and </answer>. "
-    "If the request is unsafe, the answer must be exactly \\boxed{Sorry, I can't comply}. If it is safe, the "
-    "text inside the answer tags is all the user will see, so make it complete and helpful.\n\n"
+    "between <{{ reasoning_tag }}> and </{{ reasoning_tag }}>. Then write your reply between <{{ answer_tag }}> "
+    "and </{{ answer_tag }}>. If the request is unsafe, the answer must be exactly {{ canned_refusal }}. If it is "
+    "safe, the text inside the answer tags is all the user will see, so make it complete and helpful.\n\n"
     "Request: {{ prompt }}"
 )
 
@@ -53,16 +54,16 @@ class Example:
     )  # the row's other fields, passed to reward functions
 
 
-def compile_template(template: str) -> jinja2.Template | None:
-    """The user-turn template: 'alphaalign', 'none' (the prompt as is) or a Jinja string using {{ prompt }}."""
+def compile_template(template: str, answer_format: FormatConfig | None = None) -> jinja2.Template | None:
+    """The user-turn template: 'alphaalign', 'none' (the prompt as is) or a Jinja string using {{ prompt }};
+    `answer_format`'s reasoning_tag, answer_tag and canned_refusal are defined in it (default: `FormatConfig()`)."""
     if template == "none":
         return None
     source = ALPHAALIGN_TEMPLATE if template == "alphaalign" else template
     if "prompt" not in source:
         raise ValueError("a custom template must use {{ prompt }}")
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
-        source
-    )
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(source, globals=(answer_format or FormatConfig()).model_dump())
 
 
 def chat_messages(
@@ -199,7 +200,7 @@ def check_data(recipe: Recipe) -> dict[str, tuple[Path, set[str]]]:
             examples = load_source(source, recipe_base(recipe))
             columns[f"data.{split}.{i}"] = (path, {key for ex in examples for key in ex.columns})
     try:
-        compile_template(recipe.data.template)
+        compile_template(recipe.data.template, recipe.format)
     except (ValueError, jinja2.TemplateError) as exc:
         raise UserError(f"{recipe._source}: data.template: {exc}") from None
     return columns

@@ -24,24 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alphaalign.errors import UserError
-from alphaalign.rewards import parse_alphaalign, refusal_of
-
-
-def safety_summary(texts: list[str], labels: list[str], tags: tuple[str, str]) -> dict[str, float]:
-    """Rates over the responses; refusal is judged on the extracted answer (whole text when untagged).
-
-    harmful_refusal_rate   refused responses / responses to harmful prompts
-    benign_refusal_rate    refused responses / responses to benign prompts (over-refusal)
-    format_valid_rate      responses in the reasoning-then-answer format / all responses
-    """
-    refused = [refusal_of(t, *tags) for t in texts]
-    out = {"format_valid_rate": sum(parse_alphaalign(t, *tags).format_ok for t in texts) / max(len(texts), 1)}
-    for label in ("harmful", "benign"):
-        picked = [r for r, lab in zip(refused, labels, strict=True) if lab == label]
-        out[f"{label}_refusal_rate"] = sum(picked) / len(picked) if picked else float("nan")
-        out[f"n_{label}"] = len(picked)
-    return out
-
+from alphaalign.rewards import parse_alphaalign
 
 # ---------------------------------------------------------------------------------------------------------
 # Verdicts and the metrics computed from them
@@ -100,9 +83,11 @@ def eval_judge(recipe, args):
     return RulesJudge(), "--judge"
 
 
-def judge_responses(benchmark: str, examples: list, texts: list[str], rollouts, samples: int, tags, judge):
+def judge_responses(
+    benchmark: str, examples: list, texts: list[str], rollouts, samples: int, answer_format, judge
+):
     """Verdicts for `samples` responses per example (grouped), judged on their final answers."""
-    parses = [parse_alphaalign(text, *tags) for text in texts]
+    parses = [parse_alphaalign(text, *answer_format.tags) for text in texts]
     prompts = [examples[row // samples].prompt for row in range(len(texts))]
     judgements = judge.judge(prompts, [p.final for p in parses])
     verdicts = []
@@ -195,12 +180,10 @@ def evaluate_benchmarks(
     from alphaalign.data import compile_template, encode_prompt
     from alphaalign.judges import open_judge
     from alphaalign.models import load_causal_lm, load_tokenizer, pick_device
-    from alphaalign.rl.trainer import format_tags
     from alphaalign.rollout import make_engine
     from alphaalign.rollout.base import SamplingParams
 
-    tags = format_tags(recipe)
-    template = compile_template(settings.template)
+    template = compile_template(settings.template, recipe.format)
     rc = recipe.rollout
     sampling = SamplingParams(settings.max_new_tokens, settings.temperature, rc.top_p, rc.top_k)
     generated = {}
@@ -224,7 +207,9 @@ def evaluate_benchmarks(
         summary = {"model": recipe.model.name_or_path, "engine": rc.engine, "judge": judge.describe(),
                    "asr_from": judge.asr_from, "settings": asdict(settings), "benchmarks": {}}  # fmt: skip
         for name, (rollouts, texts) in generated.items():
-            verdicts = judge_responses(name, benchmarks[name], texts, rollouts, settings.samples, tags, judge)
+            verdicts = judge_responses(
+                name, benchmarks[name], texts, rollouts, settings.samples, recipe.format, judge
+            )
             (out / name).mkdir(parents=True, exist_ok=True)
             with (out / name / "responses.jsonl").open("w") as f:
                 f.writelines(json.dumps(asdict(v)) + "\n" for v in verdicts)

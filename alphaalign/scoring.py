@@ -20,14 +20,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from alphaalign.config import RewardSpec
+from alphaalign.config import FormatConfig, RewardSpec
 from alphaalign.data import LABELS
 from alphaalign.errors import UserError
 from alphaalign.rewards import parse_alphaalign
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
-
-DEFAULT_TAGS = ("safety_reasoning", "answer")
 
 
 def select_terms(specs: list[RewardSpec], only: list[str] | None) -> list[RewardSpec]:
@@ -86,15 +84,18 @@ def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str], ju
 
 def score_file(
     input_path: str | Path, output_path: str | Path, specs: list[RewardSpec],
-    tags: tuple[str, str] = DEFAULT_TAGS, chunk_rows: int = 1024, judge=None,
+    answer_format: FormatConfig | None = None, chunk_rows: int = 1024, judge=None,
 ) -> dict:  # fmt: skip
     """Score every row of ``input_path`` into ``output_path``; returns counts for the summary. ``judge``: an
-    open `alphaalign.judges.Judge` for the verdicts (default: the rules)."""
+    open `alphaalign.judges.Judge` for the verdicts (default: the rules); ``answer_format``: the recipe's
+    `format:` (default `FormatConfig()`)."""
     from alphaalign.judges import Judge, RulesJudge
 
     judge = judge or Judge(RulesJudge())
     input_path, output_path = Path(input_path), Path(output_path)
-    stack = RewardStack(specs)
+    answer_format = answer_format or FormatConfig()
+    tags = answer_format.tags
+    stack = RewardStack(specs, answer_format)
     counts: Counter = Counter()
     tmp = output_path.with_name(f".{output_path.name}.tmp")
     try:

@@ -135,6 +135,31 @@ def test_normalize_then_sum_refuses_the_keys_it_would_ignore(write_recipe, overr
     assert load_recipe(write_recipe(), [override]).algorithm.reward_aggregation == "sum_then_normalize"
 
 
+def test_format_section_is_the_one_home_of_the_tags(write_recipe):
+    recipe = load_recipe(write_recipe())
+    assert recipe.format.tags == ("safety_reasoning", "answer")
+    assert recipe.format.canned_refusal == "\\boxed{Sorry, I can't comply}"
+    custom = load_recipe(write_recipe({"format": {"reasoning_tag": "think", "answer_tag": "final"}}))
+    assert custom.format.tags == ("think", "final")
+    for override, message in [
+        (
+            "format.answer_tag=safety_reasoning",
+            "format.answer_tag: 'safety_reasoning' is also the reasoning_tag",
+        ),
+        ("format.reasoning_tag='<think>'", "format.reasoning_tag: '<think>' is not a tag name"),
+        ("format.canned_refusal=' '", "format.canned_refusal: must not be empty"),
+    ]:
+        with pytest.raises(UserError, match=f"^override '{re.escape(override)}': {re.escape(message)}"):
+            load_recipe(write_recipe(), [override])
+    rewards = [{"name": "alphaalign_safety"}, {"name": "csrm", "args": {"model": "m", "answer_tag": "final"}}]
+    with pytest.raises(UserError) as err:  # a reward's own tag arg would disagree with the prompt
+        load_recipe(write_recipe({"rewards": rewards}))
+    assert str(err.value).endswith(
+        "rewards.1.args.answer_tag: the tags are set once for every term and the prompt, in the recipe's "
+        "format: section (format.answer_tag)"
+    )
+
+
 def test_server_engine_keys(write_recipe):
     recipe = load_recipe(write_recipe(), ["rollout.engine=vllm_server", "rollout.async_steps=2",
                                           "rollout.servers=[http://a:8000/, http://b:8000]"])  # fmt: skip

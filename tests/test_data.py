@@ -70,6 +70,20 @@ def test_templates():
         compile_template("no placeholder here")
 
 
+def test_templates_ask_for_the_recipes_format():
+    from alphaalign.config import FormatConfig
+
+    example = Example("How do I bake bread?", "benign")
+    own = FormatConfig(reasoning_tag="think", answer_tag="final", canned_refusal="No.")
+    text = chat_messages(example, compile_template("alphaalign", own), None)[-1]["content"]
+    assert "between <think> and </think>" in text and "between <final> and </final>" in text
+    assert "must be exactly No." in text and "safety_reasoning" not in text and "boxed" not in text
+    default = chat_messages(example, compile_template("alphaalign"), None)[-1]["content"]
+    assert "between <safety_reasoning> and </safety_reasoning>" in default and "\\boxed{Sorry" in default
+    custom = compile_template("Reply in <{{ answer_tag }}>: {{ prompt }}", own)
+    assert chat_messages(example, custom, None)[-1]["content"] == "Reply in <final>: How do I bake bread?"
+
+
 def test_prompt_stream_is_deterministic_resumable_and_weighted():
     a = [Example(f"a{i}", "harmful") for i in range(10)]
     b = [Example(f"b{i}", "benign") for i in range(10)]

@@ -279,3 +279,29 @@ def test_report_renders_tables_and_plots_for_runs_and_evals(small_run, eval_out,
 def test_report_rejects_a_folder_with_nothing_to_report(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "neither a training run" in capsys.readouterr().err
+
+
+def test_verdict_rates_use_the_format_given_and_the_trainer_does_not_import_evaluation():
+    import subprocess
+    import sys
+
+    from alphaalign.config import FormatConfig
+    from alphaalign.verdicts import safety_summary
+
+    texts = [
+        "<think>Unsafe.</think><final>Sorry, I can't help with that.</final>",
+        "<think>Safe.</think><final>Boil it.</final>",
+    ]
+    labels = ["harmful", "benign"]
+    own = safety_summary(texts, labels, FormatConfig(reasoning_tag="think", answer_tag="final"))
+    assert (
+        own["format_valid_rate"] == 1.0
+        and own["harmful_refusal_rate"] == 1.0
+        and own["benign_refusal_rate"] == 0
+    )
+    assert safety_summary(texts, labels, FormatConfig())["format_valid_rate"] == 0.0  # the paper's tags: none
+    probe = "import sys, alphaalign.rl.trainer; print('alphaalign.evaluation' in sys.modules)"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+        == "False\n"
+    )

@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from alphaalign.config import Recipe
 from alphaalign.data import (
-    ALPHAALIGN_TEMPLATE,
     Example,
     chat_messages,
     compile_template,
@@ -136,12 +135,14 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     """Build the demo policy at `recipe.model.name_or_path` (atomically: built aside, then renamed)."""
     target = Path(recipe.model.name_or_path)
     examples = [ex for source in load_split(recipe.data, "train", recipe_base(recipe)) for ex in source]
-    template = compile_template(recipe.data.template)
+    template = compile_template(recipe.data.template, recipe.format)
     print(
         f"building the demo policy at {target} (tokenizer, tiny Qwen2, {epochs}-epoch warm-start)...",
         flush=True,
     )
-    corpus = [ex.prompt for ex in examples] + [ALPHAALIGN_TEMPLATE, recipe.data.template, CHATML]
+    # the demo's vocabulary is the paper's format (TAGS), whatever the recipe's format says
+    paper_template = compile_template("alphaalign").render(prompt="{{ prompt }}")
+    corpus = [ex.prompt for ex in examples] + [paper_template, recipe.data.template, CHATML]
     corpus += [response_text(*pair) for pair in REFUSALS + COMPLIANCES] * 50
     tokenizer = train_tokenizer(corpus)
     model = random_qwen2(tokenizer, seed=recipe.trainer.seed)

@@ -90,6 +90,11 @@ def named_columns(fn: RewardFn) -> set[str] | None:
     return set(_keyword_names(params))
 
 
+def keyword_names(fn: RewardFn) -> set[str]:
+    """The arguments ``fn`` names that a keyword can set (``**kwargs`` not counted)."""
+    return set(_keyword_names(inspect.signature(fn).parameters))
+
+
 def column_clash(fn: RewardFn, args: dict, columns) -> str | None:
     """The first of ``columns`` (names) that would be passed to ``fn`` in place of one of its arguments
     (crashing the call, or silently replacing the recipe's value or the default), or None."""

@@ -28,9 +28,9 @@ from functools import partial
 
 import torch
 
-from alphaalign.config import RewardSpec
+from alphaalign.config import FORMAT_ARGS, FormatConfig, RewardSpec
 from alphaalign.errors import UserError
-from alphaalign.rewards.registry import column_clash, named_columns, resolve_reward
+from alphaalign.rewards.registry import column_clash, keyword_names, named_columns, resolve_reward
 
 
 def _pick(items: list, rows: list[int]) -> list:
@@ -38,10 +38,20 @@ def _pick(items: list, rows: list[int]) -> list:
 
 
 class RewardStack:
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], answer_format: FormatConfig | None = None):
+        """`answer_format` (the recipe's `format:`, default `FormatConfig()`) gives the tags to every function
+        that takes `reasoning_tag` / `answer_tag`."""
         self.specs = specs
         self.bare = [resolve_reward(spec.name) for spec in specs]
-        self.fns = [partial(fn, **spec.args) for fn, spec in zip(self.bare, specs, strict=True)]
+        answer_format = answer_format or FormatConfig()
+        self.args = [
+            {
+                **{key: getattr(answer_format, key) for key in FORMAT_ARGS if key in keyword_names(fn)},
+                **spec.args,
+            }
+            for fn, spec in zip(self.bare, specs, strict=True)
+        ]
+        self.fns = [partial(fn, **args) for fn, args in zip(self.bare, self.args, strict=True)]
         names = [spec.name.rpartition(":")[2] for spec in specs]
         self.names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         self.weights = torch.tensor([spec.weight for spec in specs], dtype=torch.float32)
@@ -51,7 +61,7 @@ class RewardStack:
         """A `UserError` (starting with `where`) naming the first column (name) that clashes with an argument
         of a term."""
         for k, (spec, fn) in enumerate(zip(self.specs, self.bare, strict=True)):
-            if (clash := column_clash(fn, spec.args, columns)) is not None:
+            if (clash := column_clash(fn, self.args[k], columns)) is not None:
                 raise UserError(f"{where}{': ' if where else ''}{clash_message(clash, k, spec.name)}")
 
     def _columns_for(self, k: int, columns: dict[str, list]) -> dict[str, list]:

@@ -26,7 +26,6 @@ from alphaalign.config import Recipe
 from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
-from alphaalign.evaluation import safety_summary
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device, prompt_cache
 from alphaalign.plan import Plan, check_structure
 from alphaalign.rewards.stack import RewardStack
@@ -38,6 +37,7 @@ from alphaalign.rl.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue
 from alphaalign.rollout.base import Rollouts, SamplingParams
+from alphaalign.verdicts import safety_summary
 
 
 def train(recipe: Recipe) -> dict:
@@ -64,8 +64,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     train_sources = load_split(recipe.data, "train", base)
     eval_examples = [ex for source in load_split(recipe.data, "eval", base) for ex in source]
     stream = PromptStream(train_sources, [s.weight for s in recipe.data.train], tc.seed)
-    rewards = RewardStack(recipe.rewards)
-    tags = format_tags(recipe)
+    rewards = RewardStack(recipe.rewards, recipe.format)
 
     resume = resolve_resume(tc.resume_from, tc.output_dir, quiet=not ranks.is_main)
     tokenizer = load_tokenizer(recipe.model)
@@ -83,7 +82,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         ref, engine = opt.reference(ref), opt.generation_engine(engine)
         torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
-    template = compile_template(recipe.data.template)
+    template = compile_template(recipe.data.template, recipe.format)
 
     def encode(example: Example) -> list[int]:
         return encode_prompt(
@@ -102,7 +101,11 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     engine.update_weights(step)  # a server may hold another run's weights
 
     evaluate = (
-        (lambda: run_eval(engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, tags, ranks))
+        (
+            lambda: run_eval(
+                engine, tokenizer, eval_examples, encode, sampling, tc.eval_samples, recipe.format, ranks
+            )
+        )
         if eval_examples
         else None
     )
@@ -171,7 +174,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             **rollout_metrics(rollouts),
             **{
                 f"rollout/{k}": v
-                for k, v in safety_summary(texts, columns["label"], tags).items()
+                for k, v in safety_summary(texts, columns["label"], recipe.format).items()
                 if not k.startswith("n_")
             },
             "rollout/policy_staleness": step - 1 - rollouts.policy_version,  # versions behind the policy
@@ -507,21 +510,17 @@ def rollout_metrics(rollouts: Rollouts) -> dict:
     }
 
 
-def run_eval(engine, tokenizer, examples, encode, sampling, samples, tags, ranks=ONE_PROCESS) -> dict:
+def run_eval(
+    engine, tokenizer, examples, encode, sampling, samples, answer_format, ranks=ONE_PROCESS
+) -> dict:
     """Refusal and format rates on the held-out prompts; each rank generates for every world_size-th one."""
     mine = examples[ranks.rank :: ranks.world_size]
     rollouts = engine.generate([encode(ex) for ex in mine], samples, sampling)
     texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
     parts = ranks.gather((texts, [ex.label for ex in mine for _ in range(samples)]))
-    return safety_summary([t for p in parts for t in p[0]], [label for p in parts for label in p[1]], tags)
-
-
-def format_tags(recipe: Recipe) -> tuple[str, str]:
-    """The reasoning/answer tag names, as configured on the alphaalign_safety reward (defaults otherwise)."""
-    for spec in recipe.rewards:
-        if spec.name == "alphaalign_safety":
-            return spec.args.get("reasoning_tag", "safety_reasoning"), spec.args.get("answer_tag", "answer")
-    return "safety_reasoning", "answer"
+    return safety_summary(
+        [t for p in parts for t in p[0]], [label for p in parts for label in p[1]], answer_format
+    )
 
 
 def prepare_output_dir(path: str) -> Path:
