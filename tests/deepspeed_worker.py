@@ -15,7 +15,8 @@ import torch
 
 from alphaalign.config import load_recipe
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
-from alphaalign.rl.trainer import policy_update, start_processes
+from alphaalign.rl.trainer import start_processes
+from alphaalign.rl.update import UpdateSettings, policy_update
 from alphaalign.rl.zero import ZeroOptimization
 from alphaalign.rollout.base import Rollouts
 
@@ -44,7 +45,8 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
         n = len(batch["rollouts"].completion_ids) // ranks.world_size
         mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
         local = rows(batch["rollouts"], mine)
-        steps = [policy_update(opt, ref, local, batch["advantages"][mine], recipe, tokenizer.pad_token_id, ranks)
+        steps = [policy_update(opt, ref, local, batch["advantages"][mine], UpdateSettings.from_recipe(recipe),
+                               tokenizer.pad_token_id, ranks)
                  for _ in range(2)]  # fmt: skip
         out = Path(out_dir) / case
         if ranks.is_main:

@@ -98,7 +98,7 @@ def one_process(batch: Path, lora: bool, out: Path, share_prompts: bool = True) 
     """The plain trainer's update on the whole batch, twice; the policy saved in `out`."""
     from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
     from alphaalign.rl.optim import TorchOptimization
-    from alphaalign.rl.trainer import policy_update
+    from alphaalign.rl.update import UpdateSettings, policy_update
 
     data = torch.load(batch, weights_only=False)
     overrides = [f"trainer.share_prompt_forward={str(share_prompts).lower()}"]
@@ -108,7 +108,8 @@ def one_process(batch: Path, lora: bool, out: Path, share_prompts: bool = True) 
     tokenizer = load_tokenizer(recipe.model)
     opt = TorchOptimization(policy, recipe.trainer, 10)
     ref = load_reference(recipe.model, policy, torch.device("cpu"))
-    steps = [policy_update(opt, ref, data["rollouts"], data["advantages"], recipe, tokenizer.pad_token_id)
+    steps = [policy_update(opt, ref, data["rollouts"], data["advantages"], UpdateSettings.from_recipe(recipe),
+                           tokenizer.pad_token_id)
              for _ in range(2)]  # fmt: skip
     opt.save(out, tokenizer)
     return steps

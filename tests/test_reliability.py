@@ -18,7 +18,8 @@ from test_train import read_metrics, recipe_for, strip_timing
 from alphaalign.cli import main
 from alphaalign.config import ModelConfig, load_recipe
 from alphaalign.models import load_causal_lm
-from alphaalign.rl.trainer import first_nonfinite, train
+from alphaalign.rl.trainer import train
+from alphaalign.rl.update import first_nonfinite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_too_many_bad_steps_abort_with_one_line(write_recipe, tiny_policy, tmp_p
 def test_an_infinite_loss_leaves_the_weights_untouched(tiny_policy, write_recipe, tmp_path):
     from alphaalign.models import load_causal_lm, load_tokenizer
     from alphaalign.rl.optim import TorchOptimization
-    from alphaalign.rl.trainer import policy_update
+    from alphaalign.rl.update import UpdateSettings, policy_update
     from alphaalign.rollout.base import SamplingParams
     from alphaalign.rollout.transformers_engine import TransformersEngine
 
@@ -81,7 +82,9 @@ def test_an_infinite_loss_leaves_the_weights_untouched(tiny_policy, write_recipe
     rollouts = TransformersEngine(policy, tokenizer, 8).generate([prompt], 4, SamplingParams(8))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     advantages = torch.tensor([1.0, float("inf"), -1.0, 0.0])
-    out = policy_update(opt, None, rollouts, advantages, recipe, tokenizer.pad_token_id)
+    out = policy_update(
+        opt, None, rollouts, advantages, UpdateSettings.from_recipe(recipe), tokenizer.pad_token_id
+    )
     assert out == {"nonfinite": "loss"}
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
     assert opt.scheduler.last_epoch == 0  # no scheduler step either

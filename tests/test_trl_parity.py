@@ -2,8 +2,8 @@
 
 TRL's own code is executed wherever possible: `GRPOTrainer._compute_loss` (losses, gradients, clip metrics),
 `GRPOTrainer._generate_and_score_completions` (rewards → advantages) and `trl.trainer.utils`
-(`selective_log_softmax`, `nanstd`). Ours is computed from the same tokens with `alphaalign.rl.trainer`
-(`micro_batches`, `micro_batch_loss`) and `alphaalign.rl.algos`.
+(`selective_log_softmax`, `nanstd`). Ours is computed from the same tokens with the trainer's update
+(`alphaalign.rl.batching`, `alphaalign.rl.update`) and `alphaalign.rl.algos`.
 
 TRL patches its policy's `forward` with a fused LM head that divides by the temperature (`add_fused_lm_head`),
 so TRL and we each get our own deep copy of the same weights (checked in `test_fused_head_leaves_our_copy_alone`).
@@ -33,7 +33,8 @@ from trl.trainer.utils import selective_log_softmax  # noqa: E402
 from alphaalign.config import Recipe  # noqa: E402
 from alphaalign.demo.build import random_qwen2, train_tokenizer  # noqa: E402
 from alphaalign.rl import algos  # noqa: E402
-from alphaalign.rl.trainer import completion_logits, micro_batch_loss, micro_batches  # noqa: E402
+from alphaalign.rl.batching import completion_logits, micro_batches  # noqa: E402
+from alphaalign.rl.update import BatchCounts, micro_batch_loss, resolved_algorithm  # noqa: E402
 from alphaalign.rollout.base import Rollouts  # noqa: E402
 
 LOSS_ATOL = 1e-5
@@ -184,16 +185,21 @@ def rollouts(batch):
                     policy_version=0)  # fmt: skip
 
 
+def loss_settings(recipe):
+    """`micro_batch_loss`'s algorithm config, temperature and dr_grpo length, from a recipe."""
+    return resolved_algorithm(recipe), recipe.rollout.temperature, recipe.rollout.max_new_tokens
+
+
 def our_losses(model, tok, batch, recipe, budget):
     """Micro-batch losses (each backpropagated into `model`) and the clip masks of each micro-batch."""
     mbs = micro_batches(rollouts(batch), budget, [True] * B, tok.pad_token_id, "cpu")
-    totals = {"sequences": B, "tokens": float(batch["mask"].sum()), "micro_batches": len(mbs)}
+    counts = BatchCounts(B, float(batch["mask"].sum()), len(mbs))
     losses, clips = [], []
     for mb in mbs:
         C = mb.completion_ids.shape[1]
         ref = batch["ref"][mb.rows, :C] if recipe.algorithm.beta > 0 else None
         loss, stats = micro_batch_loss(model, mb, batch["advantages"][mb.rows], batch["old"][mb.rows, :C], ref,
-                                       recipe, totals)  # fmt: skip
+                                       *loss_settings(recipe), counts)  # fmt: skip
         loss.backward()
         losses.append(loss.detach())
         clips.append((mb, stats["clip_low"], stats["clip_high"]))
@@ -353,8 +359,10 @@ def test_on_policy_parity(tok, base_model, batch, model_dir, tmp_path, loss_type
     trl_loss.backward()
     recipe = make_recipe(loss_type, 0.04, 0.28, "token")
     mbs = micro_batches(rollouts(batch), 10**6, [True] * B, tok.pad_token_id, "cpu")
-    totals = {"sequences": B, "tokens": float(batch["mask"].sum()), "micro_batches": 1}
-    loss, _ = micro_batch_loss(ours, mbs[0], batch["advantages"], None, batch["ref"], recipe, totals)
+    counts = BatchCounts(B, float(batch["mask"].sum()), 1)
+    loss, _ = micro_batch_loss(
+        ours, mbs[0], batch["advantages"], None, batch["ref"], *loss_settings(recipe), counts
+    )
     loss.backward()
     assert abs(float(trl_loss.detach()) - float(loss.detach())) <= LOSS_ATOL
     print(
@@ -374,8 +382,10 @@ def test_kl_parity_with_trl_default_bias_correction(tok, base_model, batch, mode
     recipe = make_recipe("dapo", 0.04, None, "token", bias_correction=True)
     assert Recipe.model_fields["algorithm"].default.kl_bias_correction  # the default matches TRL's
     mbs = micro_batches(rollouts(batch), 10**6, [True] * B, tok.pad_token_id, "cpu")
-    totals = {"sequences": B, "tokens": float(batch["mask"].sum()), "micro_batches": 1}
-    micro_batch_loss(ours, mbs[0], batch["advantages"], None, batch["ref"], recipe, totals)[0].backward()
+    counts = BatchCounts(B, float(batch["mask"].sum()), 1)
+    micro_batch_loss(ours, mbs[0], batch["advantages"], None, batch["ref"], *loss_settings(recipe), counts)[
+        0
+    ].backward()
     grad_diff(trainer.model, ours)
 
 
@@ -483,10 +493,10 @@ def our_advantages(scale, aggregation):
     per_term = torch.tensor(
         [[math.nan if v is None else v for v in row] for row in zip(REWARDS_A, REWARDS_B, strict=True)]
     )
-    scalar = algos.combine_rewards(per_term, torch.tensor(WEIGHTS), G, aggregation)
-    if aggregation == "normalize_then_sum":
-        return algos.batch_zscore(scalar)
-    return algos.grpo_advantages(scalar, G, scale)
+    from alphaalign.config import AlgorithmConfig
+
+    algorithm = AlgorithmConfig(scale_rewards=scale, reward_aggregation=aggregation)
+    return algos.advantages(per_term, torch.tensor(WEIGHTS), G, algorithm)[1]  # the trainer's one call
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def run_floor(
     from alphaalign.config import ModelConfig
     from alphaalign.models import load_causal_lm
     from alphaalign.rl.algos import token_logprobs, token_logprobs_and_entropy
-    from alphaalign.rl.trainer import completion_logits, micro_batches
+    from alphaalign.rl.batching import completion_logits, micro_batches
     from alphaalign.rollout.base import SamplingParams
     from alphaalign.rollout.transformers_engine import TransformersEngine
 

@@ -97,6 +97,17 @@ class RewardStack:
         return table
 
 
+def reward_columns(examples: list, group_size: int, first_group: int = 0) -> dict[str, list]:
+    """The columns the rewards get for `group_size` completions of each example: `label`, the examples' own
+    fields, and `group` (the prompt's index in the step, counted from `first_group`)."""
+    group = [ex for ex in examples for _ in range(group_size)]
+    columns = {"label": [ex.label for ex in group]}
+    for key in {k for ex in group for k in ex.columns}:
+        columns[key] = [ex.columns.get(key) for ex in group]
+    columns["group"] = [first_group + i for i in range(len(examples)) for _ in range(group_size)]
+    return columns
+
+
 def _reward_column(values, n: int, where: str) -> torch.Tensor:
     """A reward's return value as n float32 values (None: NaN, not applicable), or a `UserError` saying how it
     breaks the contract: a sequence (list, tuple, 1-D tensor or array) of n real numbers or None."""

@@ -134,6 +134,16 @@ def reinforce_pp_baseline_advantages(
     return batch_zscore(centered)
 
 
+def advantages(per_term: Tensor, weights: Tensor, group_size: int, algorithm) -> tuple[Tensor, Tensor]:
+    """(scalar reward [B], advantages [B]) of a [B, K] matrix of reward terms, as the recipe's `algorithm:`
+    section (`reward_aggregation`, `advantage_estimator`, `scale_rewards`) says."""
+    scalar = combine_rewards(per_term, weights, group_size, algorithm.reward_aggregation)
+    if algorithm.reward_aggregation == "normalize_then_sum":  # TRL's GDPO: the batch z-score is the advantage
+        return scalar, batch_zscore(scalar)
+    estimator = ADVANTAGE_ESTIMATORS[algorithm.advantage_estimator]
+    return scalar, estimator(scalar, group_size, algorithm.scale_rewards)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Per-token rewards -> advantages and returns (PPO with a critic, REINFORCE++)
 

@@ -3,20 +3,18 @@
 Each step: draw `prompts_per_step` labelled prompts → `num_generations` rollouts each → reward stack →
 group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → weight sync to
 the rollout engine → log, and checkpoint every `save_every` steps. With `rollout.async_steps` > 0 the next
-steps' rollouts are generated while this step updates. The math lives in `alphaalign.rl.algos`.
+steps' rollouts are generated while this step updates. The math lives in `alphaalign.rl.algos`, the update
+in `alphaalign.rl.update` (micro-batches: `alphaalign.rl.batching`), the step's metrics in `alphaalign.rl.metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,14 +24,16 @@ from alphaalign.config import Recipe
 from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
-from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device, prompt_cache
+from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
 from alphaalign.plan import Plan, check_structure
-from alphaalign.rewards.stack import RewardStack
+from alphaalign.rewards.stack import RewardStack, reward_columns
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alphaalign.rl.logger import MetricsLogger
+from alphaalign.rl.metrics import reward_metrics, rollout_metrics, rollout_verdicts
 from alphaalign.rl.optim import TorchOptimization
 from alphaalign.rl.parallel import ONE_PROCESS, launched_world_size
+from alphaalign.rl.update import UpdateSettings, first_nonfinite, policy_update
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue
 from alphaalign.rollout.base import Rollouts, SamplingParams
@@ -125,6 +125,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     rollout_queue = RolloutQueue(
         engine, draw, encode, rc.num_generations, sampling, rc.async_steps, resources
     )
+    settings = UpdateSettings.from_recipe(recipe)
     metrics: dict = {}
     while step < tc.max_steps:
         step += 1
@@ -133,22 +134,14 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
 
         t1 = time.perf_counter()
-        group = [ex for ex in examples for _ in range(rc.num_generations)]
-        columns = {"label": [ex.label for ex in group]}
-        for key in {k for ex in group for k in ex.columns}:
-            columns[key] = [ex.columns.get(key) for ex in group]
-        first = ranks.rank * len(examples)  # group ids count over the whole batch
-        columns["group"] = [first + i for i in range(len(examples)) for _ in range(rc.num_generations)]
-        per_term = rewards.score([ex.prompt for ex in group], texts, columns)
+        columns = reward_columns(examples, rc.num_generations, first_group=ranks.rank * len(examples))
+        per_term = rewards.score(
+            [ex.prompt for ex in examples for _ in range(rc.num_generations)], texts, columns
+        )
         mine = slice(ranks.rank * len(texts), (ranks.rank + 1) * len(texts))  # this rank's rows in the batch
         local_rollouts = rollouts
         rollouts, texts, columns, per_term = gather_batch(ranks, rollouts, texts, columns, per_term)
-        scalar = algos.combine_rewards(per_term, rewards.weights, rc.num_generations, ac.reward_aggregation)
-        if ac.reward_aggregation == "normalize_then_sum":
-            advantages = algos.batch_zscore(scalar)
-        else:
-            estimator = algos.ADVANTAGE_ESTIMATORS[ac.advantage_estimator]
-            advantages = estimator(scalar, rc.num_generations, ac.scale_rewards)
+        scalar, advantages = algos.advantages(per_term, rewards.weights, rc.num_generations, ac)
 
         t2 = time.perf_counter()
         problem = first_nonfinite(
@@ -157,7 +150,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         update = {}
         if problem is None:
             update = policy_update(
-                opt, ref, local_rollouts, advantages[mine], recipe, tokenizer.pad_token_id, ranks
+                opt, ref, local_rollouts, advantages[mine], settings, tokenizer.pad_token_id, ranks
             )
             problem = update.pop("nonfinite", None)
         bad_steps += problem is not None
@@ -172,11 +165,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             "guard/skipped_step": float(problem is not None),
             "guard/skipped_steps_total": bad_steps,
             **rollout_metrics(rollouts),
-            **{
-                f"rollout/{k}": v
-                for k, v in safety_summary(texts, columns["label"], recipe.format).items()
-                if not k.startswith("n_")
-            },
+            **rollout_verdicts(texts, columns["label"], recipe.format),
             "rollout/policy_staleness": step - 1 - rollouts.policy_version,  # versions behind the policy
             # with async rollouts generation overlaps the update: the step only waits for what is left of it
             ("time/generate_s" if rc.async_steps == 0 else "time/rollout_wait_s"): t1 - t0,
@@ -248,229 +237,7 @@ def gather_batch(ranks, rollouts: Rollouts, texts: list[str], columns: dict, per
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The policy update
-
-
-@dataclass
-class MicroBatch:
-    rows: list[int]
-    input_ids: torch.Tensor  # [b, P + C]: left-padded prompts, then right-padded completions
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    completion_ids: torch.Tensor  # [b, C]
-    mask: torch.Tensor  # [b, C] float, 1 on completion tokens that count in the loss
-    rollout_logp: torch.Tensor  # [b, C] the engine's log-probs
-    # the first row of each distinct prompt and each row's index into that list: `completion_logits` then
-    # runs each prompt once; None: every row runs its whole sequence
-    prompt_firsts: torch.Tensor | None = None
-    prompt_index: torch.Tensor | None = None
-
-
-def micro_batches(
-    rollouts: Rollouts,
-    budget: int,
-    loss_mask_rows: list[bool],
-    pad_id: int,
-    device,
-    share_prompts: bool = True,
-) -> list[MicroBatch]:
-    """Consecutive rows packed while (rows × longest row) stays within the token budget; with `share_prompts`
-    (and no single-token prompt) the rows of one prompt share its forward pass."""
-    lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
-    groups, current, longest = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > budget:
-            groups.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    groups.append(current)
-
-    out = []
-    for rows in groups:
-        P = max(len(rollouts.prompt_ids[i]) for i in rows)
-        C = max(len(rollouts.completion_ids[i]) for i in rows)
-        ids = torch.full((len(rows), P + C), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(rows), P + C), dtype=torch.long)
-        logp = torch.zeros((len(rows), C))
-        for j, i in enumerate(rows):
-            p, c = rollouts.prompt_ids[i], rollouts.completion_ids[i]
-            ids[j, P - len(p) : P] = torch.tensor(p)
-            ids[j, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attn[j, P - len(p) : P + len(c)] = 1
-            logp[j, : len(c)] = torch.tensor(rollouts.logprobs[i])
-        mask = attn[:, P:].float() * torch.tensor([float(loss_mask_rows[i]) for i in rows]).unsqueeze(1)
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
-        mb = MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
-                        mask.to(device), logp.to(device))  # fmt: skip
-        prompts = [tuple(rollouts.prompt_ids[i]) for i in rows]
-        if share_prompts and min(map(len, prompts)) > 1:
-            first_row: dict[tuple[int, ...], int] = {}
-            for j, prompt in enumerate(prompts):
-                first_row.setdefault(prompt, j)
-            number = {prompt: k for k, prompt in enumerate(first_row)}
-            mb.prompt_firsts = torch.tensor(list(first_row.values()), device=device)
-            mb.prompt_index = torch.tensor([number[prompt] for prompt in prompts], device=device)
-        out.append(mb)
-    return out
-
-
-def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
-    """[b, C, V] logits predicting each completion token.
-
-    With `mb.prompt_index`, each distinct prompt's tokens but the last go through the model once; the rows then
-    continue from that prompt's cache, which keeps its autograd graph, so n completions of a prompt cost one
-    prompt forward (and backward) instead of n. It takes two model calls whether or not rows repeat a prompt,
-    so every rank makes the same calls (ZeRO-3 gathers weights in each).
-    """
-    C = mb.completion_ids.shape[1]
-    if mb.prompt_index is None:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                       logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
-        return logits[:, :-1]
-    P, firsts = mb.input_ids.shape[1] - C, mb.prompt_firsts
-    cache = prompt_cache(model, mb.input_ids[firsts, : P - 1], mb.attention_mask[firsts, : P - 1],
-                         mb.position_ids[firsts, : P - 1])  # fmt: skip
-    cache.batch_select_indices(mb.prompt_index)
-    return model(input_ids=mb.input_ids[:, P - 1 : -1], attention_mask=mb.attention_mask[:, :-1],
-                 position_ids=mb.position_ids[:, P - 1 : -1], past_key_values=cache, use_cache=True).logits  # fmt: skip
-
-
-def micro_batch_loss(policy, mb: MicroBatch, advantages, old_logp, ref_logp, recipe: Recipe, totals: dict):
-    """The loss of one micro-batch, scaled so that the micro-batch losses sum to the batch loss.
-
-    `old_logp` None means π_old = π_θ (one update per batch, no rollout correction): ratio 1, gradient intact.
-    `totals` holds the batch-wide counts: sequences, tokens, micro_batches. Returns (loss, per-token stats).
-    """
-    ac, temperature = recipe.algorithm, recipe.rollout.temperature
-    logits = completion_logits(policy, mb)
-    logp, entropy = algos.token_logprobs_and_entropy(logits, mb.completion_ids, temperature)
-    old = logp.detach() if old_logp is None else old_logp
-    log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
-    surrogate = algos.POLICY_LOSSES[algos.LOSS_TYPES[ac.loss_type][0]]
-    per_token, low, high = surrogate(
-        log_w, advantages, logp, epsilon_low=ac.epsilon,
-        epsilon_high=ac.epsilon if ac.epsilon_high is None else ac.epsilon_high,
-        temperature_pos=ac.sapo_temperature_pos, temperature_neg=ac.sapo_temperature_neg,
-    )  # fmt: skip
-    stats = {"clip_low": low.expand_as(mb.mask), "clip_high": high.expand_as(mb.mask), "entropy": entropy}
-    correction = recipe.rollout_correction
-    if correction != "none":
-        is_w = algos.rollout_correction_weights(old, mb.rollout_logp, mb.mask, correction,
-                                                ac.rollout_correction_max, ac.rollout_correction_min)  # fmt: skip
-        per_token = per_token * is_w
-        stats["is_weight"] = is_w.expand_as(mb.mask)
-        stats["logp_gap"] = torch.nan_to_num((old - mb.rollout_logp).abs() * mb.mask, nan=0.0)
-    if ref_logp is not None:
-        kl = algos.KL_ESTIMATORS[ac.kl_estimator](logp, ref_logp)
-        stats["kl"] = kl.detach()
-        if ac.kl_bias_correction:
-            kl = kl * torch.exp(log_w)
-        per_token = per_token + ac.beta * kl
-    loss = algos.aggregate_loss(
-        per_token, mb.mask, ac.loss_type, total_sequences=totals["sequences"], total_tokens=totals["tokens"],
-        max_completion_length=recipe.rollout.max_new_tokens, num_micro_batches=totals["micro_batches"],
-    )  # fmt: skip
-    return loss, stats
-
-
-def policy_update(
-    opt, ref, rollouts: Rollouts, advantages, recipe: Recipe, pad_id, ranks=ONE_PROCESS
-) -> dict:
-    """One batch's update on this rank's rollouts (`advantages` are theirs); returns batch-wide metrics.
-
-    `opt` is a TorchOptimization or a ZeroOptimization; losses are normalized by counts summed over ranks.
-    """
-    ac, temperature = recipe.algorithm, recipe.rollout.temperature
-    device = next(opt.module.parameters()).device
-    keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
-    # Gradient checkpointing makes transformers drop the cache in training. ZeRO-3 gathers weights in every
-    # model call, so all ranks share prompts or none does.
-    short_prompt = any(len(p) < 2 for p in rollouts.prompt_ids)
-    share = (recipe.trainer.share_prompt_forward and not recipe.model.gradient_checkpointing
-             and not ranks.sum([float(short_prompt)])[0])  # fmt: skip
-    mbs = micro_batches(rollouts, recipe.trainer.micro_batch_tokens, keep, pad_id, device, share)
-    sequences, tokens, count = ranks.sum([len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)),
-                                          len(mbs)])  # fmt: skip
-    totals = {"sequences": int(sequences), "tokens": tokens, "micro_batches": int(count)}
-    # ZeRO-3 gathers parameters collectively in every forward and backward, so all ranks run as many
-    # micro-batches; the extra ones are copies whose loss mask is empty (they add nothing)
-    idle = dataclasses.replace(mbs[-1], mask=torch.zeros_like(mbs[-1].mask))
-    mbs += [idle] * (ranks.max(len(mbs)) - len(mbs))
-    need_old = ac.num_iterations > 1 or recipe.rollout_correction != "none"
-
-    # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
-    def frozen(model, mb):
-        with torch.no_grad():
-            return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
-
-    old_logps = [frozen(opt.model, mb) if need_old else None for mb in mbs]
-    ref_logps = [frozen(ref, mb) if ref is not None else None for mb in mbs]
-    checked = [t for t in old_logps + ref_logps if t is not None]
-    if recipe.rollout_correction != "none":
-        checked += [mb.rollout_logp for mb in mbs]
-    problem = first_nonfinite(**{"log-probs": checked})
-    if ranks.sum([float(problem is not None)])[0]:  # every rank skips together
-        return {"nonfinite": "log-probs"}
-
-    sums = dict.fromkeys(["loss", "kl", "entropy", "clip_low", "clip_high", "is_weight", "logp_gap"], 0.0)
-    largest_logp_gap = 0.0
-    grad_norms = []
-    for iteration in range(ac.num_iterations):
-        opt.zero_grad()
-        for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
-            loss, stats = micro_batch_loss(
-                opt.model, mb, advantages[mb.rows].to(device), old, ref_logp, recipe, totals
-            )
-            opt.backward(loss)
-            sums["loss"] += float(loss.detach()) / ac.num_iterations
-            for key in ("clip_low", "clip_high"):
-                sums[key] += float((stats[key] * mb.mask).sum()) / ac.num_iterations
-            if iteration == 0:  # measured on the policy that generated the batch
-                sums["entropy"] += float((stats["entropy"] * mb.mask).sum())
-                for key in ("kl", "is_weight", "logp_gap"):
-                    if key in stats:
-                        sums[key] += float((stats[key] * mb.mask).sum())
-                if "logp_gap" in stats:
-                    largest_logp_gap = max(largest_logp_gap, float(stats["logp_gap"].max()))
-        batch_loss = ranks.sum([sums["loss"]])[0]
-        grad_norms.append(opt.step(loss_finite=math.isfinite(batch_loss)))
-        problem = first_nonfinite(loss=torch.tensor(batch_loss), gradients=torch.tensor(grad_norms[-1]))
-        if problem is not None:  # the weights are left as they are
-            return {"nonfinite": problem}
-
-    sums = dict(zip(sums, ranks.sum(list(sums.values())), strict=True))
-    n = max(totals["tokens"], 1.0)
-    out = {
-        "loss": sums["loss"],
-        "grad_norm": sum(grad_norms) / len(grad_norms),
-        "lr": opt.lr,
-        "entropy/mean": sums["entropy"] / n,
-        "clip/low_fraction": sums["clip_low"] / n,
-        "clip/high_fraction": sums["clip_high"] / n,
-    }
-    if ref is not None:
-        out[f"kl/{ac.kl_estimator}_mean"] = sums["kl"] / n
-    if recipe.rollout_correction != "none":
-        out["rollout_correction/weight_mean"] = sums["is_weight"] / n
-        # |trainer's log-prob before the update − engine's log-prob| per completion token: ~1e-5 when the
-        # engine sampled with the current weights, larger with stale (async) rollouts
-        out["rollout_correction/logp_abs_diff_mean"] = sums["logp_gap"] / n
-        out["rollout_correction/logp_abs_diff_max"] = max(ranks.gather(largest_logp_gap))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Helpers: numerical guards, metrics, evaluation, output folder
-
-
-def first_nonfinite(**named) -> str | None:
-    """The name of the first argument (a tensor or a list of tensors) holding NaN or ±inf, else None."""
-    for name, value in named.items():
-        tensors = value if isinstance(value, list) else [value]
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
-            return name
-    return None
 
 
 def check_bad_steps(step: int, problem: str, bad_steps: int, max_bad_steps: int, out: Path) -> None:
@@ -481,33 +248,6 @@ def check_bad_steps(step: int, problem: str, bad_steps: int, max_bad_steps: int,
             f"aborting at step {step}: {bad_steps} steps had non-finite values (last: {problem}), more than "
             f"trainer.max_bad_steps={max_bad_steps}; checkpoints in {out / 'checkpoints'} are intact"
         )
-
-
-def reward_metrics(per_term, scalar, advantages, names, group_size) -> dict:
-    out = {"reward/mean": float(torch.nanmean(scalar)), "reward/std": float(algos.nanstd(scalar))}
-    for k, name in enumerate(names):
-        column = per_term[:, k]
-        if (~torch.isnan(column)).any():
-            out[f"reward/{name}/mean"] = float(torch.nanmean(column))
-            out[f"reward/{name}/std"] = (
-                float(algos.nanstd(column)) if (~torch.isnan(column)).sum() > 1 else 0.0
-            )
-    group_std = algos.nanstd(scalar.view(-1, group_size), dim=1)
-    out.update({
-        "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
-        "advantage/min": float(advantages.min()), "advantage/max": float(advantages.max()),
-        "groups/zero_reward_std_fraction": float((torch.nan_to_num(group_std) < 1e-6).float().mean()),
-    })  # fmt: skip
-    return out
-
-
-def rollout_metrics(rollouts: Rollouts) -> dict:
-    lengths = [len(c) for c in rollouts.completion_ids]
-    return {
-        "completion/length_mean": sum(lengths) / len(lengths),
-        "completion/length_max": max(lengths),
-        "completion/truncated_fraction": sum(r == "length" for r in rollouts.finish_reasons) / len(lengths),
-    }
 
 
 def run_eval(
