@@ -143,6 +143,51 @@ def test_two_processes_match_one_process_on_the_same_batch(case, batch, two_proc
         assert max(float((new[k] - before[k]).abs().max()) for k in before) > 1e-3
 
 
+def tensors_of(value, path: str = "") -> dict:
+    """Every tensor in a nested checkpoint structure, by its path."""
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list | tuple)
+        else ()
+    )
+    return {k: v for key, item in items for k, v in tensors_of(item, f"{path}/{key}").items()}
+
+
+@pytest.mark.slow
+def test_a_skipped_update_changes_nothing_under_zero(batch, tmp_path):
+    """Two iterations per update; the first iteration's step overflows the weights, the second's loss is
+    not finite: the weights, DeepSpeed's fp32 master partitions, Adam's moments and the schedule of every
+    rank are bit for bit those of the checkpoint written just before the update."""
+    cases = ["zero2+overflow", "zero3+overflow"]
+    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(tmp_path), *cases)
+    for case in cases:
+        steps = json.loads((tmp_path / case / "metrics.json").read_text())
+        assert "nonfinite" not in steps[0] and steps[1] == {"nonfinite": "loss"}, case
+        before, after = tmp_path / case / "before", tmp_path / case
+        assert tensors_of(weights(before / "policy")).keys() == tensors_of(weights(after / "policy")).keys()
+        assert all(
+            torch.equal(weights(before / "policy")[k], v) for k, v in weights(after / "policy").items()
+        )
+        files = sorted(p.relative_to(before) for p in (before / "deepspeed").glob("*.pt"))
+        assert any("optim_states" in str(f) for f in files), files
+        for name in files:
+            old = torch.load(before / name, weights_only=False)
+            new = torch.load(after / name, weights_only=False)
+            a, b = tensors_of(old), tensors_of(new)
+            assert a.keys() == b.keys() and a, (case, name)
+            assert all(torch.equal(a[k], b[k]) for k in a), (
+                case,
+                name,
+                [k for k in a if not torch.equal(a[k], b[k])],
+            )
+            if "lr_scheduler" in old:
+                assert old["lr_scheduler"] == new["lr_scheduler"], (case, name)
+
+
 def metrics(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]

@@ -26,7 +26,16 @@ from alphaalign.config import Recipe
 from alphaalign.data import recipe_base
 from alphaalign.errors import UserError
 from alphaalign.resources import package_path
-from alphaalign.rl.optim import adamw, lr_lambda, rng_state, set_rng_state
+from alphaalign.rl.optim import (
+    Snapshot,
+    adamw,
+    load_state,
+    lr_lambda,
+    restore_snapshot,
+    rng_state,
+    set_rng_state,
+    take_snapshot,
+)
 from alphaalign.rl.parallel import Ranks, single_process_rendezvous
 
 CONFIG_DIR = package_path("rl", "deepspeed_configs")
@@ -156,10 +165,13 @@ class ZeroOptimization:
         zero = self.config["zero_optimization"]
         self.stage = zero["stage"]
         cpu_adam = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
-        optimizer = adamw(policy.parameters(), recipe.trainer, cpu_adam)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.trainer, total_updates))
+        # DeepSpeed re-points this optimizer at its fp32 master partitions and keeps the object
+        self.optimizer = adamw(policy.parameters(), recipe.trainer, cpu_adam)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(recipe.trainer, total_updates)
+        )
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+            model=policy, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
         )
         self.model, self.module = self.engine, self.engine.module
 
@@ -170,10 +182,35 @@ class ZeroOptimization:
         self.engine.backward(loss * self.ranks.world_size)  # DeepSpeed averages gradients over the ranks
 
     def step(self, loss_finite: bool) -> float:
-        """Reduce, clip and apply the gradients; DeepSpeed discards the step when their norm is not finite."""
+        """Reduce, clip and apply the gradients; DeepSpeed discards the step when their norm is not finite.
+        A non-finite loss with finite gradients would be applied: every rank steps (the reduction is
+        collective) and then undoes it."""
+        saved = None if loss_finite else self.snapshot()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if saved is not None:
+            self.restore(saved)
+            return float("inf")
         return float(norm) if self.engine.was_step_applied() else float("inf")
+
+    def local_weights(self) -> list[torch.Tensor]:
+        """The trainable weights as this rank holds them: whole under ZeRO-2; under ZeRO-3 its partition
+        (`ds_tensor`) and the small parameters every rank keeps whole (`ds_persist`)."""
+        held = []
+        for p in self.module.parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p, "ds_tensor"):
+                held += [p.ds_tensor, p] if getattr(p, "ds_persist", False) else [p.ds_tensor]
+            else:
+                held.append(p)
+        return held
+
+    def snapshot(self) -> Snapshot:
+        return take_snapshot(self.local_weights(), self.optimizer, self.scheduler)
+
+    def restore(self, saved: Snapshot) -> None:
+        restore_snapshot(saved, self.optimizer, self.scheduler)
 
     @property
     def lr(self) -> float:
@@ -227,7 +264,7 @@ class ZeroOptimization:
                 f"{self.ranks.world_size} process(es); resume it the way it was trained"
             )
         self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_state(rng))
 
 
 class GatheredGeneration:
