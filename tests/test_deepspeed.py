@@ -157,17 +157,26 @@ def tensors_of(value, path: str = "") -> dict:
     return {k: v for key, item in items for k, v in tensors_of(item, f"{path}/{key}").items()}
 
 
+OVERFLOW_CASES = ["zero2+overflow", "zero3+overflow"]
+
+
+@pytest.fixture(scope="module")
+def overflow_runs(batch, tmp_path_factory) -> Path:
+    """Each overflow case (see deepspeed_worker.py) with 2 processes, in one torchrun launch."""
+    out = tmp_path_factory.mktemp("ds-overflow")
+    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), *OVERFLOW_CASES)
+    return out
+
+
 @pytest.mark.slow
-def test_a_skipped_update_changes_nothing_under_zero(batch, tmp_path):
+def test_a_skipped_update_changes_nothing_under_zero(overflow_runs):
     """Two iterations per update; the first iteration's step overflows the weights, the second's loss is
     not finite: the weights, DeepSpeed's fp32 master partitions, Adam's moments and the schedule of every
     rank are bit for bit those of the checkpoint written just before the update."""
-    cases = ["zero2+overflow", "zero3+overflow"]
-    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(tmp_path), *cases)
-    for case in cases:
-        steps = json.loads((tmp_path / case / "metrics.json").read_text())
+    for case in OVERFLOW_CASES:
+        steps = json.loads((overflow_runs / case / "metrics.json").read_text())
         assert "nonfinite" not in steps[0] and steps[1] == {"nonfinite": "loss"}, case
-        before, after = tmp_path / case / "before", tmp_path / case
+        before, after = overflow_runs / case / "before", overflow_runs / case
         assert tensors_of(weights(before / "policy")).keys() == tensors_of(weights(after / "policy")).keys()
         assert all(
             torch.equal(weights(before / "policy")[k], v) for k, v in weights(after / "policy").items()
@@ -186,6 +195,30 @@ def test_a_skipped_update_changes_nothing_under_zero(batch, tmp_path):
             )
             if "lr_scheduler" in old:
                 assert old["lr_scheduler"] == new["lr_scheduler"], (case, name)
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_shard_that_would_run_code_is_refused_before_deepspeed_opens_it(overflow_runs, tmp_path):
+    from alphaalign.rl.zero import check_deepspeed_files
+
+    for case in OVERFLOW_CASES:  # what DeepSpeed writes (ZeRO-2 and ZeRO-3 shards) passes the check
+        check_deepspeed_files(overflow_runs / case / "deepspeed")
+    folder, marker = tmp_path / "deepspeed", tmp_path / "ran"
+    shutil.copytree(overflow_runs / OVERFLOW_CASES[0] / "deepspeed", folder)
+    shard = next(folder.glob("*optim_states.pt"))
+    state = torch.load(shard, weights_only=False)
+    torch.save({**state, "hook": RunsCode(marker)}, shard)
+    with pytest.raises(UserError, match=rf"^{shard}: refused: .*system"):
+        check_deepspeed_files(folder)
+    assert not marker.exists()
 
 
 def metrics(out: Path) -> list[dict]:

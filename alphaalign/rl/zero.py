@@ -263,8 +263,23 @@ class ZeroOptimization:
                 f"trainer.resume_from: {folder} was not written by a DeepSpeed run with "
                 f"{self.ranks.world_size} process(es); resume it the way it was trained"
             )
+        check_deepspeed_files(folder / CHECKPOINT_TAG)
         self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
         set_rng_state(load_state(rng))
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files with the full unpickler, which runs whatever a file names.
+    Each file is read first with the weights-only one (memory-mapped: no copy of the shards), which allows
+    tensors, plain values and the few DeepSpeed classes a checkpoint holds: a file naming anything else is
+    refused in one line before DeepSpeed opens it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        for path in sorted(folder.glob("*.pt")):
+            load_state(path, mmap=True)
 
 
 class GatheredGeneration:
