@@ -101,7 +101,7 @@ def take_snapshot(tensors, optimizer: torch.optim.Optimizer, scheduler) -> Snaps
 
     The state is read per parameter, not through `state_dict()`: DeepSpeed swaps the optimizer's param
     groups while it steps, which `state_dict()` cannot map."""
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    owned = [p for group in optimizer.param_groups for p in group["params"]] + list(optimizer.state)
     unique = {id(t): t for t in [*tensors, *owned]}.values()
     return Snapshot(
         tensors=[(t, _cpu_copy(t)) for t in unique],

@@ -194,9 +194,15 @@ class ZeroOptimization:
         return float(norm) if self.engine.was_step_applied() else float("inf")
 
     def local_weights(self) -> list[torch.Tensor]:
-        """The trainable weights as this rank holds them: whole under ZeRO-2; under ZeRO-3 its partition
-        (`ds_tensor`) and the small parameters every rank keeps whole (`ds_persist`)."""
-        held = []
+        """The trainable weights as this rank holds them: DeepSpeed's fp32 master partitions (ZeRO-3 takes
+        them out of the optimizer's param groups between steps), the module's weights (whole under ZeRO-2;
+        under ZeRO-3 this rank's partition, `ds_tensor`, and the small parameters every rank keeps whole,
+        `ds_persist`)."""
+        zero = self.engine.optimizer
+        held = [
+            *getattr(zero, "single_partition_of_fp32_groups", []),
+            *getattr(zero, "fp32_partitioned_groups_flat", []),
+        ]
         for p in self.module.parameters():
             if not p.requires_grad:
                 continue
