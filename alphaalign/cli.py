@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from alphaalign.errors import UserError
-from alphaalign.outputs import check_output, writing
 from alphaalign.masking import mask_override, mask_text
+from alphaalign.outputs import check_output, writing
 
 
 def validate(recipe_path: str, overrides: list[str]):

@@ -26,8 +26,8 @@ from pydantic import (
 
 from alphaalign.errors import UserError
 from alphaalign.judges.spec import JudgeSpec, RulesJudge, error_text
-from alphaalign.resources import recipe_file, shipped_recipes
 from alphaalign.masking import is_secret_key, mask_override, mask_tree
+from alphaalign.resources import recipe_file, shipped_recipes
 
 
 class _Section(BaseModel):
