@@ -110,7 +110,11 @@ def mask_override(override: str) -> str:
 def masked_argv():
     """`sys.argv` with every argument masked while the block runs (wandb records the command line)."""
     saved = sys.argv
-    sys.argv = [mask_override(arg) for arg in saved]
+    masked = [mask_override(arg) for arg in saved]
+    for i, arg in enumerate(saved[:-1]):  # `--api-key VALUE`: the value follows its flag
+        if arg.startswith("-") and "=" not in arg and is_secret_key(arg.lstrip("-")):
+            masked[i + 1] = MASK
+    sys.argv = masked
     try:
         yield
     finally:

@@ -224,6 +224,18 @@ def test_secret_values_are_masked_in_text():
     assert mask_text("the token budget; max_new_tokens: 256") == "the token budget; max_new_tokens: 256"
     assert mask_override("rewards.0.args.api_key=sk-1") == "rewards.0.args.api_key=***"
     assert mask_override("rewards=[{args: {password: pw1}}]") == "rewards=[{args: {password: ***}}]"
+    import sys
+
+    from alphaalign.masking import masked_argv
+
+    argv = sys.argv
+    sys.argv = ["alphaalign", "train", "r.yaml", "a.hf_token=t1", "--api-key", "k1", "--max-new-tokens", "8"]
+    try:
+        with masked_argv():
+            assert sys.argv == ["alphaalign", "train", "r.yaml", "a.hf_token=***", "--api-key", "***",
+                                "--max-new-tokens", "8"]  # fmt: skip
+    finally:
+        sys.argv = argv
     tree = {"max_new_tokens": 5, "token_env": "HF", "hf_token": "hf_1", "url": "https://u:p1@h/x"}
     assert mask_tree(tree) == {
         "max_new_tokens": 5,
