@@ -66,7 +66,7 @@ def test_templates():
         {"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I bake bread?"}]  # fmt: skip
     custom = chat_messages(example, compile_template("[{{ topic }}] {{ prompt }}"), None)
     assert custom[-1]["content"] == "[food] How do I bake bread?"
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match=r"^data.template: a custom template must use \{\{ prompt \}\}"):
         compile_template("no placeholder here")
 
 

@@ -23,7 +23,15 @@ import torch
 import transformers
 
 from alphaalign.config import Recipe
-from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
+from alphaalign.data import (
+    Example,
+    PromptStream,
+    compile_template,
+    encode_prompt,
+    load_split,
+    recipe_base,
+    template_key,
+)
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.evaluation import safety_summary
@@ -83,7 +91,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         ref, engine = opt.reference(ref), opt.generation_engine(engine)
         torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
-    template = compile_template(recipe.data.template)
+    template = compile_template(recipe.data.template, template_key(recipe))
 
     def encode(example: Example) -> list[int]:
         return encode_prompt(
@@ -413,6 +421,8 @@ def policy_update(
     sums = dict.fromkeys(["loss", "kl", "entropy", "clip_low", "clip_high", "is_weight", "logp_gap"], 0.0)
     largest_logp_gap = 0.0
     grad_norms = []
+    # a later iteration that fails undoes the steps the earlier ones made: a skipped update changes nothing
+    saved = opt.snapshot() if ac.num_iterations > 1 else None
     for iteration in range(ac.num_iterations):
         opt.zero_grad()
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
@@ -433,7 +443,9 @@ def policy_update(
         batch_loss = ranks.sum([sums["loss"]])[0]
         grad_norms.append(opt.step(loss_finite=math.isfinite(batch_loss)))
         problem = first_nonfinite(loss=torch.tensor(batch_loss), gradients=torch.tensor(grad_norms[-1]))
-        if problem is not None:  # the weights are left as they are
+        if problem is not None:  # the weights, optimizer and schedule are left as they were
+            if saved is not None and iteration > 0:
+                opt.restore(saved)
             return {"nonfinite": problem}
 
     sums = dict(zip(sums, ranks.sum(list(sums.values())), strict=True))
