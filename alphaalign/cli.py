@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.masking import mask_override, mask_text
 from alphaalign.outputs import check_output, writing
 
 
@@ -240,7 +241,7 @@ def eval_recipe(args):
 
 def cmd_eval(args) -> int:
     from alphaalign import benchmarks
-    from alphaalign.data import load_source
+    from alphaalign.data import check_template, load_source, template_key
     from alphaalign.evaluation import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
     from alphaalign.judges import check_environment
 
@@ -272,8 +273,11 @@ def cmd_eval(args) -> int:
         template=args.template or recipe.data.template, limit=args.limit,
         seed=recipe.trainer.seed,
     )  # fmt: skip
+    template_where = "--template" if args.template else template_key(recipe)
+    samples = [examples[0] for examples in sets.values() if examples]
+    check_template(settings.template, template_where, samples, recipe.format)
     out.mkdir(parents=True, exist_ok=True)
-    summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where)
+    summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where, template_where)
     print(format_summary_table(summary))
     print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
     if args.utility is not None:
@@ -650,14 +654,14 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # overrides written after options: `launch slurm r.yaml --nodes 2 a.b=1`
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(map(mask_override, extra))}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.fn(args)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)  # errors may quote a URL or an override
         return 2
     except OSError as exc:  # a write deep in a library that no caller turned into a UserError
         from alphaalign.outputs import DISK_FULL

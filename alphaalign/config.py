@@ -27,6 +27,7 @@ from pydantic import (
 
 from alphaalign.errors import UserError
 from alphaalign.judges.spec import JudgeSpec, RulesJudge, error_text
+from alphaalign.masking import is_secret_key, mask_override, mask_tree
 from alphaalign.resources import recipe_file, shipped_recipes
 
 
@@ -417,8 +418,8 @@ class Recipe(_Section):
         return self
 
     def public_dump(self) -> dict:
-        """The recipe as plain data with secret-looking values (tokens, keys, passwords) masked."""
-        return _mask_secrets(self.model_dump(mode="json"))
+        """The recipe as plain data with its secrets masked (`alphaalign.masking`); it validates as a recipe."""
+        return mask_tree(self.model_dump(mode="json"))
 
     def warnings(self) -> list[str]:
         """Settings that run but likely do not do what was meant; `validate` and `train` print them."""
@@ -544,17 +545,6 @@ class RewardModelRecipe(_Section):
         return self
 
 
-_SECRET_KEY = re.compile(r"token|secret|password|passwd|api_?key|credential", re.IGNORECASE)
-
-
-def _mask_secrets(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: "***" if _SECRET_KEY.search(str(k)) and v else _mask_secrets(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_mask_secrets(v) for v in node]
-    return node
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML, extends, overrides, and errors that name the file and the dotted key.
 
@@ -671,12 +661,13 @@ def _display(path: Path) -> Path:
 def apply_override(data: dict, override: str, origins: dict) -> dict:
     """Apply one `dotted.key=yaml_value` override; list items are addressed by index (`rewards.0.weight=2`)."""
     key, sep, raw = override.partition("=")
+    shown = mask_override(override)  # errors and origins echo the override: never its secrets
     if not sep or not key:
-        raise UserError(f"override '{override}': expected key=value")
+        raise UserError(f"override '{shown}': expected key=value")
     try:
         value = safe_load_bounded(raw) if raw.strip() else None
     except yaml.YAMLError:
-        raise UserError(f"override '{override}': the value is not valid YAML") from None
+        raise UserError(f"override '{shown}': the value is not valid YAML") from None
     except ValueError as exc:
         raise UserError(f"override '{key}': the value {exc}") from None
     parts = key.split(".")
@@ -687,10 +678,10 @@ def apply_override(data: dict, override: str, origins: dict) -> dict:
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"override '{override}': {where}: no such list item")
+                raise UserError(f"override '{shown}': {where}: no such list item")
             part = int(part)
         elif not isinstance(node, dict):
-            raise UserError(f"override '{override}': {'.'.join(parts[:depth])} is not a section")
+            raise UserError(f"override '{shown}': {'.'.join(parts[:depth])} is not a section")
         if last:
             node[part] = value
         else:
@@ -700,7 +691,7 @@ def apply_override(data: dict, override: str, origins: dict) -> dict:
     path = tuple(parts)
     for p in [p for p in origins if p[: len(path)] == path]:
         del origins[p]
-    origins[path] = f"override '{override}'"
+    origins[path] = f"override '{shown}'"
     return data
 
 
@@ -726,7 +717,8 @@ def _format_error(err: dict, origins: dict, default_source: str) -> str:
         return f"{source}: {dotted}: unknown key"
     if err["type"] == "missing":
         return f"{source}: {dotted}: required key is missing"
-    if err["type"] != "value_error" and not isinstance(err.get("input"), dict | list):
+    secret = bool(loc) and is_secret_key(loc[-1])
+    if err["type"] != "value_error" and not isinstance(err.get("input"), dict | list) and not secret:
         msg += f" (got {err.get('input')!r})"
     return f"{source}: {dotted}: {msg}"
 

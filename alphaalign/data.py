@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from alphaalign import templates
 from alphaalign.config import DataConfig, DataSource, FormatConfig, Recipe
 from alphaalign.errors import UserError
 
@@ -54,21 +55,52 @@ class Example:
     )  # the row's other fields, passed to reward functions
 
 
-def compile_template(template: str, answer_format: FormatConfig | None = None) -> jinja2.Template | None:
+class PromptTemplate:
+    """A user-turn template compiled in the sandbox (`alphaalign.templates`); a failed render (an undefined
+    name, a sandbox violation, an error in the template's own expressions) is one line naming `where`."""
+
+    def __init__(self, source: str, where: str, answer_format: FormatConfig | None = None):
+        self.where = where
+        self.template = templates.environment(keep_trailing_newline=True).from_string(
+            source, globals=(answer_format or FormatConfig()).model_dump()
+        )
+
+    def render(self, **values) -> str:
+        try:
+            return self.template.render(**values)
+        except Exception as exc:  # the template is the user's code: any failure of it is their mistake
+            raise UserError(f"{self.where}: cannot render ({exc.__class__.__name__}: {exc})") from None
+
+
+def compile_template(
+    template: str, where: str = "data.template", answer_format: FormatConfig | None = None
+) -> PromptTemplate | None:
     """The user-turn template: 'alphaalign', 'none' (the prompt as is) or a Jinja string using {{ prompt }};
-    `answer_format`'s reasoning_tag, answer_tag and canned_refusal are defined in it (default: `FormatConfig()`)."""
+    `answer_format`'s reasoning_tag, answer_tag and canned_refusal are defined in it (default: `FormatConfig()`).
+    A template that does not compile is a UserError naming `where`."""
     if template == "none":
         return None
     source = ALPHAALIGN_TEMPLATE if template == "alphaalign" else template
     if "prompt" not in source:
-        raise ValueError("a custom template must use {{ prompt }}")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(source, globals=(answer_format or FormatConfig()).model_dump())
+        raise UserError(f"{where}: a custom template must use {{{{ prompt }}}}")
+    try:
+        return PromptTemplate(source, where, answer_format)
+    except jinja2.TemplateError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
-def chat_messages(
-    example: Example, template: jinja2.Template | None, system_prompt: str | None
-) -> list[dict]:
+def check_template(
+    template: str, where: str, samples: list[Example], answer_format: FormatConfig | None = None
+) -> PromptTemplate | None:
+    """Compile the template and render it once with each sample row, so that an undefined name or a
+    sandbox violation fails before any model is loaded."""
+    compiled = compile_template(template, where, answer_format)
+    for example in samples if compiled else []:
+        chat_messages(example, compiled, None)
+    return compiled
+
+
+def chat_messages(example: Example, template: PromptTemplate | None, system_prompt: str | None) -> list[dict]:
     content = (
         example.prompt if template is None else template.render(prompt=example.prompt, **example.columns)
     )
@@ -187,9 +219,10 @@ def recipe_base(recipe: Recipe) -> Path:
 
 
 def check_data(recipe: Recipe) -> dict[str, tuple[Path, set[str]]]:
-    """Read every local data file of the recipe (no hub access) so that data mistakes fail early; returns
-    {"data.train.0": (file, the columns its rows pass to the rewards)}."""
-    columns = {}
+    """Read every local data file of the recipe (no hub access) so that data mistakes fail early, and render
+    the template with the first row of each; returns {"data.train.0": (file, the columns its rows pass to the
+    rewards)}."""
+    columns, samples = {}, []
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(recipe.data, split)):
             if source.path is None:
@@ -199,11 +232,13 @@ def check_data(recipe: Recipe) -> dict[str, tuple[Path, set[str]]]:
                 raise UserError(f"{recipe._source}: data.{split}.{i}.path: file not found: {source.path}")
             examples = load_source(source, recipe_base(recipe))
             columns[f"data.{split}.{i}"] = (path, {key for ex in examples for key in ex.columns})
-    try:
-        compile_template(recipe.data.template, recipe.format)
-    except (ValueError, jinja2.TemplateError) as exc:
-        raise UserError(f"{recipe._source}: data.template: {exc}") from None
+            samples.append(examples[0])
+    check_template(recipe.data.template, template_key(recipe), samples, recipe.format)
     return columns
+
+
+def template_key(recipe: Recipe) -> str:
+    return f"{recipe._source or 'recipe'}: data.template"
 
 
 class PromptStream:

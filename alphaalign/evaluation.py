@@ -170,7 +170,13 @@ class EvalSettings:
 
 
 def evaluate_benchmarks(
-    recipe, benchmarks: dict, settings: EvalSettings, judge_spec, out: Path, judge_where: str = "--judge"
+    recipe,
+    benchmarks: dict,
+    settings: EvalSettings,
+    judge_spec,
+    out: Path,
+    judge_where: str = "--judge",
+    template_where: str = "--template",
 ) -> dict:
     """Generate `settings.samples` responses per prompt with the recipe's engine, then judge them (the policy
     is released first, so a judge model started here has the accelerator to itself), write
@@ -183,7 +189,7 @@ def evaluate_benchmarks(
     from alphaalign.rollout import make_engine
     from alphaalign.rollout.base import SamplingParams
 
-    template = compile_template(settings.template, recipe.format)
+    template = compile_template(settings.template, template_where, recipe.format)
     rc = recipe.rollout
     sampling = SamplingParams(settings.max_new_tokens, settings.temperature, rc.top_p, rc.top_k)
     generated = {}

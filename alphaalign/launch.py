@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jinja2
 
+from alphaalign import templates
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
 from alphaalign.plan import DEFAULT_GPU_MEMORY, GB, Plan, describe_split, gpu_range, split_servers
@@ -125,9 +126,9 @@ def render(
 ) -> str:
     """Render a template from launch_templates/ with what every launcher needs: the recipe, its overrides (the
     run's output folder appended), the folders, this Python, and the servers' start timeout."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
+    env = templates.environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR), trim_blocks=True, lstrip_blocks=True,
+        keep_trailing_newline=True, autoescape=False,
     )  # fmt: skip
     return env.get_template(template).render(
         workdir=Path.cwd(),

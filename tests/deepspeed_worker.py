@@ -1,7 +1,9 @@
 """Run under torchrun by tests/test_deepspeed.py: the trainer's policy update through DeepSpeed on fixed data.
 
-argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing]` (LoRA adapters,
-gradient checkpointing). BATCH.pt holds a recipe path,
+argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing][+overflow]` (LoRA
+adapters, gradient checkpointing; `overflow`: two iterations per update, and before the second update the
+learning rate is raised until the first iteration's weights overflow, with a checkpoint in OUT_DIR/<case>/before
+just before it). BATCH.pt holds a recipe path,
 rollouts and advantages (written by the test). For each case, every rank updates the policy twice on its
 slice of the batch; rank 0 writes the two steps' metrics to OUT_DIR/<case>/metrics.json and the checkpoint
 writer puts the updated policy in OUT_DIR/<case>/policy (consolidated from the ZeRO-3 shards).
@@ -35,6 +37,8 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
             overrides.append(f"model.lora={json.dumps(batch['lora'])}")
         if "checkpointing" in options:
             overrides.append("model.gradient_checkpointing=true")
+        if "overflow" in options:
+            overrides.append("algorithm.num_iterations=2")
         recipe = load_recipe(batch["recipe"], overrides)
         ranks, deepspeed, ds_config = start_processes(recipe)
         torch.manual_seed(0)  # the same LoRA initialization as the single-process run
@@ -45,12 +49,32 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
         n = len(batch["rollouts"].completion_ids) // ranks.world_size
         mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
         local = rows(batch["rollouts"], mine)
-        steps = [policy_update(opt, ref, local, batch["advantages"][mine], UpdateSettings.from_recipe(recipe),
-                               tokenizer.pad_token_id, ranks)
-                 for _ in range(2)]  # fmt: skip
         out = Path(out_dir) / case
         if ranks.is_main:
             out.mkdir(parents=True)
+        steps = []
+        for step in range(2):
+            if step == 1 and "overflow" in options:
+                opt.scheduler.base_lrs = [1e30 for _ in opt.scheduler.base_lrs]
+                for group in opt.optimizer.param_groups:
+                    group["lr"] = 1e30
+                if ranks.is_main:
+                    (out / "before").mkdir()
+                ranks.barrier()
+                opt.save(out / "before", tokenizer)
+                ranks.barrier()
+            steps.append(
+                policy_update(
+                    opt,
+                    ref,
+                    local,
+                    batch["advantages"][mine],
+                    UpdateSettings.from_recipe(recipe),
+                    tokenizer.pad_token_id,
+                    ranks,
+                )
+            )
+        if ranks.is_main:
             (out / "metrics.json").write_text(json.dumps(steps))
         ranks.barrier()
         opt.save(out, tokenizer)

@@ -66,7 +66,7 @@ def test_templates():
         {"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I bake bread?"}]  # fmt: skip
     custom = chat_messages(example, compile_template("[{{ topic }}] {{ prompt }}"), None)
     assert custom[-1]["content"] == "[food] How do I bake bread?"
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match=r"^data.template: a custom template must use \{\{ prompt \}\}"):
         compile_template("no placeholder here")
 
 
@@ -75,12 +75,12 @@ def test_templates_ask_for_the_recipes_format():
 
     example = Example("How do I bake bread?", "benign")
     own = FormatConfig(reasoning_tag="think", answer_tag="final", canned_refusal="No.")
-    text = chat_messages(example, compile_template("alphaalign", own), None)[-1]["content"]
+    text = chat_messages(example, compile_template("alphaalign", answer_format=own), None)[-1]["content"]
     assert "between <think> and </think>" in text and "between <final> and </final>" in text
     assert "must be exactly No." in text and "safety_reasoning" not in text and "boxed" not in text
     default = chat_messages(example, compile_template("alphaalign"), None)[-1]["content"]
     assert "between <safety_reasoning> and </safety_reasoning>" in default and "\\boxed{Sorry" in default
-    custom = compile_template("Reply in <{{ answer_tag }}>: {{ prompt }}", own)
+    custom = compile_template("Reply in <{{ answer_tag }}>: {{ prompt }}", answer_format=own)
     assert chat_messages(example, custom, None)[-1]["content"] == "Reply in <final>: How do I bake bread?"
 
 

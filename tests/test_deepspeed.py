@@ -144,6 +144,84 @@ def test_two_processes_match_one_process_on_the_same_batch(case, batch, two_proc
         assert max(float((new[k] - before[k]).abs().max()) for k in before) > 1e-3
 
 
+def tensors_of(value, path: str = "") -> dict:
+    """Every tensor in a nested checkpoint structure, by its path."""
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list | tuple)
+        else ()
+    )
+    return {k: v for key, item in items for k, v in tensors_of(item, f"{path}/{key}").items()}
+
+
+OVERFLOW_CASES = ["zero2+overflow", "zero3+overflow"]
+
+
+@pytest.fixture(scope="module")
+def overflow_runs(batch, tmp_path_factory) -> Path:
+    """Each overflow case (see deepspeed_worker.py) with 2 processes, in one torchrun launch."""
+    out = tmp_path_factory.mktemp("ds-overflow")
+    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), *OVERFLOW_CASES)
+    return out
+
+
+@pytest.mark.slow
+def test_a_skipped_update_changes_nothing_under_zero(overflow_runs):
+    """Two iterations per update; the first iteration's step overflows the weights, the second's loss is
+    not finite: the weights, DeepSpeed's fp32 master partitions, Adam's moments and the schedule of every
+    rank are bit for bit those of the checkpoint written just before the update."""
+    for case in OVERFLOW_CASES:
+        steps = json.loads((overflow_runs / case / "metrics.json").read_text())
+        assert "nonfinite" not in steps[0] and steps[1] == {"nonfinite": "loss"}, case
+        before, after = overflow_runs / case / "before", overflow_runs / case
+        assert tensors_of(weights(before / "policy")).keys() == tensors_of(weights(after / "policy")).keys()
+        assert all(
+            torch.equal(weights(before / "policy")[k], v) for k, v in weights(after / "policy").items()
+        )
+        files = sorted(p.relative_to(before) for p in (before / "deepspeed").glob("*.pt"))
+        assert any("optim_states" in str(f) for f in files), files
+        for name in files:
+            old = torch.load(before / name, weights_only=False)
+            new = torch.load(after / name, weights_only=False)
+            a, b = tensors_of(old), tensors_of(new)
+            assert a.keys() == b.keys() and a, (case, name)
+            assert all(torch.equal(a[k], b[k]) for k in a), (
+                case,
+                name,
+                [k for k in a if not torch.equal(a[k], b[k])],
+            )
+            if "lr_scheduler" in old:
+                assert old["lr_scheduler"] == new["lr_scheduler"], (case, name)
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_a_deepspeed_shard_that_would_run_code_is_refused_before_deepspeed_opens_it(overflow_runs, tmp_path):
+    from alphaalign.rl.zero import check_deepspeed_files
+
+    for case in OVERFLOW_CASES:  # what DeepSpeed writes (ZeRO-2 and ZeRO-3 shards) passes the check
+        check_deepspeed_files(overflow_runs / case / "deepspeed")
+    folder, marker = tmp_path / "deepspeed", tmp_path / "ran"
+    shutil.copytree(overflow_runs / OVERFLOW_CASES[0] / "deepspeed", folder)
+    shard = next(folder.glob("*optim_states.pt"))
+    state = torch.load(shard, weights_only=False)
+    torch.save({**state, "hook": RunsCode(marker)}, shard)
+    with pytest.raises(UserError, match=rf"^{shard}: refused: .*system"):
+        check_deepspeed_files(folder)
+    assert not marker.exists()
+
+
 def metrics(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]

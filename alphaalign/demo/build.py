@@ -135,7 +135,7 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
     """Build the demo policy at `recipe.model.name_or_path` (atomically: built aside, then renamed)."""
     target = Path(recipe.model.name_or_path)
     examples = [ex for source in load_split(recipe.data, "train", recipe_base(recipe)) for ex in source]
-    template = compile_template(recipe.data.template, recipe.format)
+    template = compile_template(recipe.data.template, answer_format=recipe.format)
     print(
         f"building the demo policy at {target} (tokenizer, tiny Qwen2, {epochs}-epoch warm-start)...",
         flush=True,

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
+from alphaalign.masking import masked_argv
 from alphaalign.outputs import writing
 
 BAR_KEYS = {"reward/mean": "reward", "rollout/harmful_refusal_rate": "refuse_harmful",
@@ -29,11 +30,12 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(
-                project=recipe.logging.wandb_project, name=recipe.logging.run_name, dir=str(out),
-                mode=recipe.logging.wandb_mode, config=recipe.public_dump(),
-                id=_run_id(out), resume="allow",
-            )  # fmt: skip
+            with masked_argv():  # wandb records (and uploads) the command line, overrides included
+                self.run = wandb.init(
+                    project=recipe.logging.wandb_project, name=recipe.logging.run_name, dir=str(out),
+                    mode=recipe.logging.wandb_mode, config=recipe.public_dump(),
+                    id=_run_id(out), resume="allow",
+                )  # fmt: skip
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

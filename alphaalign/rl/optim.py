@@ -2,14 +2,18 @@
 (`TorchOptimization`) or by a DeepSpeed ZeRO engine (`alphaalign.rl.zero.ZeroOptimization`).
 
 Both give the trainer the same calls: `model` (what forward passes go through), `module` (the policy itself),
-`zero_grad()`, `backward(loss)`, `step(loss_finite) -> gradient norm`, `lr`, and `save(folder)` /
-`load(folder)` for the optimizer, scheduler and RNG states of a checkpoint.
+`zero_grad()`, `backward(loss)`, `step(loss_finite) -> gradient norm`, `lr`, `snapshot()` / `restore(snapshot)`
+(a skipped update undoes the optimizer steps it already made), and `save(folder)` / `load(folder)` for the
+optimizer, scheduler and RNG states of a checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +47,20 @@ def adamw(params, tc: TrainerConfig, cpu_adam: bool = False) -> torch.optim.Opti
     return torch.optim.AdamW(params, **kwargs)
 
 
+def load_state(path: Path, **options):
+    """`torch.load` with the weights-only unpickler: a checkpoint is data. A file whose pickle names anything
+    but tensors, plain values and the classes allowed by `torch.serialization.safe_globals` (a pickle that
+    would run code when loaded) is refused in one line, and nothing in it runs."""
+    try:
+        return torch.load(path, weights_only=True, **options)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+        raise UserError(
+            f"{path}: refused: not a checkpoint of plain data (loading it could run code: {reason})"
+        ) from None
+
+
 def rng_state() -> dict:
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -55,6 +73,78 @@ def set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+@dataclass
+class Snapshot:
+    """Copies, in CPU memory (GPU memory is the scarce one), of everything an optimizer step changes."""
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (live tensor, its copy)
+    state: dict  # optimizer.state: parameter -> {name: value}, values copied
+    groups: list[dict]  # each param group's settings (the learning rate above all), without its parameters
+    scheduler: dict
+
+
+def _cpu_copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def take_snapshot(tensors, optimizer: torch.optim.Optimizer, scheduler) -> Snapshot:
+    """`tensors` (the weights as this process holds them) plus the optimizer's own parameters (ZeRO's fp32
+    master partitions), its state (moments, step counts), its learning rates and the schedule.
+
+    The state is read per parameter, not through `state_dict()`: DeepSpeed swaps the optimizer's param
+    groups while it steps, which `state_dict()` cannot map."""
+    owned = [p for group in optimizer.param_groups for p in group["params"]] + list(optimizer.state)
+    unique = {id(t): t for t in [*tensors, *owned]}.values()
+    return Snapshot(
+        tensors=[(t, _cpu_copy(t)) for t in unique],
+        state={param: _cpu_copy(dict(values)) for param, values in optimizer.state.items()},
+        groups=[
+            _cpu_copy({k: v for k, v in group.items() if k != "params"}) for group in optimizer.param_groups
+        ],
+        scheduler=_cpu_copy(scheduler.state_dict()),
+    )
+
+
+def restore_snapshot(saved: Snapshot, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Everything `take_snapshot` copied, bit for bit, in place: ZeRO's views into its flat buffers stay
+    views, and the optimizer state keeps its tensors (DeepSpeed links to them); state created since is
+    dropped."""
+    with torch.no_grad():
+        for live, copied in saved.tensors:
+            if live.numel() == 0 < copied.numel():
+                continue  # a ZeRO-3 parameter released since: it is gathered again from its restored partition
+            live.data.copy_(copied)
+        for param in [p for p in optimizer.state if p not in saved.state]:
+            del optimizer.state[param]
+        for param, values in saved.state.items():
+            live_values = optimizer.state[param]
+            for name in [n for n in live_values if n not in values]:
+                del live_values[name]
+            for name, value in values.items():
+                current = live_values.get(name)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(current, torch.Tensor)
+                    and (current.shape == value.shape and current.dtype == value.dtype)
+                ):
+                    current.copy_(value)
+                else:
+                    live_values[name] = (
+                        value.to(param.device)
+                        if isinstance(value, torch.Tensor) and (name != "step")
+                        else value
+                    )
+    for group, settings in zip(optimizer.param_groups, saved.groups, strict=True):
+        group.update(copy.deepcopy(settings))
+    scheduler.load_state_dict(copy.deepcopy(saved.scheduler))
 
 
 class TorchOptimization:
@@ -82,6 +172,12 @@ class TorchOptimization:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def snapshot(self) -> Snapshot:
+        return take_snapshot([], self.optimizer, self.scheduler)
+
+    def restore(self, saved: Snapshot) -> None:
+        restore_snapshot(saved, self.optimizer, self.scheduler)
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -100,7 +196,7 @@ class TorchOptimization:
                     f"trainer.resume_from: {folder} was written by a DeepSpeed run; set trainer.deepspeed to resume it"
                 )
             raise UserError(f"trainer.resume_from: {folder}: trainer_state.pt is missing")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = load_state(folder / "trainer_state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

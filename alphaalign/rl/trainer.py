@@ -21,7 +21,15 @@ import torch
 import transformers
 
 from alphaalign.config import Recipe
-from alphaalign.data import Example, PromptStream, compile_template, encode_prompt, load_split, recipe_base
+from alphaalign.data import (
+    Example,
+    PromptStream,
+    compile_template,
+    encode_prompt,
+    load_split,
+    recipe_base,
+    template_key,
+)
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
@@ -82,7 +90,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         ref, engine = opt.reference(ref), opt.generation_engine(engine)
         torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions
     sampling = SamplingParams(rc.max_new_tokens, rc.temperature, rc.top_p, rc.top_k, rc.min_new_tokens)
-    template = compile_template(recipe.data.template, recipe.format)
+    template = compile_template(recipe.data.template, template_key(recipe), recipe.format)
 
     def encode(example: Example) -> list[int]:
         return encode_prompt(

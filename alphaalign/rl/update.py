@@ -172,6 +172,8 @@ def policy_update(
 
     sums = UpdateSums()
     grad_norms = []
+    # a later iteration that fails undoes the steps the earlier ones made: a skipped update changes nothing
+    saved = opt.snapshot() if ac.num_iterations > 1 else None
     for iteration in range(ac.num_iterations):
         opt.zero_grad()
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
@@ -182,7 +184,9 @@ def policy_update(
         batch_loss = ranks.sum([sums.loss])[0]
         grad_norms.append(opt.step(loss_finite=math.isfinite(batch_loss)))
         problem = first_nonfinite(loss=torch.tensor(batch_loss), gradients=torch.tensor(grad_norms[-1]))
-        if problem is not None:  # the weights are left as they are
+        if problem is not None:  # the weights, optimizer and schedule are left as they were
+            if saved is not None and iteration > 0:
+                opt.restore(saved)
             return {"nonfinite": problem}
 
     totals = sums.summed(ranks)

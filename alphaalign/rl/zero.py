@@ -26,7 +26,16 @@ from alphaalign.config import Recipe
 from alphaalign.data import recipe_base
 from alphaalign.errors import UserError
 from alphaalign.resources import package_path
-from alphaalign.rl.optim import adamw, lr_lambda, rng_state, set_rng_state
+from alphaalign.rl.optim import (
+    Snapshot,
+    adamw,
+    load_state,
+    lr_lambda,
+    restore_snapshot,
+    rng_state,
+    set_rng_state,
+    take_snapshot,
+)
 from alphaalign.rl.parallel import Ranks, single_process_rendezvous
 
 CONFIG_DIR = package_path("rl", "deepspeed_configs")
@@ -156,10 +165,13 @@ class ZeroOptimization:
         zero = self.config["zero_optimization"]
         self.stage = zero["stage"]
         cpu_adam = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
-        optimizer = adamw(policy.parameters(), recipe.trainer, cpu_adam)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.trainer, total_updates))
+        # DeepSpeed re-points this optimizer at its fp32 master partitions and keeps the object
+        self.optimizer = adamw(policy.parameters(), recipe.trainer, cpu_adam)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(recipe.trainer, total_updates)
+        )
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+            model=policy, optimizer=self.optimizer, lr_scheduler=scheduler, config=self.config
         )
         self.model, self.module = self.engine, self.engine.module
 
@@ -170,10 +182,41 @@ class ZeroOptimization:
         self.engine.backward(loss * self.ranks.world_size)  # DeepSpeed averages gradients over the ranks
 
     def step(self, loss_finite: bool) -> float:
-        """Reduce, clip and apply the gradients; DeepSpeed discards the step when their norm is not finite."""
+        """Reduce, clip and apply the gradients; DeepSpeed discards the step when their norm is not finite.
+        A non-finite loss with finite gradients would be applied: every rank steps (the reduction is
+        collective) and then undoes it."""
+        saved = None if loss_finite else self.snapshot()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        if saved is not None:
+            self.restore(saved)
+            return float("inf")
         return float(norm) if self.engine.was_step_applied() else float("inf")
+
+    def local_weights(self) -> list[torch.Tensor]:
+        """The trainable weights as this rank holds them: DeepSpeed's fp32 master partitions (ZeRO-3 takes
+        them out of the optimizer's param groups between steps), the module's weights (whole under ZeRO-2;
+        under ZeRO-3 this rank's partition, `ds_tensor`, and the small parameters every rank keeps whole,
+        `ds_persist`)."""
+        zero = self.engine.optimizer
+        held = [
+            *getattr(zero, "single_partition_of_fp32_groups", []),
+            *getattr(zero, "fp32_partitioned_groups_flat", []),
+        ]
+        for p in self.module.parameters():
+            if not p.requires_grad:
+                continue
+            if hasattr(p, "ds_tensor"):
+                held += [p.ds_tensor, p] if getattr(p, "ds_persist", False) else [p.ds_tensor]
+            else:
+                held.append(p)
+        return held
+
+    def snapshot(self) -> Snapshot:
+        return take_snapshot(self.local_weights(), self.optimizer, self.scheduler)
+
+    def restore(self, saved: Snapshot) -> None:
+        restore_snapshot(saved, self.optimizer, self.scheduler)
 
     @property
     def lr(self) -> float:
@@ -226,8 +269,23 @@ class ZeroOptimization:
                 f"trainer.resume_from: {folder} was not written by a DeepSpeed run with "
                 f"{self.ranks.world_size} process(es); resume it the way it was trained"
             )
+        check_deepspeed_files(folder / CHECKPOINT_TAG)
         self.engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG)
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_state(rng))
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files with the full unpickler, which runs whatever a file names.
+    Each file is read first with the weights-only one (memory-mapped: no copy of the shards), which allows
+    tensors, plain values and the few DeepSpeed classes a checkpoint holds: a file naming anything else is
+    refused in one line before DeepSpeed opens it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        for path in sorted(folder.glob("*.pt")):
+            load_state(path, mmap=True)
 
 
 class GatheredGeneration:

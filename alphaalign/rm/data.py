@@ -36,6 +36,7 @@ from pathlib import Path
 
 import jinja2
 
+from alphaalign import templates as jinja_templates
 from alphaalign.config import AugmentationConfig, RewardModelRecipe
 from alphaalign.data import rows_from_file
 from alphaalign.errors import UserError
@@ -218,7 +219,7 @@ def load_rm_data(recipe: RewardModelRecipe) -> tuple[list[Pair], list[Labelled]]
     """Every pair and compliance label of the recipe's files, augmentation applied (seeded)."""
     base = recipe._source.parent if recipe._source else Path.cwd()
     aug = recipe.augmentation
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env = jinja_templates.environment()
     templates = []
     for i, text in enumerate(aug.templates):
         try:
