@@ -137,8 +137,9 @@ def run(args) -> int:
     json_path = check_output(args.json, "--json", folder=False) if args.json else None
     rows = read_labelled(args.data, args.response_field, args.label_field, args.prompt_field, args.by)
     spec = judge_from_option(args.judge)
-    log_dir = (errors_path or json_path or Path(".")).absolute().parent
-    with open_judge(spec, "--judge", log_dir) as judge:
+    # a judge server's log goes beside the outputs, else to the judge's cache
+    output = errors_path or json_path
+    with open_judge(spec, "--judge", output.absolute().parent if output else None) as judge:
         judgements = judge.judge([r.prompt for r in rows], [r.response for r in rows])
         described = judge.describe()
     verdicts = [j.refused for j in judgements]
