@@ -19,7 +19,7 @@ from pathlib import Path
 
 from alphaalign.errors import UserError
 from alphaalign.outputs import write_failure
-from alphaalign.rl.parallel import ONE_PROCESS
+from alphaalign.parallel import ONE_PROCESS
 
 MANIFEST = "manifest.json"
 

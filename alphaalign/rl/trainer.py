@@ -33,6 +33,7 @@ from alphaalign.data import (
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
+from alphaalign.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.plan import Plan, check_structure
 from alphaalign.rewards.stack import RewardStack, reward_columns
 from alphaalign.rl import algos
@@ -40,7 +41,6 @@ from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_check
 from alphaalign.rl.logger import MetricsLogger
 from alphaalign.rl.metrics import reward_metrics, rollout_metrics, rollout_verdicts
 from alphaalign.rl.optim import TorchOptimization
-from alphaalign.rl.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.rl.update import UpdateSettings, first_nonfinite, policy_update
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue

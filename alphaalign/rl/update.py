@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from alphaalign.config import AlgorithmConfig, Recipe
+from alphaalign.parallel import ONE_PROCESS
 from alphaalign.rl import algos
 from alphaalign.rl.batching import MicroBatch, completion_logits, micro_batches
-from alphaalign.rl.parallel import ONE_PROCESS
 from alphaalign.rollout.base import Rollouts
 
 

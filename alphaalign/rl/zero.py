@@ -25,6 +25,7 @@ import torch
 from alphaalign.config import Recipe
 from alphaalign.data import recipe_base
 from alphaalign.errors import UserError
+from alphaalign.parallel import Ranks, single_process_rendezvous
 from alphaalign.resources import package_path
 from alphaalign.rl.optim import (
     Snapshot,
@@ -36,7 +37,6 @@ from alphaalign.rl.optim import (
     set_rng_state,
     take_snapshot,
 )
-from alphaalign.rl.parallel import Ranks, single_process_rendezvous
 
 CONFIG_DIR = package_path("rl", "deepspeed_configs")
 CHECKPOINT_TAG = "deepspeed"  # the folder in a checkpoint that holds DeepSpeed's optimizer shards

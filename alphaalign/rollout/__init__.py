@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from alphaalign.config import Recipe
-from alphaalign.rl.parallel import ONE_PROCESS
+from alphaalign.parallel import ONE_PROCESS
 
 
 def make_engine(
