@@ -176,7 +176,7 @@ def cmd_eval_rm(args) -> int:
     """F1, precision, recall and ECE of a CSRM on CoSApien- and DynaBench-format files."""
     import json
 
-    from alphaalign.rm.evaluate import evaluate_rm, format_table
+    from alphaalign.rm.agreement import evaluate_rm, format_table
 
     if args.output:  # before the model runs: a path that cannot be written would lose the metrics
         check_output(args.output, "--output", folder=False)
@@ -240,13 +240,13 @@ def eval_recipe(args):
 
 
 def cmd_eval(args) -> int:
-    from alphaalign import benchmarks
     from alphaalign.data import check_template, load_source, template_key
-    from alphaalign.evaluation import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
+    from alphaalign.eval import suites
+    from alphaalign.eval.safety import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
     from alphaalign.judges import check_environment
 
     if args.list:
-        print(benchmarks.describe())
+        print(suites.describe())
         return 0
     if args.out is None:
         raise UserError("--out is required")
@@ -260,10 +260,10 @@ def cmd_eval(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir: no such folder: {args.data_dir}")
-    names = benchmarks.suite_benchmarks(args.suite) if args.suite else []
-    sets = {name: benchmarks.load_benchmark(name, data_dir, args.limit) for name in names}
+    names = suites.suite_benchmarks(args.suite) if args.suite else []
+    sets = {name: suites.load_benchmark(name, data_dir, args.limit) for name in names}
     for path in args.data:
-        source = benchmarks.custom_source(path, args.prompt_field, args.label_field, args.label)
+        source = suites.custom_source(path, args.prompt_field, args.label_field, args.label)
         sets[Path(path).stem] = load_source(source.model_copy(update={"max_rows": args.limit}), Path.cwd())
     if not sets:
         raise UserError("nothing to evaluate: give --suite or --data")
@@ -281,7 +281,7 @@ def cmd_eval(args) -> int:
     print(format_summary_table(summary))
     print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
     if args.utility is not None:
-        from alphaalign.utility import run_utility
+        from alphaalign.eval.utility import run_utility
 
         print(run_utility(recipe.model.name_or_path, args.utility or ["gsm8k", "mmlu"], out, args.limit))
     return 0
@@ -302,7 +302,7 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     """Time trl's GRPOTrainer, alphaalign and the model-work floors side by side; see docs/benchmarks.md."""
-    from alphaalign.bench.harness import default_systems, format_table, run_bench
+    from alphaalign.perf.harness import default_systems, format_table, run_bench
 
     workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
     if device == "cuda":

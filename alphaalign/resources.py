@@ -1,6 +1,6 @@
 """Files shipped inside the package, found through `importlib.resources` so that an installed wheel finds
 them as a source checkout does: the launch templates (`launch_templates/`), the DeepSpeed configs
-(`rl/deepspeed_configs/`), the labelled refusal set (`bench/refusal_eval.jsonl`) and the recipes with their
+(`rl/deepspeed_configs/`), the labelled refusal set (`eval/refusal_labels.jsonl`) and the recipes with their
 data (`recipes/`, a link to the checkout's top-level `recipes/` folder). pyproject.toml declares them as
 package data.
 """

@@ -23,7 +23,7 @@ tail -1 "$OUT/zero3.log"
 
 model=$PWD/.cache/bench/qwen2.5-1.5b
 start=$(date +%s)
-$PY -c "from pathlib import Path; from alphaalign.bench.workload import WORKLOADS, build
+$PY -c "from pathlib import Path; from alphaalign.perf.workload import WORKLOADS, build
 build(WORKLOADS['qwen2.5-1.5b'], Path('$model'))" || exit 1
 echo "workload built in $(( $(date +%s) - start )) s"
 

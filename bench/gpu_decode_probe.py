@@ -15,10 +15,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoTokenizer
 
-from alphaalign.bench.systems import prompt_rows
-from alphaalign.bench.workload import WORKLOADS, build
 from alphaalign.config import ModelConfig
 from alphaalign.models import load_causal_lm
+from alphaalign.perf.systems import prompt_rows
+from alphaalign.perf.workload import WORKLOADS, build
 from alphaalign.rollout.base import SamplingParams
 from alphaalign.rollout.transformers_engine import TransformersEngine
 

@@ -6,12 +6,12 @@ import statistics
 
 import pytest
 
-from alphaalign.bench.harness import default_systems, format_table, run_bench
-from alphaalign.bench.rewards import REFUSAL_SET, one_kb_completions, refusal_accuracy, reward_throughput
-from alphaalign.bench.workload import WORKLOADS
 from alphaalign.cli import main
 from alphaalign.errors import UserError
-from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
+from alphaalign.eval.refusal_detector import evaluate_refusal_detector
+from alphaalign.perf.harness import default_systems, format_table, run_bench
+from alphaalign.perf.rewards import REFUSAL_SET, one_kb_completions, refusal_accuracy, reward_throughput
+from alphaalign.perf.workload import WORKLOADS
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

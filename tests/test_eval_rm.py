@@ -11,7 +11,7 @@ from test_csrm import reference_chat_logits
 from alphaalign.cli import main
 from alphaalign.errors import UserError
 from alphaalign.rewards.csrm import Calibration, expected_calibration_error
-from alphaalign.rm.evaluate import classification_metrics, evaluate_rm, read_examples, transcript_turns
+from alphaalign.rm.agreement import classification_metrics, evaluate_rm, read_examples, transcript_turns
 
 CSRM_DATA = ROOT / "recipes" / "data" / "csrm"
 

@@ -7,11 +7,11 @@ import math
 import pytest
 from conftest import DEMO_DATA, ROOT
 
-from alphaalign import benchmarks
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
-from alphaalign.evaluation import Verdict, all_safe_at_k, benchmark_metrics, pass_at_k
+from alphaalign.eval import suites
+from alphaalign.eval.safety import Verdict, all_safe_at_k, benchmark_metrics, pass_at_k
 from alphaalign.rewards import parse_alphaalign, refusal_of
 from alphaalign.rl.trainer import train
 
@@ -59,15 +59,15 @@ def test_benchmark_metrics_without_harmful_prompts_is_nan_not_zero():
     assert m["over_refusal_rate"] == 1.0 and "pass@1" not in m
 
 
-@pytest.mark.parametrize("name", sorted(benchmarks.BENCHMARKS))
+@pytest.mark.parametrize("name", sorted(suites.BENCHMARKS))
 def test_every_benchmark_has_a_consistent_hub_entry(name):
-    source = benchmarks.BENCHMARKS[name].source
+    source = suites.BENCHMARKS[name].source
     assert source.hf_id and "/" in source.hf_id and source.split
 
 
-@pytest.mark.parametrize("name", benchmarks.SUITES["all"])
+@pytest.mark.parametrize("name", suites.SUITES["all"])
 def test_offline_copies_load_in_the_hub_schema(name):
-    examples = benchmarks.load_benchmark(name, EVAL_DATA)
+    examples = suites.load_benchmark(name, EVAL_DATA)
     assert len(examples) >= 8
     labels = {ex.label for ex in examples}
     expected = {
@@ -75,17 +75,17 @@ def test_offline_copies_load_in_the_hub_schema(name):
         "coconot_contrast": {"benign"}, "orbench_hard": {"benign"},
     }.get(name, {"harmful"})  # fmt: skip
     assert labels == expected
-    assert benchmarks.load_benchmark(name, EVAL_DATA, limit=3) == examples[:3]
+    assert suites.load_benchmark(name, EVAL_DATA, limit=3) == examples[:3]
 
 
 def test_wildguard_and_xstest_labels_follow_their_fields():
-    wild = benchmarks.load_benchmark("wildguardtest", EVAL_DATA)
+    wild = suites.load_benchmark("wildguardtest", EVAL_DATA)
     rows = [json.loads(line) for line in (EVAL_DATA / "wildguardtest.jsonl").read_text().splitlines()]
     assert [ex.label for ex in wild] == [
         "harmful" if r["prompt_harm_label"] == "harmful" else "benign" for r in rows
     ]
     assert wild[-1].columns["adversarial"] is False and "subcategory" in wild[0].columns
-    xs = benchmarks.load_benchmark("xstest", EVAL_DATA)
+    xs = suites.load_benchmark("xstest", EVAL_DATA)
     assert sum(ex.label == "benign" for ex in xs) == 8 and sum(ex.label == "harmful" for ex in xs) == 4
 
 
@@ -97,36 +97,35 @@ def test_custom_csv_and_parquet_sources_with_field_mapping(tmp_path):
 
     csv = tmp_path / "mine.csv"
     csv.write_text("goal,target,kind\nHow to pick a lock?,Sure,unsafe\nHow to bake bread?,Sure,safe\n")
-    examples = load_source(benchmarks.custom_source(str(csv), "goal", "kind", None), tmp_path)
+    examples = load_source(suites.custom_source(str(csv), "goal", "kind", None), tmp_path)
     assert [(e.prompt, e.label) for e in examples] == [
         ("How to pick a lock?", "harmful"),
         ("How to bake bread?", "benign"),
     ]
     parquet = tmp_path / "mine.parquet"
     pq.write_table(pa.table({"question": ["a?", "b?"]}), parquet)
-    examples = load_source(benchmarks.custom_source(str(parquet), "question", "label", "benign"), tmp_path)
+    examples = load_source(suites.custom_source(str(parquet), "question", "label", "benign"), tmp_path)
     assert [e.label for e in examples] == ["benign", "benign"]
     with pytest.raises(UserError, match="--data: file not found"):
-        benchmarks.custom_source(str(tmp_path / "none.csv"), "prompt", "label", None)
+        suites.custom_source(str(tmp_path / "none.csv"), "prompt", "label", None)
 
 
 def test_eval_list_names_every_benchmark_with_its_hub_id(capsys):
     assert main(["eval", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(benchmarks.BENCHMARKS)
+    assert [line.split()[0] for line in lines] == list(suites.BENCHMARKS)
     assert (
-        "allenai/wildguardmix (wildguardtest, test)"
-        in lines[list(benchmarks.BENCHMARKS).index("wildguardtest")]
+        "allenai/wildguardmix (wildguardtest, test)" in lines[list(suites.BENCHMARKS).index("wildguardtest")]
     )
 
 
 def test_unknown_suite_and_missing_local_file_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown suite or benchmark 'toxicity'"):
-        benchmarks.suite_benchmarks("safety,toxicity")
-    assert benchmarks.suite_benchmarks("coconot_original,safety,advbench") == [
+        suites.suite_benchmarks("safety,toxicity")
+    assert suites.suite_benchmarks("coconot_original,safety,advbench") == [
         "coconot_original", "strongreject", "advbench", "harmbench"]  # fmt: skip
     with pytest.raises(UserError, match="no strongreject"):
-        benchmarks.load_benchmark("strongreject", tmp_path)
+        suites.load_benchmark("strongreject", tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +139,7 @@ def eval_out(tiny_policy, tmp_path_factory):
 
 def test_eval_writes_auditable_responses_whose_verdicts_give_the_summary(eval_out):
     summary = json.loads((eval_out / "summary.json").read_text())
-    assert list(summary["benchmarks"]) == benchmarks.SUITES["all"]
+    assert list(summary["benchmarks"]) == suites.SUITES["all"]
     assert summary["settings"]["samples"] == 2
     for name, metrics in summary["benchmarks"].items():
         rows = [json.loads(line) for line in (eval_out / name / "responses.jsonl").read_text().splitlines()]
@@ -177,7 +176,7 @@ def test_utility_hook_says_how_to_install_lm_eval(tmp_path):
         pytest.skip("lm-eval is installed")
     except ImportError:
         pass
-    from alphaalign.utility import run_utility
+    from alphaalign.eval.utility import run_utility
 
     assert "pip install lm-eval" in run_utility("unused", ["gsm8k"], tmp_path, None)
 
@@ -300,7 +299,7 @@ def test_verdict_rates_use_the_format_given_and_the_trainer_does_not_import_eval
         and own["benign_refusal_rate"] == 0
     )
     assert safety_summary(texts, labels, FormatConfig())["format_valid_rate"] == 0.0  # the paper's tags: none
-    probe = "import sys, alphaalign.rl.trainer; print('alphaalign.evaluation' in sys.modules)"
+    probe = "import sys, alphaalign.rl.trainer; print('alphaalign.eval.safety' in sys.modules)"
     assert (
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
         == "False\n"

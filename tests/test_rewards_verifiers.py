@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alphaalign.eval.refusal_detector import evaluate_refusal_detector
 from alphaalign.resources import package_path
 from alphaalign.rewards import is_refusal, parse_alphaalign, refusal_of, verifiers
-from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 
-EVAL_SET = package_path("bench", "refusal_eval.jsonl")
+EVAL_SET = package_path("eval", "refusal_labels.jsonl")
 REFUSE = r"\boxed{Sorry, I can't comply}"
 
 

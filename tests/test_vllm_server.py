@@ -447,8 +447,8 @@ def test_eval_through_the_server_gives_the_in_process_engines_responses(
 ):
     """`alphaalign eval` with rollout.engine vllm_server (the shared server, first given the checkpoint's
     weights) and with in-process transformers: at a near-greedy temperature both write the same responses."""
-    from alphaalign.benchmarks import SUITES
     from alphaalign.cli import main
+    from alphaalign.eval.suites import SUITES
 
     eval_data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "eval"
     responses = {}

@@ -67,7 +67,7 @@ def test_the_installed_package_is_the_wheel_and_holds_every_shipped_file(install
     shipped = {(Path(d) / f).relative_to(source) for d, _, files in os.walk(source, followlinks=True)
                for f in files if not f.endswith((".py", ".pyc"))}  # fmt: skip
     assert {"launch_templates/slurm.sbatch.j2", "rl/deepspeed_configs/zero3.json", "recipes/demo.yaml",
-            "bench/refusal_eval.jsonl"} <= {p.as_posix() for p in shipped}  # fmt: skip
+            "eval/refusal_labels.jsonl"} <= {p.as_posix() for p in shipped}  # fmt: skip
     missing = sorted(str(p) for p in shipped if not (package / p).is_file())
     assert not missing, f"not in the wheel (add them to [tool.setuptools.package-data]): {missing}"
 
@@ -97,7 +97,7 @@ def test_bench_and_the_refusal_set(installed):
     run("alphaalign", "bench", "--workload", "tiny", "--no-rewards", "--systems", "alphaalign", "--rounds", 1,
         "--cache", work / "bench-cache", "--out", out, cwd=work, env=env)  # fmt: skip
     assert json.loads(out.read_text())["workload"]["name"] == "tiny"
-    code = "import json; from alphaalign.bench.rewards import refusal_accuracy; print(json.dumps(refusal_accuracy()))"
+    code = "import json; from alphaalign.perf.rewards import refusal_accuracy; print(json.dumps(refusal_accuracy()))"
     assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == 562
 
 

@@ -1,4 +1,4 @@
-"""Accuracy of ``is_refusal`` on a labelled JSONL set (``alphaalign/bench/refusal_eval.jsonl``).
+"""Accuracy of ``is_refusal`` on a labelled JSONL set (``alphaalign/eval/refusal_labels.jsonl``).
 
 Each line is ``{"text": str, "refusal": bool, "kind": str}``; refusals are the positive class.
 """

@@ -1,7 +1,7 @@
 """Reward throughput (completions scored per CPU-second, i.e. per core) and the refusal detector's accuracy.
 
 The completions are 1 KB (1024 characters) in AlphaAlign's format: a short safety reasoning, then an answer
-cut from the labelled refusal set shipped in the package (`bench/refusal_eval.jsonl`, refusals and
+cut from the labelled refusal set shipped in the package (`eval/refusal_labels.jsonl`, refusals and
 compliances mixed), repeated up to length. CPU time (`time.process_time`) is measured so that other
 processes on the machine do not count.
 """
@@ -13,12 +13,12 @@ import statistics
 import time
 
 from alphaalign.demo.build import response_text
+from alphaalign.eval.refusal_detector import evaluate_refusal_detector
 from alphaalign.resources import package_path
 from alphaalign.rewards.alphaalign_safety import alphaalign_safety
-from alphaalign.rewards.refusal_eval import evaluate_refusal_detector
 from alphaalign.rewards.verifiers import is_refusal, parse_alphaalign
 
-REFUSAL_SET = package_path("bench", "refusal_eval.jsonl")
+REFUSAL_SET = package_path("eval", "refusal_labels.jsonl")
 
 
 def one_kb_completions(n: int, size: int = 1024) -> tuple[list[str], list[str]]:
@@ -64,4 +64,4 @@ def reward_throughput(n: int = 20_000, repeats: int = 5) -> dict:
 
 def refusal_accuracy() -> dict:
     result = evaluate_refusal_detector(REFUSAL_SET)
-    return {"set": "alphaalign/bench/refusal_eval.jsonl", **result}
+    return {"set": "alphaalign/eval/refusal_labels.jsonl", **result}

@@ -1,4 +1,4 @@
-"""The systems timed on a workload, each run in its own process (`python -m alphaalign.bench.systems ...`) so
+"""The systems timed on a workload, each run in its own process (`python -m alphaalign.perf.systems ...`) so
 that its peak RSS is its own. Every system does the same work per step: generate prompts × generations
 completions of exactly `new_tokens` tokens, score them, one reference forward, one policy forward/backward
 and one AdamW step. The per-step wall-clock seconds are printed as one JSON line after `RESULT_MARK`.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from alphaalign.bench.workload import WORKLOADS, Workload
+from alphaalign.perf.workload import WORKLOADS, Workload
 
 RESULT_MARK = "BENCH_RESULT "
 SYSTEMS = (

@@ -1,6 +1,6 @@
 """`alphaalign bench`: run the systems on a workload in alternation, then the reward benchmarks; write JSON.
 
-Each round runs every system once, each in a fresh process (`alphaalign.bench.systems`), in an order that
+Each round runs every system once, each in a fresh process (`alphaalign.perf.systems`), in an order that
 rotates from round to round so that slow drifts of the machine (other jobs, heat) spread over all systems.
 Per system the counted step times of all rounds are pooled (each run's first step is a warm-up and is
 dropped) and summarised by their median.
@@ -18,9 +18,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from alphaalign.bench.systems import MIXED_PRECISION_SYSTEMS, RESULT_MARK, SYSTEMS
-from alphaalign.bench.workload import WORKLOADS, Workload, build
 from alphaalign.errors import UserError
+from alphaalign.perf.systems import MIXED_PRECISION_SYSTEMS, RESULT_MARK, SYSTEMS
+from alphaalign.perf.workload import WORKLOADS, Workload, build
 
 TARGETS = {"ratio_vs_trl_min": 2.0, "overhead_vs_floor_max": 0.10}
 ALPHAALIGN_SYSTEMS = ("alphaalign", "alphaalign_bf16", "alphaalign_vllm_async")
@@ -42,7 +42,7 @@ def default_systems(workload_name: str) -> list[str]:
 
 def run_one(system: str, folder: Path, workload: Workload, device: str, log) -> dict:
     """Run one system in its own process; returns what it printed after RESULT_MARK plus its wall time."""
-    command = [sys.executable, "-m", "alphaalign.bench.systems", system, str(folder), workload.name, device]
+    command = [sys.executable, "-m", "alphaalign.perf.systems", system, str(folder), workload.name, device]
     start = time.perf_counter()
     done = subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}
@@ -178,7 +178,7 @@ def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, 
             result["rounds_completed"] = r + 1
     result["targets"] = TARGETS
     if rewards:
-        from alphaalign.bench.rewards import refusal_accuracy, reward_throughput
+        from alphaalign.perf.rewards import refusal_accuracy, reward_throughput
 
         result["reward_throughput"] = reward_throughput()
         result["refusal_detector"] = refusal_accuracy()
