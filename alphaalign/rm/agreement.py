@@ -38,7 +38,9 @@ TURN = re.compile(r"^[ \t]*['\"]?(user|agent|assistant)['\"]?[ \t]*:[ \t]*", re.
 
 
 @dataclass(frozen=True)
-class Example:
+class LabelledChat:
+    """A conversation under a configuration (the system turn) and whether it violates it."""
+
     chat: list[dict]
     violation: bool
 
@@ -58,14 +60,14 @@ def _text(row: dict, key: str, where: str) -> str:
     return value
 
 
-def cosapien_example(row: dict, where: str) -> Example:
+def cosapien_example(row: dict, where: str) -> LabelledChat:
     kind = _text(row, "type", where).strip().lower()
     if kind not in COSAPIEN_VIOLATION:
         raise UserError(f"{where}: type must be one of {', '.join(COSAPIEN_VIOLATION)}, got {row['type']!r}")
     response = row.get("response")
     answer = _text(row, "response", where) if response is not None else None
     chat = user_assistant(_text(row, "prompt", where), answer, _text(row, "scenario", where))
-    return Example(chat, COSAPIEN_VIOLATION[kind])
+    return LabelledChat(chat, COSAPIEN_VIOLATION[kind])
 
 
 def transcript_turns(transcript: str, where: str) -> list[dict]:
@@ -84,18 +86,18 @@ def transcript_turns(transcript: str, where: str) -> list[dict]:
     return turns
 
 
-def dynabench_example(row: dict, where: str) -> Example:
+def dynabench_example(row: dict, where: str) -> LabelledChat:
     raw = _text(row, "label", where)
     label = re.sub(r"</?answer>", "", raw, flags=re.IGNORECASE).strip().upper()
     if label not in DYNABENCH_VIOLATION:
         raise UserError(f"{where}: label must be PASS or FAIL, got {raw!r}")
     chat = [{"role": "system", "content": _text(row, "policy", where)}]
-    return Example(
+    return LabelledChat(
         chat + transcript_turns(_text(row, "transcript", where), where), DYNABENCH_VIOLATION[label]
     )
 
 
-def read_examples(path: Path, fmt: str = "auto") -> tuple[str, list[Example]]:
+def read_examples(path: Path, fmt: str = "auto") -> tuple[str, list[LabelledChat]]:
     """The file's format and its examples; errors name the file and line."""
     examples = []
     for lineno, row in rows_from_file(path):
