@@ -162,7 +162,8 @@ def cmd_eval_detector(args) -> int:
 
 def cmd_train_rm(args) -> int:
     """Train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
-    from alphaalign.config import RewardModelRecipe, load_recipe
+    from alphaalign.config import load_recipe
+    from alphaalign.rm.recipe import RewardModelRecipe
     from alphaalign.rm.train import train_rm
 
     recipe_path, overrides = args.recipe, args.overrides

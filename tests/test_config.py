@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from alphaalign.config import Recipe, RewardModelRecipe, load_recipe
+from alphaalign.config import Recipe, load_recipe
 from alphaalign.errors import UserError
+from alphaalign.rm.recipe import RewardModelRecipe
 
 
 def test_defaults_come_from_the_schema(write_recipe):
@@ -244,7 +245,7 @@ SHIPPED = sorted({*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "recipes").glob("
 def test_every_shipped_recipe_validates_without_a_warning(path):
     """`alphaalign validate`, as a user runs it, accepts every shipped recipe, checks its plan (the memory of
     one GPU for the GPU recipes) and writes nothing to stderr; the train-rm recipes of recipes/rm/ load."""
-    from alphaalign.config import RewardModelRecipe
+    from alphaalign.rm.recipe import RewardModelRecipe
 
     if path.parent.name == "rm":  # `alphaalign train-rm` recipes, another schema
         assert isinstance(load_recipe(path, schema=RewardModelRecipe), RewardModelRecipe)

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from alphaalign import config
 from alphaalign.cli import main
 from alphaalign.errors import UserError
+from alphaalign.rm.recipe import RewardModelRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_the_walker_finds_the_floats_the_issue_names():
             "algorithm.epsilon", "algorithm.epsilon_high", "trainer.adam_betas", "data.train.0.weight",
             "model.lora.alpha"} <= paths  # fmt: skip
     assert {"training.learning_rate", "augmentation.alpha"} <= {
-        p for p, *_ in _float_paths(config.RewardModelRecipe)
+        p for p, *_ in _float_paths(RewardModelRecipe)
     }
 
 
@@ -77,7 +78,7 @@ RECIPE_BASE = [
 RM_BASE = ["model.name_or_path=m", "data.pairs=[p.jsonl]"]
 
 
-@pytest.mark.parametrize("schema, base", [(config.Recipe, RECIPE_BASE), (config.RewardModelRecipe, RM_BASE)])
+@pytest.mark.parametrize("schema, base", [(config.Recipe, RECIPE_BASE), (RewardModelRecipe, RM_BASE)])
 @pytest.mark.parametrize("bad", [".inf", "-.inf", ".nan"])
 def test_every_float_of_every_schema_refuses_non_finite_values(schema, base, bad):
     load = lambda *extra: config.load_recipe(None, [*base, *extra], schema=schema)  # noqa: E731

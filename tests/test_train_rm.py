@@ -10,7 +10,6 @@ import yaml
 from conftest import ROOT
 
 from alphaalign.cli import main
-from alphaalign.config import AugmentationConfig, RewardModelRecipe, load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rm.data import (
     CategorizedPrompt,
@@ -22,6 +21,7 @@ from alphaalign.rm.data import (
     sample_allowed,
     split_by_prompt,
 )
+from alphaalign.rm.recipe import AugmentationConfig, RewardModelRecipe, load_recipe
 from alphaalign.rm.train import bradley_terry_loss, calibration_loss
 
 CSRM_DATA = ROOT / "recipes" / "data" / "csrm"

@@ -37,9 +37,9 @@ from pathlib import Path
 import jinja2
 
 from alphaalign import templates as jinja_templates
-from alphaalign.config import AugmentationConfig, RewardModelRecipe
 from alphaalign.data import rows_from_file
 from alphaalign.errors import UserError
+from alphaalign.rm.recipe import AugmentationConfig, RewardModelRecipe
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alphaalign.config import RewardModelRecipe
 from alphaalign.errors import UserError
 from alphaalign.models import DTYPES, pick_device
 from alphaalign.rewards.csrm import expected_calibration_error, fit_calibration, save_calibration
 from alphaalign.rewards.rm_scoring import user_assistant
 from alphaalign.rm.data import Labelled, Pair, load_rm_data, split_by_prompt
+from alphaalign.rm.recipe import RewardModelRecipe
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
