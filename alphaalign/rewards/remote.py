@@ -30,6 +30,7 @@ from alphaalign.http_client import (
     Reply,
     RequestFailed,
     Retry,
+    exponential_backoff,
     parse_reply,
     request,
     short,
@@ -79,7 +80,7 @@ class RemoteScorer:
                 )
             return _parse_scores(reply, len(prompts))
 
-        backoff = lambda retry: self.backoff * 2 ** (retry - 1)  # noqa: E731
+        backoff = exponential_backoff(self.backoff)
         # each attempt has `timeout` seconds; the request, retries and pauses included, ends by this deadline
         deadline = (
             time.monotonic()

@@ -1,10 +1,6 @@
 """The policy's optimizer: AdamW on the recipe's learning-rate schedule, stepped in this process
-(`TorchOptimization`) or by a DeepSpeed ZeRO engine (`alphaalign.rl.zero.ZeroOptimization`).
-
-Both give the trainer the same calls: `model` (what forward passes go through), `module` (the policy itself),
-`zero_grad()`, `backward(loss)`, `step(loss_finite) -> gradient norm`, `lr`, `snapshot()` / `restore(snapshot)`
-(a skipped update undoes the optimizer steps it already made), and `save(folder)` / `load(folder)` for the
-optimizer, scheduler and RNG states of a checkpoint.
+(`TorchOptimization`) or by a DeepSpeed ZeRO engine (`alphaalign.rl.zero.ZeroOptimization`); both declare
+`Optimization`, the calls the trainer, the update and the checkpoints make.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -147,7 +144,43 @@ def restore_snapshot(saved: Snapshot, optimizer: torch.optim.Optimizer, schedule
     scheduler.load_state_dict(copy.deepcopy(saved.scheduler))
 
 
-class TorchOptimization:
+class Optimization(Protocol):
+    """What the trainer, `rl.update` and `rl.checkpoint` use of an optimizer."""
+
+    model: (
+        torch.nn.Module
+    )  # what forward and backward passes go through (a DeepSpeed engine wraps the policy)
+    module: torch.nn.Module  # the policy itself
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, loss_finite: bool) -> float:
+        """Apply the accumulated gradients; returns their norm, nothing applied when it is not finite."""
+        ...
+
+    @property
+    def lr(self) -> float: ...
+
+    def snapshot(self) -> Snapshot:
+        """Everything a step changes, so that a skipped update can undo the steps it already made."""
+        ...
+
+    def restore(self, saved: Snapshot) -> None: ...
+
+    def full_state_dict(self) -> dict | None:
+        """The whole weights on rank 0 when the module's are sharded (a collective); None when they are not."""
+        ...
+
+    def save(self, folder: Path, tokenizer) -> None:
+        """The policy, optimizer, scheduler and RNG states of a checkpoint."""
+        ...
+
+    def load(self, folder: Path) -> None: ...
+
+
+class TorchOptimization(Optimization):
     """AdamW on the policy in this process, gradients clipped to `trainer.max_grad_norm`."""
 
     def __init__(self, policy, tc: TrainerConfig, total_updates: int):
@@ -181,6 +214,9 @@ class TorchOptimization:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def full_state_dict(self) -> None:
+        return None  # the module holds its weights whole
 
     def save(self, folder: Path, tokenizer) -> None:
         self.module.save_pretrained(folder / "policy")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from alphaalign.data import (
 from alphaalign.demo.build import build_if_missing
 from alphaalign.errors import UserError
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pick_device
+from alphaalign.outputs import prepare_output_dir
 from alphaalign.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.plan import Plan, check_structure
 from alphaalign.rewards.stack import RewardStack, reward_columns
@@ -57,7 +57,7 @@ def train(recipe: Recipe) -> dict:
 def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
     ranks, deepspeed, ds_config = start_processes(recipe)
-    out = prepare_output_dir(tc.output_dir)
+    out = prepare_output_dir(tc.output_dir, "trainer.output_dir")
     transformers.utils.logging.disable_progress_bar()  # a bar per weight push or checkpoint buries the step bar
     device = ranks.device if deepspeed else pick_device(tc.device)
     torch.manual_seed(tc.seed)
@@ -85,7 +85,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     else:
         opt = TorchOptimization(policy, tc, updates)
     ref = load_reference(recipe.model, opt.module, device) if ac.beta > 0 else None
-    engine = make_engine(recipe, opt.module, tokenizer, out, resources, ranks)
+    engine = make_engine(recipe, opt.module, tokenizer, out, resources, ranks, opt.full_state_dict)
     if deepspeed:
         ref, engine = opt.reference(ref), opt.generation_engine(engine)
         torch.manual_seed(tc.seed + ranks.rank)  # every rank samples its own completions
@@ -269,18 +269,6 @@ def run_eval(
     return safety_summary(
         [t for p in parts for t in p[0]], [label for p in parts for label in p[1]], answer_format
     )
-
-
-def prepare_output_dir(path: str) -> Path:
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"trainer.output_dir: cannot write to {path} ({exc.strerror})") from None
-    return out
 
 
 def recipe_yaml(recipe: Recipe) -> str:

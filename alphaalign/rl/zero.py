@@ -28,6 +28,7 @@ from alphaalign.errors import UserError
 from alphaalign.parallel import Ranks, single_process_rendezvous
 from alphaalign.resources import package_path
 from alphaalign.rl.optim import (
+    Optimization,
     Snapshot,
     adamw,
     load_state,
@@ -156,7 +157,7 @@ def init_ranks(deepspeed) -> Ranks:
     return ranks
 
 
-class ZeroOptimization:
+class ZeroOptimization(Optimization):
     """The policy wrapped in a DeepSpeed engine with AdamW and the recipe's schedule (see optim.py)."""
 
     def __init__(self, deepspeed, policy, recipe: Recipe, total_updates: int, config: dict, ranks: Ranks):
@@ -233,12 +234,13 @@ class ZeroOptimization:
         return engine
 
     def generation_engine(self, engine):
-        """The in-process engine gathers ZeRO-3 weights to generate; a server engine's weight pushes become
-        collective (`GatheredSync`)."""
-        if getattr(engine, "sync", None) is not None:
-            engine.sync = GatheredSync(engine.sync, self)
-            return engine
-        return GatheredGeneration(engine, self.engine, self.deepspeed) if self.stage == 3 else engine
+        """The in-process engine gathers ZeRO-3 weights to generate (a server engine's weight pushes are
+        collective through `make_engine`'s `whole_weights`, this object's `full_state_dict`)."""
+        from alphaalign.rollout.transformers_engine import TransformersEngine
+
+        if self.stage == 3 and isinstance(engine, TransformersEngine):
+            return GatheredGeneration(engine, self.engine, self.deepspeed)
+        return engine
 
     def full_state_dict(self) -> dict | None:
         """The whole weights on rank 0 under ZeRO-3 (a collective: every rank sends its shards; LoRA: the
@@ -307,23 +309,3 @@ class GatheredGeneration:
                 return self.engine.generate(prompts, n, sampling)
             finally:
                 add_hooks(self.ds_engine)
-
-
-class GatheredSync:
-    """Weight pushes to vLLM servers from a DeepSpeed run: every rank takes part, rank 0 pushes.
-
-    The server engine calls `push` holding its lock, so when all ranks have passed the first barrier none of
-    them is generating; the weights are gathered (ZeRO-3), rank 0 saves and loads them on the servers, and
-    the second barrier keeps every rank from generating before the servers have the new version."""
-
-    def __init__(self, sync, opt: ZeroOptimization):
-        self.sync, self.opt = sync, opt
-        self.model_name = sync.model_name
-
-    def push(self, version: int) -> None:
-        ranks = self.opt.ranks
-        ranks.barrier()
-        state = self.opt.full_state_dict()
-        if ranks.is_main:
-            self.sync.push(version, state)
-        ranks.barrier()

@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import httpx
 from pydantic import Field
@@ -37,6 +37,7 @@ from alphaalign.http_client import (
     Reply,
     RequestFailed,
     Retry,
+    exponential_backoff,
     parse_reply,
     request,
     short,
@@ -44,9 +45,13 @@ from alphaalign.http_client import (
 from alphaalign.rollout.base import Rollouts, SamplingParams
 from alphaalign.rollout.vllm_auth import auth_headers, env_token
 
+if TYPE_CHECKING:
+    from alphaalign.rollout.weight_sync import WeightSync
+
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 MAX_REQUESTS_IN_FLIGHT = 64  # per engine; each server batches the requests it holds
 MAX_BACKOFF_S = 10.0  # longest pause between attempts: a server that comes back is noticed within 10 s
+_backoff = exponential_backoff(0.5, MAX_BACKOFF_S)
 
 
 class ServerError(UserError):
@@ -169,10 +174,6 @@ class ServerClient:
         self.http.close()
 
 
-def _backoff(retry: int) -> float:
-    return min(0.5 * 2 ** (retry - 1), MAX_BACKOFF_S)
-
-
 def _json(response: httpx.Response) -> dict:
     """The reply's JSON; some routes answer plain text, kept under 'text'."""
     try:
@@ -212,8 +213,8 @@ class VLLMServerEngine:
     """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them (None: the
     servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
-    def __init__(self, servers: list[str], sync, timeout: float, retries: int, seed: int = 0, rank: int = 0,
-                 token: str | None = None, vocab_size: int | None = None):  # fmt: skip
+    def __init__(self, servers: list[str], sync: WeightSync | None, timeout: float, retries: int, seed: int = 0,
+                 rank: int = 0, token: str | None = None, vocab_size: int | None = None):  # fmt: skip
         """`rank`: this trainer process's rank; its prompts are numbered after those of the ranks before it,
         so every process samples with its own seeds. `token`: the servers' secret (default: from the
         environment, see vllm_auth.py). `vocab_size`: the policy's, which every generated token id must be
@@ -239,7 +240,7 @@ class VLLMServerEngine:
         with self._lock:
             version, call = self.version, self._calls_at_version
             self._calls_at_version += 1
-            model = getattr(self.sync, "model_name", None) or self.base_model
+            model = (self.sync.model_name if self.sync is not None else None) or self.base_model
             first = self.rank * len(prompts)
             jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, first + i))
                     for i, prompt in enumerate(prompts)]  # fmt: skip

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -25,14 +27,32 @@ from alphaalign.rollout.vllm_server import PrefixCacheReset, ReloadReply, Server
 
 ADAPTER_NAME = "policy"
 
+Restart = Callable[[Path], None]  # a new server on the weights in a folder, in place of one that failed
 
-class _FolderSync:
+
+class WeightSync(Protocol):
+    """What the server engine (`VLLMServerEngine`) asks of a weight sync; each backend below declares it."""
+
+    model_name: str | None  # the model name requests ask for (the adapter's); None: the server's own
+    restart: Restart | None  # given when the trainer started the server itself: the last resort on failure
+
+    def attach(self, clients: list) -> None:
+        """The engine's clients, one per server, given once when the engine starts."""
+        ...
+
+    def push(self, version: int, state_dict: dict | None = None) -> None:
+        """Every attached server serves `version` when this returns. `state_dict`: the whole weights when
+        the policy's own are sharded (DeepSpeed ZeRO-3)."""
+        ...
+
+
+class _FolderSync(WeightSync):
     """Shared by the checkpoint and lora backends: one folder per version, the oldest pruned."""
 
     model_name: str | None = None
 
-    def __init__(self, policy, root: Path, keep: int):
-        self.policy, self.root, self.keep = policy, Path(root), keep
+    def __init__(self, policy, root: Path, keep: int, restart: Restart | None = None):
+        self.policy, self.root, self.keep, self.restart = policy, Path(root), keep, restart
         self.clients: list = []
 
     def attach(self, clients: list) -> None:
@@ -53,9 +73,7 @@ class _FolderSync:
 
 
 class CheckpointSync(_FolderSync):
-    """`restart(folder)`, when set (a server the trainer started), replaces a server whose reload failed."""
-
-    restart = None
+    """`restart(folder)`, when given (a server the trainer started), replaces a server whose reload failed."""
 
     def load(self, client, folder: Path) -> None:
         rpc = {"method": "alphaalign_reload", "kwargs": {"weights_path": str(folder.resolve())}}
@@ -79,16 +97,14 @@ class LoraSync(_FolderSync):
         client.call("POST", "/reset_prefix_cache", reply=PrefixCacheReset)
 
 
-class NcclSync:
+class NcclSync(WeightSync):
     """vLLM's NCCL weight transfer through trl 1.16's client; each server gets its own process group."""
 
     model_name: str | None = None
+    restart: Restart | None = None  # a stream that failed leaves no folder to restart a server on
 
     def __init__(self, policy, group_port: int = 51216):
-        if not torch.cuda.is_available():
-            raise UserError(
-                "rollout.weight_sync: 'nccl' streams weights over NCCL and needs CUDA GPUs; use 'checkpoint' or 'lora'"
-            )
+        check_weight_sync("nccl")
         self.policy, self.group_port = policy, group_port
         self.clients: list = []
 
@@ -103,13 +119,48 @@ class NcclSync:
             nccl.init_communicator(device=device)
             self.clients.append(nccl)
 
-    def push(self, version: int) -> None:
+    def push(self, version: int, state_dict: dict | None = None) -> None:
+        # gathered weights come only from DeepSpeed runs, which the recipe check refuses nccl
+        assert state_dict is None, "nccl weight sync streams the policy's own (whole) weights"
         for client in self.clients:
             client.update_model_params(self.policy)
             client.reset_prefix_cache()
 
 
-def make_weight_sync(kind: str, policy, root: Path, keep: int):
+class GatheredSync(WeightSync):
+    """Weight pushes to vLLM servers from a DeepSpeed run: every rank takes part, rank 0 pushes.
+
+    The server engine calls `push` holding its lock, so when all ranks have passed the first barrier none of
+    them is generating; the weights are gathered (`whole_weights`, a collective: ZeRO-3's shards, None when
+    every rank holds them whole), rank 0 pushes them, and the second barrier keeps every rank from
+    generating before the servers have the new version."""
+
+    def __init__(self, sync: WeightSync, ranks, whole_weights: Callable[[], dict | None]):
+        self.sync, self.ranks, self.whole_weights = sync, ranks, whole_weights
+        self.model_name, self.restart = sync.model_name, sync.restart
+
+    def attach(self, clients: list) -> None:
+        self.sync.attach(clients)
+
+    def push(self, version: int, state_dict: dict | None = None) -> None:
+        self.ranks.barrier()
+        state = self.whole_weights()
+        if self.ranks.is_main:
+            self.sync.push(version, state)
+        self.ranks.barrier()
+
+
+def check_weight_sync(kind: str) -> None:
+    """What a backend needs of this machine, checked before a server is started for it."""
+    if kind == "nccl" and not torch.cuda.is_available():
+        raise UserError(
+            "rollout.weight_sync: 'nccl' streams weights over NCCL and needs CUDA GPUs; use 'checkpoint' or 'lora'"
+        )
+
+
+def make_weight_sync(kind: str, policy, root: Path, keep: int, restart: Restart | None = None) -> WeightSync:
+    """`restart`: how to replace a server that failed to reload (the trainer's own server); used by the
+    checkpoint backend."""
     if kind == "nccl":
         return NcclSync(policy)
-    return {"checkpoint": CheckpointSync, "lora": LoraSync}[kind](policy, root, keep)
+    return {"checkpoint": CheckpointSync, "lora": LoraSync}[kind](policy, root, keep, restart)
