@@ -1,5 +1,5 @@
-"""The `alphaalign` command line: train and validate recipes, serve a recipe's policy with vLLM, benchmark,
-launch runs on Slurm or on this machine.
+"""The `alphaalign` command line: the parser, and dispatch to the module that runs each command (its
+`run(args)`, imported only when that command runs: `alphaalign --help` loads no torch).
 
 User mistakes end with one line on stderr and exit code 2; `--debug` shows the traceback instead.
 """
@@ -7,379 +7,36 @@ User mistakes end with one line on stderr and exit code 2; `--debug` shows the t
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 from alphaalign.errors import UserError
 from alphaalign.masking import mask_override, mask_text
-from alphaalign.outputs import check_output, writing
-
-
-def validate(recipe_path: str, overrides: list[str]):
-    """Check the recipe, its local data files and its reward names and arguments without loading a model."""
-    from alphaalign.config import load_recipe
-    from alphaalign.data import check_data
-
-    recipe = load_recipe(recipe_path, overrides)
-    columns = check_data(recipe)
-    check_rewards(recipe_path, recipe)
-    check_column_clashes(recipe_path, recipe, columns)
-    check_output(recipe.trainer.output_dir, f"{recipe_path}: trainer.output_dir", folder=True)
-    if recipe.trainer.deepspeed is not None:
-        from alphaalign.rl.zero import read_config
-
-        read_config(recipe)
-    model_path = recipe.model.name_or_path
-    looks_local = model_path.startswith((".", "/", "~")) or Path(model_path).exists()
-    if looks_local and recipe.model.build is None and not Path(model_path).expanduser().exists():
-        raise UserError(f"{recipe_path}: model.name_or_path: no such folder: {model_path}")
-    if os.environ.get("RANK", "0") == "0":  # under torchrun the first process says it
-        for warning in recipe.warnings():
-            print(f"warning: {recipe_path}: {warning}", file=sys.stderr)
-    return recipe
-
-
-def check_rewards(recipe_path: str, recipe) -> None:
-    """Every reward name resolves and its args fit the function (nothing is loaded)."""
-    from alphaalign.rewards import UnknownRewardError, check_reward_args, resolve_reward
-
-    for i, spec in enumerate(recipe.rewards):
-        try:
-            check_reward_args(resolve_reward(spec.name), spec.args, f"{recipe_path}: rewards.{i}.args")
-        except UnknownRewardError as exc:
-            raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
-        except ValueError as exc:
-            raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
-
-
-def check_column_clashes(recipe_path: str, recipe, columns: dict) -> None:
-    """No training data column takes the name of a reward's argument (the rewards get both as keywords)."""
-    from alphaalign.rewards.registry import column_clash
-    from alphaalign.rewards.stack import RewardStack, clash_message
-
-    stack = RewardStack(recipe.rewards, recipe.format)  # the args as bound, the format's tags included
-    for key, (path, names) in columns.items():
-        if not key.startswith("data.train."):  # held-out prompts are not scored by the rewards
-            continue
-        for k, spec in enumerate(recipe.rewards):
-            if (clash := column_clash(stack.bare[k], stack.args[k], names)) is not None:
-                raise UserError(f"{recipe_path}: {key}: {path}: {clash_message(clash, k, spec.name)}")
-
-
-def format_eval_table(before: dict, after: dict) -> str:
-    rows = [("harmful refusal rate", "harmful_refusal_rate", "higher is better"),
-            ("benign over-refusal rate", "benign_refusal_rate", "lower is better"),
-            ("format validity", "format_valid_rate", "higher is better")]  # fmt: skip
-    n = f"held-out prompts: {after['n_harmful']} harmful, {after['n_benign']} benign (responses sampled)"
-    lines = [n, f"{'metric':<26}{'before RL':>10}{'after RL':>10}", "-" * 46]
-    lines += [f"{name:<26}{before[key]:>10.1%}{after[key]:>10.1%}   {hint}" for name, key, hint in rows]
-    return "\n".join(lines)
 
 
 def cmd_train(args) -> int:
+    from alphaalign.validate import validate
+
     recipe = validate(args.recipe, args.overrides)
     if recipe.launch is not None and "WORLD_SIZE" not in os.environ:
+        from alphaalign.launch import run_local
+
         # written for a GPU node: servers and a torchrun trainer as `alphaalign launch local` lays them out
         args.gpus = args.vllm_servers = args.output_dir = None
         args.gpu_memory, args.dry_run = None, False
-        return cmd_launch_local(args)
+        return run_local(args)
+    from alphaalign.report import train_and_report
+
     return train_and_report(recipe)
 
 
-def train_and_report(recipe) -> int:
-    from alphaalign.rl.trainer import train
-
-    result = train(recipe)
-    final = result["final"]
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
-        return 0
-    if final:
-        print(
-            f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}"
-        )
-    if "after" in result:
-        print(format_eval_table(result["before"], result["after"]))
-    if (Path(recipe.trainer.output_dir) / "metrics.jsonl").exists():  # also when a finished run is rerun
-        from alphaalign.report import write_report
-
-        report = Path(recipe.trainer.output_dir) / "report"
-        write_report([Path(recipe.trainer.output_dir)], report)
-        print(f"report: {report / 'report.html'} (and report.md)")
-    return 0
-
-
-def cmd_validate(args) -> int:
-    from alphaalign.plan import check_plan, plan_line, recipe_plan
-
-    recipe = validate(args.recipe, args.overrides)
-    plan = recipe_plan(recipe, args.gpus, args.gpu_memory)
-    estimate = check_plan(args.recipe, recipe, plan)
-    print(
-        f"{args.recipe}: ok ({len(recipe.data.train)} train source(s), {len(recipe.rewards)} reward term(s))"
-    )
-    print(plan_line(plan, estimate))
-    return 0
-
-
-def cmd_score(args) -> int:
-    """Score a JSONL file of completions with a recipe's reward terms (default: rule-based alphaalign_safety)."""
-    from alphaalign.config import FormatConfig, RewardSpec, load_recipe
-    from alphaalign.judges import RulesJudge, judge_from_option, open_judge
-    from alphaalign.scoring import format_summary, score_file, select_terms
-
-    check_output(args.output, "--output", folder=False)
-    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    judge, where = RulesJudge(), "--judge"
-    if args.recipe:
-        recipe = load_recipe(args.recipe)
-        check_rewards(args.recipe, recipe)
-        specs, answer_format, judge = recipe.rewards, recipe.format, recipe.judge
-        where = f"{args.recipe}: judge"
-    else:
-        specs, answer_format = [RewardSpec(name="alphaalign_safety")], FormatConfig()
-    if args.judge:
-        judge, where = judge_from_option(args.judge), "--judge"
-    terms = select_terms(specs, only)
-    with open_judge(judge, where, Path(args.output).parent) as opened:
-        counts = score_file(args.input, args.output, terms, answer_format, judge=opened)
-    print(format_summary(counts, args.output), file=sys.stderr)
-    return 0
-
-
-def cmd_eval_detector(args) -> int:
-    from alphaalign.judges.agreement import run
-
-    return run(args)
-
-
-def cmd_train_rm(args) -> int:
-    """Train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
-    from alphaalign.config import load_recipe
-    from alphaalign.rm.recipe import RewardModelRecipe
-    from alphaalign.rm.train import train_rm
-
-    recipe_path, overrides = args.recipe, args.overrides
-    if "=" in recipe_path:  # no recipe file: the arguments are the recipe
-        recipe_path, overrides = None, [args.recipe, *overrides]
-    train_rm(load_recipe(recipe_path, overrides, schema=RewardModelRecipe))
-    return 0
-
-
-def cmd_eval_rm(args) -> int:
-    """F1, precision, recall and ECE of a CSRM on CoSApien- and DynaBench-format files."""
-    import json
-
-    from alphaalign.rm.agreement import evaluate_rm, format_table
-
-    if args.output:  # before the model runs: a path that cannot be written would lose the metrics
-        check_output(args.output, "--output", folder=False)
-    results = evaluate_rm(
-        args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
-        args.device, args.batch_size, args.max_length,
-    )  # fmt: skip
-    print(format_table(results))
-    if args.output:
-        with writing(args.output, "the metrics"):
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
 def cmd_serve(args) -> int:
-    """Run a vLLM server configured for the recipe in the foreground (replaces this process)."""
-    recipe = validate(args.recipe, args.overrides)
-    from alphaalign.demo.build import build_if_missing
-    from alphaalign.rollout.vllm_launch import require_vllm, server_command, server_env
+    from alphaalign.rollout.vllm_launch import serve
+    from alphaalign.validate import validate
 
-    require_vllm()
-    build_if_missing(recipe)
-    command, env = server_command(recipe, args.host, args.port), server_env(recipe)
-    print(
-        f"serving {recipe.model.name_or_path} on http://{args.host}:{args.port}", file=sys.stderr, flush=True
-    )
-    os.execve(command[0], command, env)
-
-
-def eval_model(model: str) -> str:
-    """--model as given or, for a training output folder, the policy of its newest complete checkpoint."""
-    from alphaalign.rl.checkpoint import latest_checkpoint
-
-    if not (Path(model) / "checkpoints").is_dir():
-        return model
-    latest = latest_checkpoint(model)
-    if latest is None:
-        raise UserError(f"--model: {model} is a training output folder without a complete checkpoint")
-    return str(latest / "policy")
-
-
-def eval_recipe(args):
-    """The recipe `alphaalign eval` runs with: --recipe (engine, sampling, template, tags) or the defaults, its
-    model replaced by --model when given."""
-    from alphaalign.config import Recipe, load_recipe
-    from alphaalign.demo.build import build_if_missing
-
-    if args.model is None and not args.recipe:
-        raise UserError("give --model, or --recipe to evaluate the recipe's own model")
-    if args.recipe:
-        model = [f"model.name_or_path={eval_model(args.model)}"] if args.model else []
-        recipe = load_recipe(args.recipe, [*model, *args.overrides])
-        build_if_missing(recipe)
-        return recipe
-    if args.overrides:
-        raise UserError("overrides need --recipe")
-    return Recipe.model_validate({"model": {"name_or_path": eval_model(args.model)},
-                                  "data": {"train": [{"path": "-"}]},
-                                  "rewards": [{"name": "alphaalign_safety"}]})  # fmt: skip
-
-
-def cmd_eval(args) -> int:
-    from alphaalign.data import check_template, load_source, template_key
-    from alphaalign.eval import suites
-    from alphaalign.eval.safety import EvalSettings, eval_judge, evaluate_benchmarks, format_summary_table
-    from alphaalign.judges import check_environment
-
-    if args.list:
-        print(suites.describe())
-        return 0
-    if args.out is None:
-        raise UserError("--out is required")
-    out = check_output(args.out, "--out", folder=True)
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserError(f"--temperature must be above 0 (sampling), got {args.temperature}")
-    recipe = eval_recipe(args)
-    judge, judge_where = eval_judge(recipe, args)
-    check_environment(judge, judge_where)  # before any generation
-    print(f"evaluating {recipe.model.name_or_path} with the {recipe.rollout.engine} engine", flush=True)
-    data_dir = Path(args.data_dir) if args.data_dir else None
-    if data_dir is not None and not data_dir.is_dir():
-        raise UserError(f"--data-dir: no such folder: {args.data_dir}")
-    names = suites.suite_benchmarks(args.suite) if args.suite else []
-    sets = {name: suites.load_benchmark(name, data_dir, args.limit) for name in names}
-    for path in args.data:
-        source = suites.custom_source(path, args.prompt_field, args.label_field, args.label)
-        sets[Path(path).stem] = load_source(source.model_copy(update={"max_rows": args.limit}), Path.cwd())
-    if not sets:
-        raise UserError("nothing to evaluate: give --suite or --data")
-    settings = EvalSettings(
-        samples=args.samples, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
-        temperature=args.temperature if args.temperature is not None else recipe.rollout.temperature,
-        template=args.template or recipe.data.template, limit=args.limit,
-        seed=recipe.trainer.seed,
-    )  # fmt: skip
-    template_where = "--template" if args.template else template_key(recipe)
-    samples = [examples[0] for examples in sets.values() if examples]
-    check_template(settings.template, template_where, samples, recipe.format)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where, template_where)
-    print(format_summary_table(summary))
-    print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
-    if args.utility is not None:
-        from alphaalign.eval.utility import run_utility
-
-        print(run_utility(recipe.model.name_or_path, args.utility or ["gsm8k", "mmlu"], out, args.limit))
-    return 0
-
-
-def cmd_report(args) -> int:
-    from alphaalign.report import write_report
-
-    folders = [Path(f) for f in args.runs]
-    for folder in folders:
-        if not folder.is_dir():
-            raise UserError(f"{folder}: no such folder")
-    check_output(args.out, "--out", folder=True)
-    files = write_report(folders, Path(args.out))
-    print("wrote " + ", ".join(str(f) for f in files))
-    return 0
-
-
-def cmd_bench(args) -> int:
-    """Time trl's GRPOTrainer, alphaalign and the model-work floors side by side; see docs/benchmarks.md."""
-    from alphaalign.perf.harness import default_systems, format_table, run_bench
-
-    workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--gpu: no CUDA device is visible to torch")
-    out = check_output(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"), "--out",
-                       folder=False)  # fmt: skip
-    check_output(args.cache, "--cache", folder=True)
-    result = run_bench(workload, device, args.systems or default_systems(workload), args.rounds, out, Path(args.cache),
-                       rewards=not args.no_rewards)  # fmt: skip
-    print(format_table(result))
-    print(f"results in {out}")
-    return 0
-
-
-def cmd_launch_slurm(args) -> int:
-    from alphaalign import launch
-    from alphaalign.plan import check_plan, plan_line
-
-    layout = launch.SlurmLayout(args.nodes, args.gpus_per_node, args.vllm_nodes, args.vllm_gpus)
-    launch.check_layout(layout)
-    launch.check_sbatch_value("--partition", args.partition)
-    launch.check_sbatch_value("--account", args.account)
-    launch.check_sbatch_value("--time", args.time, launch.SLURM_TIME)
-    recipe, run_dir = validate_for_launch(args)
-    launch.check_recipe_for_launch(args.recipe, recipe)
-    estimate = check_plan(args.recipe, recipe, launch.slurm_plan(layout, args.gpu_memory))
-    launch.check_run_dir(run_dir)
-    script = launch.render_slurm(
-        args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
-    )
-    plan_line = plan_line(launch.slurm_plan(layout, args.gpu_memory), estimate)
-    if args.dry_run:
-        print(script, end="")
-        print(plan_line, file=sys.stderr)
-    elif args.submit:
-        print(plan_line)
-        job_id, path = launch.submit(script, run_dir)
-        print(f"submitted job {job_id}: script {path}, logs in {run_dir / 'logs'}")
-    else:
-        print(plan_line)
-        path = launch.write_script(script, run_dir)
-        print(f"wrote {path}; submit it with: sbatch {path}")
-    return 0
-
-
-def cmd_launch_local(args) -> int:
-    from alphaalign import launch
-    from alphaalign.plan import check_plan, plan_line
-
-    recipe, run_dir = validate_for_launch(args)
-    layout, gpu_memory = launch.local_layout(
-        args.recipe, recipe, args.gpus, args.vllm_servers, args.gpu_memory
-    )
-    launch.check_local_layout(layout)
-    launch.check_recipe_for_launch(args.recipe, recipe)
-    plan = launch.local_plan(layout, gpu_memory)
-    estimate = check_plan(args.recipe, recipe, plan)
-    launch.check_run_dir(run_dir)
-    script = launch.render_local(args.recipe, recipe, args.overrides, layout, run_dir)
-    if args.dry_run:
-        print(script, end="")
-        print(plan_line(plan, estimate), file=sys.stderr)
-        return 0
-    print(plan_line(plan, estimate), flush=True)
-    if layout.servers:  # the servers would each die at start, after the trainer waited for them
-        from alphaalign.rollout.vllm_launch import require_vllm
-
-        require_vllm()
-    path = launch.write_script(script, run_dir, "local.sh")
-    print(f"running {path}", flush=True)
-    return subprocess.run(["bash", str(path)]).returncode
-
-
-def validate_for_launch(args):
-    """The recipe with --output-dir applied, and the run's output folder as an absolute path."""
-    extra = [f"trainer.output_dir={args.output_dir}"] if args.output_dir else []
-    recipe = validate(args.recipe, [*args.overrides, *extra])
-    return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()
+    return serve(validate(args.recipe, args.overrides), args.host, args.port)
 
 
 RECIPE_HELP = "recipe YAML file, or the name of a shipped recipe (demo, alphaalign-qwen, ...)"
@@ -452,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
-                           ("validate", cmd_validate, "check a recipe, its data and rewards without loading models")]:  # fmt: skip
+                           ("validate", "alphaalign.validate:run", "check a recipe, its data and rewards without loading models")]:  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help=RECIPE_HELP)
         p.add_argument(
@@ -469,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--recipe", help="use this recipe's rewards (default: rule-based alphaalign_safety)")
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
     score.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else rules")
-    score.set_defaults(fn=cmd_score)
+    score.set_defaults(fn="alphaalign.scoring:run")
     det = sub.add_parser("eval-detector", help="a refusal judge's agreement with human labels (acc, P, R, F1 "
                          "per group)")  # fmt: skip
     det.add_argument("data", help="labelled responses: JSONL, JSON, CSV or parquet")
@@ -481,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "objects, e.g. orig_label.tone; '' for none; default source)")  # fmt: skip
     det.add_argument("--errors", help="write the misclassified rows (with the judge's verdict) to this JSONL")
     det.add_argument("--json", help="write the table as JSON to this file")
-    det.set_defaults(fn=cmd_eval_detector)
+    det.set_defaults(fn="alphaalign.judges.agreement:run")
     train_rm = sub.add_parser("train-rm", help="train a configurable safety reward model (CSRM)")
     train_rm.add_argument(
         "recipe",
@@ -491,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_rm.add_argument(
         "overrides", nargs="*", help="dotted overrides: training.epochs=3 data.pairs=[p.jsonl]"
     )
-    train_rm.set_defaults(fn=cmd_train_rm)
+    train_rm.set_defaults(fn="alphaalign.rm.train:run")
     eval_rm = sub.add_parser(
         "eval-rm", help="F1, precision, recall and ECE of a CSRM on CoSApien/DynaBench files"
     )
@@ -514,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=positive_int, default=4096, help="tokens per chat, cut at the end"
     )
     eval_rm.add_argument("--output", help="also write the metrics as JSON here")
-    eval_rm.set_defaults(fn=cmd_eval_rm)
+    eval_rm.set_defaults(fn="alphaalign.rm.agreement:run")
     serve = sub.add_parser(
         "serve", help="start a vLLM server configured for a recipe (rollout.engine: vllm_server)"
     )
@@ -566,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--list", action="store_true", help="list the benchmarks, their hub ids and suites, and exit"
     )
-    ev.set_defaults(fn=cmd_eval)
+    ev.set_defaults(fn="alphaalign.eval.safety:run")
 
     rep = sub.add_parser(
         "report", help="markdown + HTML report with plots for training runs and eval outputs"
@@ -575,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs", nargs="+", help="training output folders and/or `alphaalign eval` output folders"
     )
     rep.add_argument("--out", required=True, help="output folder for report.md, report.html and PNGs")
-    rep.set_defaults(fn=cmd_report)
+    rep.set_defaults(fn="alphaalign.report:run")
     bench = sub.add_parser("bench", help="benchmark against trl's GRPOTrainer and the model-work floors")
     bench.add_argument("--workload", default="w1", choices=["w1", "tiny"], help="CPU workload (default: w1)")
     bench.add_argument("--gpu", action="store_true", help="Qwen2.5-1.5B's shape in bf16 on the GPU instead")
@@ -588,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-rewards", action="store_true", help="skip the reward throughput and accuracy part"
     )
-    bench.set_defaults(fn=cmd_bench)
+    bench.set_defaults(fn="alphaalign.perf.harness:run")
     add_launch_parsers(sub)
     return parser
 
@@ -619,7 +276,7 @@ def add_launch_parsers(sub) -> None:
     mode.add_argument(
         "--submit", action="store_true", help="write the script into the output folder and sbatch it"
     )
-    slurm.set_defaults(fn=cmd_launch_slurm)
+    slurm.set_defaults(fn="alphaalign.launch:run_slurm")
     local = where.add_parser(
         "local", help="run vLLM servers and the torchrun trainer on this machine (rerun to resume)"
     )
@@ -630,7 +287,7 @@ def add_launch_parsers(sub) -> None:
                        "recipe's launch.vllm_gpus share of the GPUs, else 0)")  # fmt: skip
     add_gpu_memory_argument(local, "default: the first GPU's, else 80")
     local.add_argument("--dry-run", action="store_true", help="print the script, write and run nothing")
-    local.set_defaults(fn=cmd_launch_local)
+    local.set_defaults(fn="alphaalign.launch:run_local")
 
 
 def add_gpu_memory_argument(parser, default: str = "default 80") -> None:
@@ -644,6 +301,14 @@ def add_recipe_arguments(parser) -> None:
     parser.add_argument("--output-dir", help="the run's output folder (default: trainer.output_dir)")
 
 
+def command(fn):
+    """A command's function: given, or named "module:function" (imported now)."""
+    if callable(fn):
+        return fn
+    module, name = fn.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -653,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(map(mask_override, extra))}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.fn(args)
+        return command(args.fn)(args)
     except UserError as exc:
         if args.debug:
             raise

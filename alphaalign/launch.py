@@ -21,7 +21,16 @@ import jinja2
 from alphaalign import templates
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
-from alphaalign.plan import DEFAULT_GPU_MEMORY, GB, Plan, describe_split, gpu_range, split_servers
+from alphaalign.plan import (
+    DEFAULT_GPU_MEMORY,
+    GB,
+    Plan,
+    check_plan,
+    describe_split,
+    gpu_range,
+    plan_line,
+    split_servers,
+)
 from alphaalign.resources import package_path
 from alphaalign.rollout.vllm_launch import free_port
 
@@ -276,3 +285,65 @@ def write_script(script: str, run_dir: Path, name: str = "slurm.sbatch") -> Path
     path = run_dir / name
     path.write_text(script)
     return path
+
+
+def run_slurm(args) -> int:
+    """`alphaalign launch slurm`: check the layout and the recipe, then print, write or submit the script."""
+    layout = SlurmLayout(args.nodes, args.gpus_per_node, args.vllm_nodes, args.vllm_gpus)
+    check_layout(layout)
+    check_sbatch_value("--partition", args.partition)
+    check_sbatch_value("--account", args.account)
+    check_sbatch_value("--time", args.time, SLURM_TIME)
+    recipe, run_dir = validate_for_launch(args)
+    check_recipe_for_launch(args.recipe, recipe)
+    estimate = check_plan(args.recipe, recipe, slurm_plan(layout, args.gpu_memory))
+    check_run_dir(run_dir)
+    script = render_slurm(
+        args.recipe, recipe, args.overrides, layout, run_dir, args.partition, args.time, args.account
+    )
+    line = plan_line(slurm_plan(layout, args.gpu_memory), estimate)
+    if args.dry_run:
+        print(script, end="")
+        print(line, file=sys.stderr)
+    elif args.submit:
+        print(line)
+        job_id, path = submit(script, run_dir)
+        print(f"submitted job {job_id}: script {path}, logs in {run_dir / 'logs'}")
+    else:
+        print(line)
+        path = write_script(script, run_dir)
+        print(f"wrote {path}; submit it with: sbatch {path}")
+    return 0
+
+
+def run_local(args) -> int:
+    """`alphaalign launch local`: check the layout and the recipe, then run the script here."""
+    recipe, run_dir = validate_for_launch(args)
+    layout, gpu_memory = local_layout(args.recipe, recipe, args.gpus, args.vllm_servers, args.gpu_memory)
+    check_local_layout(layout)
+    check_recipe_for_launch(args.recipe, recipe)
+    plan = local_plan(layout, gpu_memory)
+    estimate = check_plan(args.recipe, recipe, plan)
+    check_run_dir(run_dir)
+    script = render_local(args.recipe, recipe, args.overrides, layout, run_dir)
+    if args.dry_run:
+        print(script, end="")
+        print(plan_line(plan, estimate), file=sys.stderr)
+        return 0
+    print(plan_line(plan, estimate), flush=True)
+    if layout.servers:  # the servers would each die at start, after the trainer waited for them
+        from alphaalign.rollout.vllm_launch import require_vllm
+
+        require_vllm()
+    path = write_script(script, run_dir, "local.sh")
+    print(f"running {path}", flush=True)
+    return subprocess.run(["bash", str(path)]).returncode
+
+
+def validate_for_launch(args):
+    """The recipe with --output-dir applied, and the run's output folder as an absolute path."""
+    from alphaalign.validate import validate
+
+    extra = [f"trainer.output_dir={args.output_dir}"] if args.output_dir else []
+    recipe = validate(args.recipe, [*args.overrides, *extra])
+    return recipe, Path(recipe.trainer.output_dir).expanduser().absolute()

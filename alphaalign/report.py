@@ -11,10 +11,12 @@ import base64
 import html
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output
 
 HELD_OUT = "held-out (data.eval)"
 
@@ -419,3 +421,46 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
 
 STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>")  # fmt: skip
+
+
+def format_eval_table(before: dict, after: dict) -> str:
+    rows = [("harmful refusal rate", "harmful_refusal_rate", "higher is better"),
+            ("benign over-refusal rate", "benign_refusal_rate", "lower is better"),
+            ("format validity", "format_valid_rate", "higher is better")]  # fmt: skip
+    n = f"held-out prompts: {after['n_harmful']} harmful, {after['n_benign']} benign (responses sampled)"
+    lines = [n, f"{'metric':<26}{'before RL':>10}{'after RL':>10}", "-" * 46]
+    lines += [f"{name:<26}{before[key]:>10.1%}{after[key]:>10.1%}   {hint}" for name, key, hint in rows]
+    return "\n".join(lines)
+
+
+def train_and_report(recipe) -> int:
+    """`alphaalign train` in this process: train, then print the summary and write the run's report."""
+    from alphaalign.rl.trainer import train
+
+    result = train(recipe)
+    final = result["final"]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process reports
+        return 0
+    if final:
+        print(
+            f"finished step {final['step']}: reward {final['reward/mean']:.3f}, outputs in {recipe.trainer.output_dir}"
+        )
+    if "after" in result:
+        print(format_eval_table(result["before"], result["after"]))
+    if (Path(recipe.trainer.output_dir) / "metrics.jsonl").exists():  # also when a finished run is rerun
+        report = Path(recipe.trainer.output_dir) / "report"
+        write_report([Path(recipe.trainer.output_dir)], report)
+        print(f"report: {report / 'report.html'} (and report.md)")
+    return 0
+
+
+def run(args) -> int:
+    """`alphaalign report`: one report over training runs and eval outputs."""
+    folders = [Path(f) for f in args.runs]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+    check_output(args.out, "--out", folder=True)
+    files = write_report(folders, Path(args.out))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0

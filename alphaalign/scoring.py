@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TextIO
@@ -23,6 +24,7 @@ from typing import TextIO
 from alphaalign.config import FormatConfig, RewardSpec
 from alphaalign.data import LABELS
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output
 from alphaalign.rewards import parse_alphaalign
 from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
@@ -165,3 +167,29 @@ def format_summary(counts: dict, output_path: str | Path) -> str:
     if n:
         lines.append(f"format rate: {counts['format_ok'] / n:.1%} ({counts['format_ok']}/{n})")
     return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`alphaalign score`: a JSONL file of completions scored with a recipe's reward terms (default: the
+    rule-based alphaalign_safety)."""
+    from alphaalign.config import load_recipe
+    from alphaalign.judges import RulesJudge, judge_from_option, open_judge
+    from alphaalign.validate import check_rewards
+
+    check_output(args.output, "--output", folder=False)
+    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    judge, where = RulesJudge(), "--judge"
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        check_rewards(args.recipe, recipe)
+        specs, answer_format, judge = recipe.rewards, recipe.format, recipe.judge
+        where = f"{args.recipe}: judge"
+    else:
+        specs, answer_format = [RewardSpec(name="alphaalign_safety")], FormatConfig()
+    if args.judge:
+        judge, where = judge_from_option(args.judge), "--judge"
+    terms = select_terms(specs, only)
+    with open_judge(judge, where, Path(args.output).parent) as opened:
+        counts = score_file(args.input, args.output, terms, answer_format, judge=opened)
+    print(format_summary(counts, args.output), file=sys.stderr)
+    return 0

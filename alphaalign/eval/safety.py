@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output
 from alphaalign.rewards import parse_alphaalign
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,3 +241,83 @@ def format_summary_table(summary: dict) -> str:
                          else f"{value:.1%}" if fmt == "%" else format(value, fmt))  # fmt: skip
         lines.append(f"{name:<18}" + "".join(f"{c:>13}" for c in cells))
     return "\n".join(lines)
+
+
+def eval_model(model: str) -> str:
+    """--model as given or, for a training output folder, the policy of its newest complete checkpoint."""
+    from alphaalign.rl.checkpoint import latest_checkpoint
+
+    if not (Path(model) / "checkpoints").is_dir():
+        return model
+    latest = latest_checkpoint(model)
+    if latest is None:
+        raise UserError(f"--model: {model} is a training output folder without a complete checkpoint")
+    return str(latest / "policy")
+
+
+def eval_recipe(args):
+    """The recipe `alphaalign eval` runs with: --recipe (engine, sampling, template, tags) or the defaults, its
+    model replaced by --model when given."""
+    from alphaalign.config import Recipe, load_recipe
+    from alphaalign.demo.build import build_if_missing
+
+    if args.model is None and not args.recipe:
+        raise UserError("give --model, or --recipe to evaluate the recipe's own model")
+    if args.recipe:
+        model = [f"model.name_or_path={eval_model(args.model)}"] if args.model else []
+        recipe = load_recipe(args.recipe, [*model, *args.overrides])
+        build_if_missing(recipe)
+        return recipe
+    if args.overrides:
+        raise UserError("overrides need --recipe")
+    return Recipe.model_validate({"model": {"name_or_path": eval_model(args.model)},
+                                  "data": {"train": [{"path": "-"}]},
+                                  "rewards": [{"name": "alphaalign_safety"}]})  # fmt: skip
+
+
+def run(args) -> int:
+    """`alphaalign eval`: generate on the chosen benchmarks, judge, write responses and the summary."""
+    from alphaalign.data import check_template, load_source, template_key
+    from alphaalign.eval import suites
+    from alphaalign.judges import check_environment
+
+    if args.list:
+        print(suites.describe())
+        return 0
+    if args.out is None:
+        raise UserError("--out is required")
+    out = check_output(args.out, "--out", folder=True)
+    if args.temperature is not None and args.temperature <= 0:
+        raise UserError(f"--temperature must be above 0 (sampling), got {args.temperature}")
+    recipe = eval_recipe(args)
+    judge, judge_where = eval_judge(recipe, args)
+    check_environment(judge, judge_where)  # before any generation
+    print(f"evaluating {recipe.model.name_or_path} with the {recipe.rollout.engine} engine", flush=True)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir: no such folder: {args.data_dir}")
+    names = suites.suite_benchmarks(args.suite) if args.suite else []
+    sets = {name: suites.load_benchmark(name, data_dir, args.limit) for name in names}
+    for path in args.data:
+        source = suites.custom_source(path, args.prompt_field, args.label_field, args.label)
+        sets[Path(path).stem] = load_source(source.model_copy(update={"max_rows": args.limit}), Path.cwd())
+    if not sets:
+        raise UserError("nothing to evaluate: give --suite or --data")
+    settings = EvalSettings(
+        samples=args.samples, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
+        temperature=args.temperature if args.temperature is not None else recipe.rollout.temperature,
+        template=args.template or recipe.data.template, limit=args.limit,
+        seed=recipe.trainer.seed,
+    )  # fmt: skip
+    template_where = "--template" if args.template else template_key(recipe)
+    samples = [examples[0] for examples in sets.values() if examples]
+    check_template(settings.template, template_where, samples, recipe.format)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = evaluate_benchmarks(recipe, sets, settings, judge, out, judge_where, template_where)
+    print(format_summary_table(summary))
+    print(f"responses and verdicts: {out}/<benchmark>/responses.jsonl; summary: {out / 'summary.json'}")
+    if args.utility is not None:
+        from alphaalign.eval.utility import run_utility
+
+        print(run_utility(recipe.model.name_or_path, args.utility or ["gsm8k", "mmlu"], out, args.limit))
+    return 0

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output
 from alphaalign.perf.systems import MIXED_PRECISION_SYSTEMS, RESULT_MARK, SYSTEMS
 from alphaalign.perf.workload import WORKLOADS, Workload, build
 
@@ -212,3 +213,22 @@ def format_table(result: dict) -> str:
         lines.append(f"refusal detector on {d['set']} (n={d['n']}): accuracy {d['accuracy']:.3f}, "
                      f"precision {d['precision']:.3f}, recall {d['recall']:.3f}, F1 {d['f1']:.3f}")  # fmt: skip
     return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`alphaalign bench`: time trl's GRPOTrainer, alphaalign and the model-work floors side by side; see
+    docs/benchmarks.md."""
+    workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA device is visible to torch")
+    out = check_output(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"), "--out",
+                       folder=False)  # fmt: skip
+    check_output(args.cache, "--cache", folder=True)
+    result = run_bench(workload, device, args.systems or default_systems(workload), args.rounds, out, Path(args.cache),
+                       rewards=not args.no_rewards)  # fmt: skip
+    print(format_table(result))
+    print(f"results in {out}")
+    return 0

@@ -20,6 +20,7 @@ ECE is `expected_calibration_error` of P(violation) against the violation labels
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 
 from alphaalign.data import rows_from_file
 from alphaalign.errors import UserError
+from alphaalign.outputs import check_output, writing
 from alphaalign.rewards.csrm import Calibration, compliance_logits, expected_calibration_error
 from alphaalign.rewards.rm_scoring import user_assistant
 
@@ -168,3 +170,19 @@ def format_table(results: list[dict]) -> str:
         "positive class: violation of the configuration (CoSApien disallowed/partial, DynaBench FAIL)"
     )
     return "\n".join(lines)
+
+
+def run(args) -> int:
+    """`alphaalign eval-rm`: F1, precision, recall and ECE of a CSRM on CoSApien- and DynaBench-format files."""
+    if args.output:  # before the model runs: a path that cannot be written would lose the metrics
+        check_output(args.output, "--output", folder=False)
+    results = evaluate_rm(
+        args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
+        args.device, args.batch_size, args.max_length,
+    )  # fmt: skip
+    print(format_table(results))
+    if args.output:
+        with writing(args.output, "the metrics"):
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

@@ -242,3 +242,14 @@ def save_rm(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return out
+
+
+def run(args) -> int:
+    """`alphaalign train-rm`: train and calibrate a CSRM from a train-rm recipe (or from dotted keys alone)."""
+    from alphaalign.config import load_recipe
+
+    recipe_path, overrides = args.recipe, args.overrides
+    if "=" in recipe_path:  # no recipe file: the arguments are the recipe
+        recipe_path, overrides = None, [args.recipe, *overrides]
+    train_rm(load_recipe(recipe_path, overrides, schema=RewardModelRecipe))
+    return 0

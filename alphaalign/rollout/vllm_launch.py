@@ -173,3 +173,14 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except ProcessLookupError:  # the whole group has exited already
         pass
+
+
+def serve(recipe: Recipe, host: str, port: int) -> int:
+    """`alphaalign serve`: a vLLM server configured for the recipe, in the foreground (replaces this process)."""
+    from alphaalign.demo.build import build_if_missing
+
+    require_vllm()
+    build_if_missing(recipe)
+    command, env = server_command(recipe, host, port), server_env(recipe)
+    print(f"serving {recipe.model.name_or_path} on http://{host}:{port}", file=sys.stderr, flush=True)
+    os.execve(command[0], command, env)
