@@ -10,6 +10,7 @@ import yaml
 from conftest import ROOT
 
 from alphaalign.cli import main
+from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rm.data import (
     CategorizedPrompt,
@@ -21,7 +22,7 @@ from alphaalign.rm.data import (
     sample_allowed,
     split_by_prompt,
 )
-from alphaalign.rm.recipe import AugmentationConfig, RewardModelRecipe, load_recipe
+from alphaalign.rm.recipe import AugmentationConfig, RewardModelRecipe
 from alphaalign.rm.train import bradley_terry_loss, calibration_loss
 
 CSRM_DATA = ROOT / "recipes" / "data" / "csrm"
