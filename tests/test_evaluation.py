@@ -299,7 +299,9 @@ def test_verdict_rates_use_the_format_given_and_the_trainer_does_not_import_eval
         and own["benign_refusal_rate"] == 0
     )
     assert safety_summary(texts, labels, FormatConfig())["format_valid_rate"] == 0.0  # the paper's tags: none
-    probe = "import sys, alphaalign.rl.trainer; print('alphaalign.eval.safety' in sys.modules)"
+    probe = (
+        "import sys, alphaalign.rl.trainer; print(any(m.startswith('alphaalign.eval') for m in sys.modules))"
+    )
     assert (
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
         == "False\n"
