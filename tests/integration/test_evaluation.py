@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import DEMO_DATA, ROOT
+from helpers import DEMO_DATA, ROOT, build_tiny_classifier
 
 from alphaalign import benchmarks
 from alphaalign.cli import main
@@ -239,8 +239,6 @@ def test_eval_of_a_run_folder_uses_its_newest_checkpoint_and_maps_local_csv_fiel
 
 def test_eval_judged_by_a_refusal_classifier(tiny_policy, tmp_path):
     """--refusal-classifier replaces the rules: the verdicts are the classifier's, recomputable from the answers."""
-    from conftest import build_tiny_classifier
-
     from alphaalign.rewards.alphaalign_safety import detect_refusals
 
     classifier = build_tiny_classifier(tmp_path / "clf", num_labels=2, labels=["answer", "refusal"])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT, read_metrics, recipe_for
 from safetensors.torch import load_file
-from test_train import read_metrics, recipe_for
 
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
@@ -18,9 +18,6 @@ from alphaalign.data import compile_template
 from alphaalign.errors import UserError
 from alphaalign.rl.optim import rng_state
 from alphaalign.rl.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- 1. a skipped step changes nothing
 

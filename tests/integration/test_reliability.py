@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 import reward_fixtures
 import torch
+from helpers import ROOT, read_metrics, recipe_for, strip_timing
 from safetensors.torch import load_file
-from test_train import read_metrics, recipe_for, strip_timing
 
 from alphaalign.cli import main
 from alphaalign.config import ModelConfig, load_recipe
 from alphaalign.models import load_causal_lm
 from alphaalign.rl.trainer import train
 from alphaalign.rl.update import first_nonfinite
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- numerical guards
 

@@ -1,40 +1,16 @@
 """End-to-end training on a tiny offline model: outputs, checkpoints, exact resume, algorithm variants."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import read_metrics, recipe_for, strip_timing
 from safetensors.torch import load_file
 
 from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rl.trainer import train
-
-TIMING = ("time/", "throughput/")
-
-
-def recipe_for(write_recipe, tiny_policy, tmp_path, **sections):
-    base = {
-        "model": {"name_or_path": str(tiny_policy)},
-        "data": {"template": "none"},
-        "rollout": {"num_generations": 4, "max_new_tokens": 32},
-        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
-                    "save_every": 2, "progress_bar": False},
-        "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return write_recipe(base)
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def strip_timing(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
 
 
 def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from alphaalign.cli import main
 from alphaalign.config import AugmentationConfig, RewardModelRecipe, load_recipe

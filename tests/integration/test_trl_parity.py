@@ -9,19 +9,11 @@ TRL patches its policy's `forward` with a fused LM head that divides by the temp
 so TRL and we each get our own deep copy of the same weights (checked in `test_fused_head_leaves_our_copy_alone`).
 """
 
-import os
+import copy
+import math
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import copy  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")

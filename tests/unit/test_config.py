@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from alphaalign.config import Recipe, RewardModelRecipe, load_recipe
 from alphaalign.errors import UserError
@@ -231,8 +231,6 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_shipped_recipes_are_valid():
-    from conftest import ROOT
-
     for name in ("demo", "alphaalign-qwen", "alphaalign-zero"):
         assert isinstance(load_recipe(ROOT / "recipes" / f"{name}.yaml"), Recipe)
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
