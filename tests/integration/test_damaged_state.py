@@ -18,6 +18,8 @@ from helpers import ROOT, read_metrics
 from alphaalign.cli import main
 from alphaalign.rl.checkpoint import MANIFEST, checkpoint_problem, latest_checkpoint
 
+pytestmark = pytest.mark.slow  # every test resumes or copies a trained run
+
 
 @pytest.fixture(scope="module")
 def three_steps(tiny_policy, tmp_path_factory):

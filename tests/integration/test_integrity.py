@@ -83,6 +83,7 @@ def test_a_later_iteration_that_overflows_undoes_the_earlier_ones(tiny_policy, w
     assert "nonfinite" not in policy_update(opt, None, rollouts, advantages, settings, tokenizer.pad_token_id)
 
 
+@pytest.mark.slow
 def test_a_run_whose_learning_rate_overflows_skips_the_step_and_keeps_the_initial_weights(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -243,6 +244,7 @@ def test_secret_values_are_masked_in_text():
     }
 
 
+@pytest.mark.slow
 def test_a_run_writes_no_secret_and_its_resolved_recipe_validates(
     write_recipe, tiny_policy, tmp_path, capsys
 ):

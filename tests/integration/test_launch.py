@@ -85,7 +85,7 @@ def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tm
     )
     assert "--overlap --nodes=3 --ntasks-per-node=1" in trainer and "--nnodes=3 --nproc-per-node=8" in trainer
     assert "trainer-%N.log" in trainer and "CUDA_VISIBLE_DEVICES" not in trainer
-    # explicit task counts: a step would otherwise inherit the job's 4 tasks (tests/test_rehearsal.py ran into it)
+    # explicit task counts: a step would otherwise inherit the job's 4 tasks (test_rehearsal.py ran into it)
     assert "--ntasks=8 " in server and "--ntasks=3 " in trainer
     assert "SERVER_PORT=$((PORT_BASE + 1))" in script  # the rendezvous keeps PORT_BASE
     assert 'SERVER_URLS+=("http://$node:$((SERVER_PORT + i))")' in script and "i < 8" in script

@@ -296,8 +296,8 @@ def test_refusal_classifier_replaces_the_rules(tiny_refusal_classifier):
 # --- a short training run: every term is logged, the trainer passes the group column ------------------------
 
 
+@pytest.mark.slow
 def test_training_logs_every_reward_term(write_recipe, tiny_policy, tiny_rm, tmp_path):
-
     from alphaalign.config import load_recipe
     from alphaalign.rl.trainer import train
 

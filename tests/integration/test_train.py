@@ -13,6 +13,7 @@ from alphaalign.errors import UserError
 from alphaalign.rl.trainer import train
 
 
+@pytest.mark.slow
 def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -34,6 +35,7 @@ def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 4, "save_every": 2})
@@ -48,6 +50,7 @@ def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
         write_recipe, tiny_policy, tmp_path,
@@ -98,6 +101,7 @@ def test_other_estimators_and_kl_estimators_train(
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_autocast_trains_with_bfloat16_forward_passes(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
         write_recipe, tiny_policy, tmp_path, model={"autocast": "bfloat16"},
@@ -160,6 +164,7 @@ def test_cli_bad_data_line(write_recipe, tmp_path):
     assert result.returncode == 2 and f"{data}:2: label field 'label' is 'sometimes'" in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(write_recipe, tiny_policy, tmp_path):
     from alphaalign.rl.checkpoint import latest_checkpoint
 

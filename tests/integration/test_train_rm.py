@@ -226,6 +226,7 @@ def trained(tmp_path_factory):
     return tmp / "csrm", args
 
 
+@pytest.mark.slow
 def test_train_rm_lowers_the_loss_and_ranks_its_train_pairs_better(trained):
     out, _ = trained
     summary = json.loads((out / "train_rm_summary.json").read_text())
@@ -237,6 +238,7 @@ def test_train_rm_lowers_the_loss_and_ranks_its_train_pairs_better(trained):
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
 
 
+@pytest.mark.slow
 def test_train_rm_saves_a_calibrated_model_the_csrm_reward_loads(trained):
     from alphaalign.rewards import resolve_reward
     from alphaalign.rewards.csrm import load_calibration
@@ -250,6 +252,7 @@ def test_train_rm_saves_a_calibrated_model_the_csrm_reward_loads(trained):
     assert 0 < probs[0] < 1
 
 
+@pytest.mark.slow
 def test_train_rm_will_not_overwrite_a_foreign_folder(trained, tmp_path, capsys):
     _, args = trained
     (tmp_path / "keep.txt").write_text("precious")

@@ -345,6 +345,7 @@ def e2e_recipe(write_recipe, policy, tmp_path, **rollout):
     })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
     write_recipe, vllm_policy, tmp_path
 ):
@@ -370,6 +371,7 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
         ServerClient(url, timeout=1, retries=0).call("GET", "/health")
 
 
+@pytest.mark.slow
 def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_policy, write_recipe, tmp_path):
     """A generation server killed mid-run (async rollouts, checkpoint sync): the trainer exits with code 2
     and one line naming the endpoint, within rollout.timeout plus the step it was in; the last checkpoint
@@ -411,6 +413,7 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
     assert set(torch.load(last / "trainer_state.pt", weights_only=False)) == {"optimizer", "scheduler", "rng"}
 
 
+@pytest.mark.slow
 def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recipe, vllm_policy, tmp_path):
     """async_steps 0 on a running server: every batch comes from the current policy, and seeded requests make
     two runs sample the same tokens."""
