@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, ROOT
+from helpers import ROOT
 from safetensors.torch import load_file
 
 from alphaalign.config import load_recipe
@@ -27,15 +27,15 @@ from alphaalign.errors import UserError
 
 pytest.importorskip("deepspeed", reason="pip install alphaalign[deepspeed]")
 
+DEMO = ROOT / "recipes" / "data" / "demo"
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 CASES = ["zero2", "zero3+checkpointing", "zero3+lora"]  # the reference never checkpoints
-WORKER = Path(__file__).with_name("deepspeed_worker.py")  # run under torchrun
 
 
 def recipe_dict(policy: Path, out: Path) -> dict:
     return {
         "model": {"name_or_path": str(policy)},
-        "data": {"train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+        "data": {"train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
                  "template": "none", "max_prompt_tokens": 48},
         "rewards": [{"name": "alphaalign_safety"}],
         "rollout": {"num_generations": 4, "max_new_tokens": 16},
@@ -90,7 +90,7 @@ def batch(tiny_policy, tmp_path_factory) -> Path:
 def two_processes(batch, tmp_path_factory) -> Path:
     """Every case updated by DeepSpeed with 2 processes, in one torchrun launch."""
     out = tmp_path_factory.mktemp("ds-two")
-    torchrun(str(WORKER), str(batch), str(out), *CASES)
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), *CASES)
     return out
 
 
@@ -165,7 +165,7 @@ OVERFLOW_CASES = ["zero2+overflow", "zero3+overflow"]
 def overflow_runs(batch, tmp_path_factory) -> Path:
     """Each overflow case (see deepspeed_worker.py) with 2 processes, in one torchrun launch."""
     out = tmp_path_factory.mktemp("ds-overflow")
-    torchrun(str(WORKER), str(batch), str(out), *OVERFLOW_CASES)
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), *OVERFLOW_CASES)
     return out
 
 
@@ -234,7 +234,7 @@ def test_torchrun_training_with_zero3_and_lora_resumes_exactly(batch, tmp_path):
     config = recipe.model_dump(mode="json")
     config["model"]["lora"] = LORA
     config["trainer"]["deepspeed"] = "zero3"
-    config["data"]["eval"] = [{"path": str(DEMO_DATA / "train_harmful.jsonl"), "max_rows": 3}]
+    config["data"]["eval"] = [{"path": str(DEMO / "train_harmful.jsonl"), "max_rows": 3}]
     path.write_text(yaml.safe_dump(config))
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run = torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={full}")
@@ -269,7 +269,7 @@ def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_pat
     out = tmp_path / "run"
     config = {
         "model": {"name_or_path": str(vllm_policy), **({"lora": LORA} if sync == "lora" else {})},
-        "data": {"train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+        "data": {"train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
                  "template": "none", "max_prompt_tokens": 96},
         "rewards": [{"name": "reward_fixtures:async_length", "args": {"scale": 0.01}}],  # every step learns
         "rollout": {"engine": "vllm_server", "weight_sync": sync, "num_generations": 4, "max_new_tokens": 16,
