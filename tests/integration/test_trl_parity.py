@@ -9,11 +9,11 @@ TRL patches its policy's `forward` with a fused LM head that divides by the temp
 so TRL and we each get our own deep copy of the same weights (checked in `test_fused_head_leaves_our_copy_alone`).
 """
 
-import copy
-import math
+import copy  # noqa: E402
+import math  # noqa: E402
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")

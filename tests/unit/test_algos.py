@@ -4,14 +4,14 @@ Expected values are derived by hand or from an independent formula written out i
 a run of the code under test.
 """
 
-import math
+import math  # noqa: E402
 
-import pytest
-import torch
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-from alphaalign.rl import algos
+from alphaalign.rl import algos  # noqa: E402
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
