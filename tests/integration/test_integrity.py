@@ -44,6 +44,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_a_later_iteration_that_overflows_undoes_the_earlier_ones(tiny_policy, write_recipe, tmp_path):
     from alphaalign.models import load_causal_lm, load_tokenizer
     from alphaalign.rl.optim import TorchOptimization
