@@ -27,6 +27,19 @@ from alphaalign.rollout.vllm_auth import TOKEN_ENV  # noqa: E402
 os.environ.setdefault(TOKEN_ENV, "test-secret-" + os.urandom(8).hex())
 torch.set_num_threads(2)  # servers and torchrun workers run beside the tests on the same cores
 
+UNIT = Path(__file__).parent / "unit"
+MODEL_FIXTURES = {"tiny_policy", "vllm_policy", "tiny_rm", "tiny_csrm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/unit holds pure functions: a test there that asks for a model belongs in tests/integration."""
+    for item in items:
+        models = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if models and item.path.is_relative_to(UNIT):
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {', '.join(sorted(models))}: move it to tests/integration"
+            )
+
 
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory) -> Path:
