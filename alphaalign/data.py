@@ -50,9 +50,7 @@ RESERVED_COLUMNS = {
 class Example:
     prompt: str  # the user's request, without any template
     label: str  # 'harmful' or 'benign'
-    columns: dict[str, Any] = field(
-        default_factory=dict
-    )  # the row's other fields, passed to reward functions
+    columns: dict[str, Any] = field(default_factory=dict)  # the row's other fields, for reward functions
 
 
 class PromptTemplate:

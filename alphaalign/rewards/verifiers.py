@@ -392,13 +392,13 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
 # Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match) and _DISCLAIMER
-# (checked when it does) rarely match, and `re` spends 1-4 µs per KB finding that out.
+# (checked when it does) rarely match, and finding that out is most of `re`'s time (docs/refusal_detector.md).
 _UNVOICED, _DISCLAIMER_ONLY = 0, 1
 
 
 @lru_cache(maxsize=1)
 def _prefilter() -> _Prefilter | None:
-    """The prefilter, compiled at first use (~0.1 s); None where hyperscan is not installed (not x86-64)."""
+    """The prefilter, compiled once, at first use; None where hyperscan is not installed (not x86-64)."""
     try:
         import hyperscan
     except ImportError:

@@ -9,7 +9,7 @@ POLICY_LOSSES give the per-token policy loss of each surrogate; LOSS_AGGREGATION
 LOSS_TYPES pair a surrogate with a normaliser (what `algorithm.loss_type` names); KL_ESTIMATORS the
 per-token KL. The recipe keys that name an entry are validated against these tables (`RECIPE_REGISTRIES`),
 so registering a function is all it takes to make its name a valid setting.
-Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/test_trl_parity.py):
+Conventions follow trl 1.16's GRPOTrainer (the parity reference, see tests/integration/test_trl_parity.py):
 Bessel-corrected NaN-aware std with ε = 1e-4 added to σ, temperature-scaled log-probs, k3 KL added after
 the importance weights, and the loss normalisers listed in `aggregate_loss`.
 """

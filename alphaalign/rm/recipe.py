@@ -63,15 +63,12 @@ class AugmentationConfig(_Section):
     )
     alpha: float = Field(0.1, ge=0)  # error per allowed category present in a response
     unaddressed: float = Field(1.0, gt=0)  # error of a response that does not address the request
-    beta: float = Field(
-        3.0, gt=0
-    )  # error per forbidden category present; a chosen response must stay below it
-    prompt_labels: bool = (
-        True  # also label (configuration, request alone): compliant iff its categories are allowed
-    )
-    templates: list[str] = Field(
-        DEFAULT_CONFIG_TEMPLATES, min_length=1
-    )  # Jinja: {{ allowed }}, {{ forbidden }}
+    # error per forbidden category present; a chosen response must stay below it
+    beta: float = Field(3.0, gt=0)
+    # also label (configuration, request alone): compliant iff its categories are allowed
+    prompt_labels: bool = True
+    # Jinja templates of a configuration: {{ allowed }}, {{ forbidden }}
+    templates: list[str] = Field(DEFAULT_CONFIG_TEMPLATES, min_length=1)
 
     @field_validator("beta")
     @classmethod

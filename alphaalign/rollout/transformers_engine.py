@@ -1,16 +1,17 @@
 """In-process rollouts with transformers' `generate` on the policy being trained (it shares the weights).
 
 Prompts are left-padded and batched. Each prompt's tokens but the last go through the model once and their
-cache is repeated for its `n` completions, into buffers with room for the new tokens (`ReservedLayer`). Sampling happens in one logits processor of ours: temperature,
-top-k and top-p, then one uniform draw per row against the cumulative distribution (torch.multinomial costs
-about 30 times more on CPU); `generate` runs in greedy mode and takes the one token the processor left. The
-processor records log softmax(logits / T) of each sampled token, the same quantity the trainer computes.
+cache is repeated for its `n` completions, into buffers with room for the new tokens (`ReservedLayer`).
+Sampling happens in one logits processor of ours: temperature, top-k and top-p, then one uniform draw per row
+against the cumulative distribution (torch.multinomial is far slower on CPU; docs/design.md); `generate` runs
+in greedy mode and takes the one token the processor left. The processor records log softmax(logits / T) of
+each sampled token, the same quantity the trainer computes.
 
 `static_cache` (`rollout.static_cache`) trades the shared prompt pass for transformers' fixed-size cache, with
 prompts left-padded to a power of two of at least 64 tokens (`static_width`) so that few cache sizes occur,
 each compiled once: on CUDA, transformers compiles the decode step and replays it as a CUDA graph, which
 removes the per-kernel launch cost of the eager loop (docs/gpu.md, section 3). On CPU it runs eagerly and
-is slower than the shared prompt cache (W1: 1.85 vs 1.30 s per `generate`).
+is slower than the shared prompt cache (docs/gpu.md, section 3).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def sample_from_logits(logits: torch.Tensor) -> torch.Tensor:
 class ReservedLayer(DynamicLayer):
     """A cache layer whose keys and values sit in buffers with room for `extra` more positions: a decode step
     writes its position in place, where `DynamicLayer` copies the whole cache into a new tensor (`torch.cat`)
-    (W1 on CPU: `generate` 1.18 -> 1.10 s). Past the room it falls back to `DynamicLayer`'s copying."""
+    at every step (docs/design.md). Past the room it falls back to `DynamicLayer`'s copying."""
 
     def __init__(self, layer: DynamicLayer, extra: int):
         super().__init__()

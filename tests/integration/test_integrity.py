@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT, read_metrics, recipe_for
 from safetensors.torch import load_file
-from test_train import read_metrics, recipe_for
 
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
@@ -18,9 +18,6 @@ from alphaalign.data import compile_template
 from alphaalign.errors import UserError
 from alphaalign.rl.optim import rng_state
 from alphaalign.rl.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- 1. a skipped step changes nothing
 
@@ -47,6 +44,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_a_later_iteration_that_overflows_undoes_the_earlier_ones(tiny_policy, write_recipe, tmp_path):
     from alphaalign.models import load_causal_lm, load_tokenizer
     from alphaalign.rl.optim import TorchOptimization
@@ -86,6 +84,7 @@ def test_a_later_iteration_that_overflows_undoes_the_earlier_ones(tiny_policy, w
     assert "nonfinite" not in policy_update(opt, None, rollouts, advantages, settings, tokenizer.pad_token_id)
 
 
+@pytest.mark.slow
 def test_a_run_whose_learning_rate_overflows_skips_the_step_and_keeps_the_initial_weights(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -246,6 +245,7 @@ def test_secret_values_are_masked_in_text():
     }
 
 
+@pytest.mark.slow
 def test_a_run_writes_no_secret_and_its_resolved_recipe_validates(
     write_recipe, tiny_policy, tmp_path, capsys
 ):

@@ -4,12 +4,6 @@ Expected values are derived by hand or from an independent formula written out i
 a run of the code under test.
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-
 import math  # noqa: E402
 
 import pytest  # noqa: E402

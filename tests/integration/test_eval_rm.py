@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import CSRM_CALIBRATION, ROOT
-from test_csrm import reference_chat_logits
+from helpers import CSRM_CALIBRATION, ROOT, reference_chat_logits
 
 from alphaalign.cli import main
 from alphaalign.errors import UserError

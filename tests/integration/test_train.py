@@ -1,42 +1,19 @@
 """End-to-end training on a tiny offline model: outputs, checkpoints, exact resume, algorithm variants."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import read_metrics, recipe_for, strip_timing
 from safetensors.torch import load_file
 
 from alphaalign.config import load_recipe
 from alphaalign.errors import UserError
 from alphaalign.rl.trainer import train
 
-TIMING = ("time/", "throughput/")
 
-
-def recipe_for(write_recipe, tiny_policy, tmp_path, **sections):
-    base = {
-        "model": {"name_or_path": str(tiny_policy)},
-        "data": {"template": "none"},
-        "rollout": {"num_generations": 4, "max_new_tokens": 32},
-        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
-                    "save_every": 2, "progress_bar": False},
-        "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return write_recipe(base)
-
-
-def read_metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-
-
-def strip_timing(rows):
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
-
-
+@pytest.mark.slow
 def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -58,6 +35,7 @@ def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 4, "save_every": 2})
@@ -72,6 +50,7 @@ def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
         write_recipe, tiny_policy, tmp_path,
@@ -122,6 +101,7 @@ def test_other_estimators_and_kl_estimators_train(
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_autocast_trains_with_bfloat16_forward_passes(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
         write_recipe, tiny_policy, tmp_path, model={"autocast": "bfloat16"},
@@ -184,6 +164,7 @@ def test_cli_bad_data_line(write_recipe, tmp_path):
     assert result.returncode == 2 and f"{data}:2: label field 'label' is 'sometimes'" in result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(write_recipe, tiny_policy, tmp_path):
     from alphaalign.rl.checkpoint import latest_checkpoint
 

@@ -12,17 +12,14 @@ from pathlib import Path
 import pytest
 import reward_fixtures
 import torch
+from helpers import ROOT, read_metrics, recipe_for, strip_timing
 from safetensors.torch import load_file
-from test_train import read_metrics, recipe_for, strip_timing
 
 from alphaalign.cli import main
 from alphaalign.config import ModelConfig, load_recipe
 from alphaalign.models import load_causal_lm
 from alphaalign.rl.trainer import train
 from alphaalign.rl.update import first_nonfinite
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---- numerical guards
 
@@ -34,6 +31,7 @@ def test_first_nonfinite_names_the_offending_argument():
     assert first_nonfinite(loss=torch.tensor(float("nan"))) == "loss"
 
 
+@pytest.mark.slow
 def test_a_step_with_infinite_rewards_is_skipped_and_the_weights_are_kept(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -57,6 +55,7 @@ def test_a_step_with_infinite_rewards_is_skipped_and_the_weights_are_kept(
     assert json.loads((ckpt / "step-000003" / "state.json").read_text())["bad_steps"] == 1
 
 
+@pytest.mark.slow
 def test_too_many_bad_steps_abort_with_one_line(write_recipe, tiny_policy, tmp_path, capsys):
     rewards = [{"name": "reward_fixtures:infinite_on_call", "args": {"bad_call": 0}}]  # every call
     path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 5, "max_bad_steps": 1})
@@ -127,6 +126,7 @@ def test_kill_9_then_rerun_resumes_and_matches_the_uninterrupted_run(write_recip
 # ---- secrets
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_outputs(write_recipe, tiny_policy, tmp_path, monkeypatch):
     secrets = {"WANDB_API_KEY": "wandb-s3cr3t-4711", "HF_TOKEN": "hf_s3cr3t_4712"}
     for key, value in secrets.items():

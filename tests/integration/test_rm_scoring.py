@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import build_tiny_classifier
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alphaalign.errors import UserError
@@ -64,8 +65,6 @@ def test_missing_model_is_a_one_line_user_error(tmp_path):
 
 
 def test_a_model_with_several_outputs_is_not_a_reward_model(tmp_path):
-    from conftest import build_tiny_classifier
-
     path = build_tiny_classifier(tmp_path / "clf", num_labels=2, labels=["comply", "refusal"])
     clf = load_classifier(str(path), device="cpu")
     with pytest.raises(UserError, match="has 2 outputs; a reward model needs 1"):

@@ -9,14 +9,6 @@ TRL patches its policy's `forward` with a fused LM head that divides by the temp
 so TRL and we each get our own deep copy of the same weights (checked in `test_fused_head_leaves_our_copy_alone`).
 """
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import copy  # noqa: E402
 import math  # noqa: E402
 

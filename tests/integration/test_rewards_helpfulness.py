@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import reward_fixtures
+from helpers import build_tiny_classifier, read_metrics, recipe_for
 
 from alphaalign.config import RewardSpec
 from alphaalign.errors import UserError
@@ -270,8 +271,6 @@ def test_validate_rejects_a_reward_that_cannot_take_prompts_and_completions():
 
 @pytest.fixture(scope="module")
 def tiny_refusal_classifier(tmp_path_factory):
-    from conftest import build_tiny_classifier
-
     return build_tiny_classifier(
         tmp_path_factory.mktemp("clf") / "refusal", 2, labels=["compliance", "refusal"]
     )
@@ -297,9 +296,8 @@ def test_refusal_classifier_replaces_the_rules(tiny_refusal_classifier):
 # --- a short training run: every term is logged, the trainer passes the group column ------------------------
 
 
+@pytest.mark.slow
 def test_training_logs_every_reward_term(write_recipe, tiny_policy, tiny_rm, tmp_path):
-    from test_train import read_metrics, recipe_for
-
     from alphaalign.config import load_recipe
     from alphaalign.rl.trainer import train
 

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import CSRM_CALIBRATION
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from helpers import CSRM_CALIBRATION, ROOT, reference_chat_logits
 
 from alphaalign.errors import UserError
 from alphaalign.rewards import resolve_reward
@@ -26,18 +25,6 @@ ANSWERS = [
     "Mix flour, water and yeast, then bake at 230 °C for 35 minutes.",
 ]
 CALIBRATION = Calibration(**CSRM_CALIBRATION)
-
-
-def reference_chat_logits(path, chats):
-    """One chat at a time, unpadded: what the CSRM must read."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    out = []
-    for chat in chats:
-        ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False, return_tensors="pt")
-        with torch.no_grad():
-            out.append(float(model(input_ids=ids).logits[0, 0]))
-    return torch.tensor(out, dtype=torch.float64)
 
 
 def reference_logits(path, configs, prompts, answers):
@@ -202,8 +189,6 @@ def test_score_cli_reads_each_rows_config_field(tiny_csrm, write_recipe, tmp_pat
 
 
 def test_alphaalign_qwen_csrm_differs_from_alphaalign_qwen_only_in_its_rewards():
-    from conftest import ROOT
-
     from alphaalign.config import load_recipe
 
     full = load_recipe(ROOT / "recipes" / "alphaalign-qwen.yaml").model_dump()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 from safetensors.torch import load_file
 
 from alphaalign.config import load_recipe
@@ -26,7 +27,6 @@ from alphaalign.errors import UserError
 
 pytest.importorskip("deepspeed", reason="pip install alphaalign[deepspeed]")
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "data" / "demo"
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 CASES = ["zero2", "zero3+checkpointing", "zero3+lora"]  # the reference never checkpoints
@@ -90,7 +90,7 @@ def batch(tiny_policy, tmp_path_factory) -> Path:
 def two_processes(batch, tmp_path_factory) -> Path:
     """Every case updated by DeepSpeed with 2 processes, in one torchrun launch."""
     out = tmp_path_factory.mktemp("ds-two")
-    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), *CASES)
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), *CASES)
     return out
 
 
@@ -165,7 +165,7 @@ OVERFLOW_CASES = ["zero2+overflow", "zero3+overflow"]
 def overflow_runs(batch, tmp_path_factory) -> Path:
     """Each overflow case (see deepspeed_worker.py) with 2 processes, in one torchrun launch."""
     out = tmp_path_factory.mktemp("ds-overflow")
-    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), *OVERFLOW_CASES)
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), *OVERFLOW_CASES)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_deepspeed.py: the trainer's policy update through DeepSpeed on fixed data.
+"""Run under torchrun by test_deepspeed.py beside it: the trainer's policy update through DeepSpeed on fixed data.
 
 argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing][+overflow]` (LoRA
 adapters, gradient checkpointing; `overflow`: two iterations per update, and before the second update the

@@ -6,11 +6,12 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from alphaalign.cli import main
 from alphaalign.rewards.verifiers import is_refusal, refusal_of
 
-DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal_dev" / "refusal_dev.jsonl"
+DEV = ROOT.parent / "shared" / "data" / "refusal_dev" / "refusal_dev.jsonl"
 needs_dev = pytest.mark.skipif(
     not DEV.exists(), reason="../shared/data/refusal_dev is not beside the checkout"
 )

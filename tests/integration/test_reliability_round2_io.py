@@ -10,7 +10,6 @@ import pytest
 
 from alphaalign.cli import build_parser, main, non_negative_int, port, positive_int
 
-ROOT = Path(__file__).resolve().parents[1]
 UNWRITABLE = "/proc/alphaalign-test"  # a folder no one, root included, can create files in
 
 

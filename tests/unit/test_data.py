@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import pytest
+from helpers import DEMO_DATA
 
 from alphaalign.config import DataSource
 from alphaalign.data import Example, PromptStream, chat_messages, compile_template, load_source
@@ -103,8 +104,6 @@ def test_prompt_stream_is_deterministic_resumable_and_weighted():
 
 
 def test_demo_data_is_labelled_and_split():
-    from conftest import DEMO_DATA
-
     train = [json.loads(x) for name in ("train_harmful", "train_benign")
              for x in (DEMO_DATA / f"{name}.jsonl").read_text().splitlines()]  # fmt: skip
     heldout = [json.loads(x) for x in (DEMO_DATA / "heldout.jsonl").read_text().splitlines()]
@@ -113,8 +112,6 @@ def test_demo_data_is_labelled_and_split():
 
 
 def test_committed_demo_data_is_what_the_generator_writes(tmp_path):
-    from conftest import DEMO_DATA
-
     from alphaalign.demo.prompts import write_demo_prompts
 
     write_demo_prompts(tmp_path)

@@ -18,19 +18,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_launch import (  # the Slurm helpers of the one-node launcher tests
+from helpers import (
+    DEMO_DATA,
     FINISHED,
+    ROOT,
     freeze_trainer,
     job_field,
     job_report,
     launch,
     read_metrics,
-    vllm_cpu_env,  # noqa: F401 (a fixture)
     wait_for,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "recipes" / "data" / "demo"
 NODES = ("aa-node0", "aa-node1", "aa-node2")  # the namespaces of launch/ci/slurm_setup.sh
 STEPS = 4
 

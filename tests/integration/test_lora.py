@@ -31,6 +31,7 @@ def metrics(out):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows]
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only_against_the_base_and_resumes_exactly(write_recipe, tiny_policy, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     train(load_recipe(lora_recipe(write_recipe, tiny_policy, full)))

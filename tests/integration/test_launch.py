@@ -5,42 +5,29 @@ The Slurm tests need a running cluster (`bash launch/ci/slurm_setup.sh` brings o
 does it before the tests) and skip with the reason otherwise.
 """
 
-import contextlib
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-import psutil
 import pytest
+from helpers import (
+    DEMO_RECIPE,
+    FINISHED,
+    ROOT,
+    demo_overrides,
+    freeze_trainer,
+    job_field,
+    job_report,
+    launch,
+    read_metrics,
+    wait_for,
+)
 
 from alphaalign.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo.yaml"
-
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"}
-
-
-def launch(capsys, *args) -> tuple[int, str, str]:
-    code = main(["launch", *map(str, args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def demo_overrides(policy, steps: int) -> list[str]:
-    """The CPU demo (recipes/demo.yaml) shortened: the tiny test policy instead of building the demo's, 2
-    prompts x 2 samples of 8 tokens per step, a checkpoint every 2 steps, no held-out evaluation."""
-    return [f"model.name_or_path={policy}", "model.build=null", "data.eval=[]", "rollout.num_generations=2",
-            "rollout.max_new_tokens=8", "trainer.prompts_per_step=2", f"trainer.max_steps={steps}",
-            "trainer.save_every=2", "trainer.progress_bar=false", "logging.wandb_mode=disabled"]  # fmt: skip
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The rendered script
@@ -98,7 +85,7 @@ def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tm
     )
     assert "--overlap --nodes=3 --ntasks-per-node=1" in trainer and "--nnodes=3 --nproc-per-node=8" in trainer
     assert "trainer-%N.log" in trainer and "CUDA_VISIBLE_DEVICES" not in trainer
-    # explicit task counts: a step would otherwise inherit the job's 4 tasks (tests/test_rehearsal.py ran into it)
+    # explicit task counts: a step would otherwise inherit the job's 4 tasks (test_rehearsal.py ran into it)
     assert "--ntasks=8 " in server and "--ntasks=3 " in trainer
     assert "SERVER_PORT=$((PORT_BASE + 1))" in script  # the rendezvous keeps PORT_BASE
     assert 'SERVER_URLS+=("http://$node:$((SERVER_PORT + i))")' in script and "i < 8" in script
@@ -197,49 +184,12 @@ def slurm_unavailable() -> str | None:
 needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slurm_unavailable()))
 
 
-def job_field(job_id: str, name: str) -> str:
-    line = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    found = re.search(rf"\b{name}=(\S*)", line)
-    return found.group(1) if found else ""
-
-
-def wait_for(job_id: str, states: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while (state := job_field(job_id, "JobState")) not in states:
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id])
-            pytest.fail(f"job {job_id} still {state} after {timeout:.0f} s")
-        time.sleep(0.5)
-    return state
-
-
 def submit(capsys, tmp_path, *args) -> str:
     """`alphaalign launch slurm recipes/demo.yaml ... --submit` on the local one-node cluster; the job id."""
-    code, out, err = launch(capsys, "slurm", DEMO, "--nodes", 1, "--gpus-per-node", 0, "--time", 10,
+    code, out, err = launch(capsys, "slurm", DEMO_RECIPE, "--nodes", 1, "--gpus-per-node", 0, "--time", 10,
                             "--output-dir", tmp_path / "run", "--submit", *args)  # fmt: skip
     assert code == 0, err
     return re.search(r"^submitted job (\d+): .*\n\Z", out, re.M).group(1)  # after the plan it prints
-
-
-def job_report(job_id: str, run) -> str:
-    logs = sorted((run / "logs").glob("*")) if (run / "logs").is_dir() else []
-    return f"job {job_id}: {job_field(job_id, 'JobState')} {job_field(job_id, 'Reason')}\n" + "\n".join(
-        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs
-    )
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def freeze_trainer(run) -> None:
-    """SIGSTOP this run's trainer processes, so that a requeue lands mid-run however fast the steps are (Slurm
-    sends SIGCONT with the SIGTERM that ends them)."""
-    for process in psutil.process_iter(["cmdline"]):
-        command = process.info["cmdline"] or []
-        if "alphaalign.cli" in command and "train" in command and any(str(run) in arg for arg in command):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGSTOP)
 
 
 @pytest.mark.slow
@@ -275,14 +225,6 @@ def test_slurm_demo_trainer_only_completes_and_resumes_after_requeue(capsys, tin
     assert f"finished step {steps}" in trainer_log
     job_log = (run / "logs" / f"job-{job}.out").read_text()
     assert "(restart 0)" in job_log and "(restart 1)" in job_log and "trainer exited with 0" in job_log
-
-
-@pytest.fixture
-def vllm_cpu_env(monkeypatch):
-    """vLLM's CPU backend in one process with a 1 GiB KV cache (jobs and scripts inherit this environment)."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (CPU: `make install-vllm-cpu`)")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 def served_demo_overrides(policy) -> list[str]:
@@ -325,7 +267,7 @@ def test_slurm_demo_with_a_vllm_server_step_beside_the_trainer(capsys, vllm_cpu_
 
 def launch_local(tmp_path, *args) -> subprocess.CompletedProcess:
     """`alphaalign launch local recipes/demo.yaml ...` in a child process, as a user runs it."""
-    command = [sys.executable, "-m", "alphaalign.cli", "launch", "local", str(DEMO), "--output-dir",
+    command = [sys.executable, "-m", "alphaalign.cli", "launch", "local", str(DEMO_RECIPE), "--output-dir",
                str(tmp_path / "run"), *map(str, args)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=480)
