@@ -179,6 +179,11 @@ class AlgorithmConfig(_Section):
     rollout_correction_max: float = Field(3.0, gt=0)
     rollout_correction_min: float | None = Field(None, ge=0)
     mask_truncated_completions: bool = False
+    # Dynamic sampling (DAPO): 'zero_std' drops the groups whose scalar rewards are all equal (every advantage
+    # zero) and draws more batches of prompts until prompts_per_step groups are kept, at most
+    # max_resample_rounds extra draws per step (alphaalign/rl/sampling.py, docs/design.md)
+    filter_groups: Literal["none", "zero_std"] = "none"
+    max_resample_rounds: int = Field(3, ge=0)
 
     @field_validator("advantage_estimator", "kl_estimator", "loss_type")
     @classmethod
@@ -304,6 +309,10 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "alphaalign"
     run_name: str | None = None
+    # every this many steps, the completions of samples_count of the step's prompts (rewards per term,
+    # verdicts, advantages) go to <output_dir>/samples.jsonl and a wandb Table (0 = never)
+    samples_every: int = Field(10, ge=0)
+    samples_count: int = Field(4, gt=0)
 
 
 class LaunchConfig(_Section):

@@ -43,6 +43,7 @@ RESERVED_COLUMNS = {
     "completions": "the reward functions' second argument",
     "label": "the label column the rewards are passed (harmful/benign)",
     "group": "the rewards' group column (the prompt's index in the step)",
+    "completion_length": "the rewards' completion_length column (tokens in each completion)",
 }
 
 

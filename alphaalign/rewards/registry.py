@@ -3,7 +3,8 @@
 A reward follows TRL's reward-function signature,
 ``fn(prompts, completions, **columns) -> list[float | None]``: ``columns`` are the dataset columns
 plus ``label`` (harmful/benign) and, from the trainer, ``group`` (the prompt's index within the step: the
-rollouts of one prompt share it; rows are not necessarily ordered by group), aligned with ``completions``;
+rollouts of one prompt share it; rows are not necessarily ordered by group) and ``completion_length`` (the
+completion's token count), aligned with ``completions``;
 ``None`` means "not applicable". A recipe's ``args`` are bound with ``functools.partial`` by the caller.
 A function without ``**kwargs`` is passed only the columns it names (``f(prompts, completions, label)``).
 
@@ -23,7 +24,7 @@ RewardFn = Callable[..., list[float | None]]
 _REWARDS: dict[str, RewardFn] = {}
 _CHECKS: dict[RewardFn, Callable[[dict, str], None]] = {}  # a reward's own check of its args' values
 _POSITIONAL = ("prompts", "completions")
-COLUMNS_FROM_TRAINER = ("label", "group")
+COLUMNS_FROM_TRAINER = ("label", "group", "completion_length")
 
 
 class UnknownRewardError(ValueError):

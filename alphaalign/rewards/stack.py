@@ -11,7 +11,8 @@ was given, ends the run in one line naming `rewards.N`. Non-finite values are th
 (`trainer.max_bad_steps`): NaN means "not applicable", ±inf skips the step.
 
 `columns` always holds `label` (harmful/benign) and, from the trainer, `group`: the index within the step of
-the prompt each completion answers, so the rollouts of one prompt share a group id. Rows are not guaranteed to
+the prompt each completion answers, so the rollouts of one prompt share a group id, and `completion_length`:
+the completion's token count. Rows are not guaranteed to
 be ordered by group. The other columns are the data rows' remaining fields. A function without `**kwargs`
 gets only the columns it names. A column named like one of a term's arguments (`registry.column_clash`) is
 refused in one line naming the column and the term: `validate` does it for local data files, `score` for
@@ -38,17 +39,23 @@ def _pick(items: list, rows: list[int]) -> list:
 
 
 class RewardStack:
-    def __init__(self, specs: list[RewardSpec], answer_format: FormatConfig | None = None):
+    def __init__(
+        self,
+        specs: list[RewardSpec],
+        answer_format: FormatConfig | None = None,
+        max_new_tokens: int | None = None,
+    ):
         """`answer_format` (the recipe's `format:`, default `FormatConfig()`) gives the tags to every function
-        that takes `reasoning_tag` / `answer_tag`."""
+        that takes `reasoning_tag` / `answer_tag`; `max_new_tokens` (the recipe's `rollout.max_new_tokens`,
+        from the trainer) goes to every function that takes `max_new_tokens`."""
         self.specs = specs
         self.bare = [resolve_reward(spec.name) for spec in specs]
         answer_format = answer_format or FormatConfig()
+        from_recipe = {key: getattr(answer_format, key) for key in FORMAT_ARGS}
+        if max_new_tokens is not None:
+            from_recipe["max_new_tokens"] = max_new_tokens
         self.args = [
-            {
-                **{key: getattr(answer_format, key) for key in FORMAT_ARGS if key in keyword_names(fn)},
-                **spec.args,
-            }
+            {**{key: v for key, v in from_recipe.items() if key in keyword_names(fn)}, **spec.args}
             for fn, spec in zip(self.bare, specs, strict=True)
         ]
         self.fns = [partial(fn, **args) for fn, args in zip(self.bare, self.args, strict=True)]
@@ -97,14 +104,19 @@ class RewardStack:
         return table
 
 
-def reward_columns(examples: list, group_size: int, first_group: int = 0) -> dict[str, list]:
+def reward_columns(
+    examples: list, group_size: int, first_group: int = 0, completion_lengths: list[int] | None = None
+) -> dict[str, list]:
     """The columns the rewards get for `group_size` completions of each example: `label`, the examples' own
-    fields, and `group` (the prompt's index in the step, counted from `first_group`)."""
+    fields, `group` (the prompt's index in the step, counted from `first_group`) and, when given,
+    `completion_length` (tokens per completion)."""
     group = [ex for ex in examples for _ in range(group_size)]
     columns = {"label": [ex.label for ex in group]}
     for key in {k for ex in group for k in ex.columns}:
         columns[key] = [ex.columns.get(key) for ex in group]
     columns["group"] = [first_group + i for i in range(len(examples)) for _ in range(group_size)]
+    if completion_lengths is not None:
+        columns["completion_length"] = list(completion_lengths)
     return columns
 
 

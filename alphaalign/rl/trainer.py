@@ -35,16 +35,17 @@ from alphaalign.models import load_causal_lm, load_reference, load_tokenizer, pi
 from alphaalign.outputs import prepare_output_dir
 from alphaalign.parallel import ONE_PROCESS, launched_world_size
 from alphaalign.plan import Plan, check_structure
-from alphaalign.rewards.stack import RewardStack, reward_columns
+from alphaalign.rewards.stack import RewardStack
 from alphaalign.rl import algos
 from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from alphaalign.rl.logger import MetricsLogger
 from alphaalign.rl.metrics import reward_metrics, rollout_metrics, rollout_verdicts
 from alphaalign.rl.optim import TorchOptimization
+from alphaalign.rl.sampling import StepSampler
 from alphaalign.rl.update import UpdateSettings, first_nonfinite, policy_update
 from alphaalign.rollout import make_engine
 from alphaalign.rollout.async_rollouts import RolloutQueue
-from alphaalign.rollout.base import Rollouts, SamplingParams
+from alphaalign.rollout.base import SamplingParams
 from alphaalign.verdicts import safety_summary
 
 
@@ -72,7 +73,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     train_sources = load_split(recipe.data, "train", base)
     eval_examples = [ex for source in load_split(recipe.data, "eval", base) for ex in source]
     stream = PromptStream(train_sources, [s.weight for s in recipe.data.train], tc.seed)
-    rewards = RewardStack(recipe.rewards, recipe.format)
+    rewards = RewardStack(recipe.rewards, recipe.format, rc.max_new_tokens)
 
     resume = resolve_resume(tc.resume_from, tc.output_dir, quiet=not ranks.is_main)
     tokenizer = load_tokenizer(recipe.model)
@@ -133,22 +134,18 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     rollout_queue = RolloutQueue(
         engine, draw, encode, rc.num_generations, sampling, rc.async_steps, resources
     )
+    sampler = StepSampler(rollout_queue, tokenizer, rewards, ranks, recipe)  # dynamic sampling too
     settings = UpdateSettings.from_recipe(recipe)
     metrics: dict = {}
     while step < tc.max_steps:
         step += 1
         t0 = time.perf_counter()
-        examples, rollouts = rollout_queue.next(steps_left=tc.max_steps - step + 1)
-        texts = tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-
-        t1 = time.perf_counter()
-        columns = reward_columns(examples, rc.num_generations, first_group=ranks.rank * len(examples))
-        per_term = rewards.score(
-            [ex.prompt for ex in examples for _ in range(rc.num_generations)], texts, columns
-        )
-        mine = slice(ranks.rank * len(texts), (ranks.rank + 1) * len(texts))  # this rank's rows in the batch
-        local_rollouts = rollouts
-        rollouts, texts, columns, per_term = gather_batch(ranks, rollouts, texts, columns, per_term)
+        batch = sampler.next(steps_left=tc.max_steps - step + 1)  # the whole step's batch, on every rank
+        whole = batch.whole
+        rollouts, texts, columns, per_term = whole.rollouts, whole.texts, whole.columns, whole.per_term
+        t1 = t0 + batch.generate_s
+        mine = batch.mine  # this rank's rows in the batch
+        local_rollouts = batch.local
         scalar, advantages = algos.advantages(per_term, rewards.weights, rc.num_generations, ac)
 
         t2 = time.perf_counter()
@@ -156,7 +153,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
             rewards=per_term[~per_term.isnan()], advantages=advantages
         )  # NaN: not applicable
         update = {}
-        if problem is None:
+        if problem is None and batch.trainable:
             update = policy_update(
                 opt, ref, local_rollouts, advantages[mine], settings, tokenizer.pad_token_id, ranks
             )
@@ -169,6 +166,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         metrics = {
             "step": step,
             **reward_metrics(per_term, scalar, advantages, rewards.names, rc.num_generations),
+            **batch.stats,
             **update,
             "guard/skipped_step": float(problem is not None),
             "guard/skipped_steps_total": bad_steps,
@@ -190,7 +188,8 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         if problem is not None:
             check_bad_steps(step, problem, bad_steps, tc.max_bad_steps, out)
         if step % tc.save_every == 0 or step == tc.max_steps:
-            draws = stream.draws - rollout_queue.prompts_ahead  # prompts drawn ahead are not consumed yet
+            # prompts drawn ahead are not consumed yet
+            draws = stream.draws - rollout_queue.batches_ahead * tc.prompts_per_step
             save_checkpoint(out, step, opt, tokenizer, draws, tc.keep_last, bad_steps, ranks)
     if logger:
         logger.close()
@@ -222,26 +221,6 @@ def start_processes(recipe: Recipe):
     config = zero.read_config(recipe)
     deepspeed = zero.import_deepspeed()
     return zero.init_ranks(deepspeed), deepspeed, config
-
-
-def gather_batch(ranks, rollouts: Rollouts, texts: list[str], columns: dict, per_term: torch.Tensor):
-    """The whole step's rollouts, texts, reward columns and rewards from every rank's slice, in rank order."""
-    if ranks.world_size == 1:
-        return rollouts, texts, columns, per_term
-    parts = ranks.gather((rollouts, texts, columns, per_term))
-    merged = Rollouts(*([row for part in parts for row in getattr(part[0], field)]
-                        for field in ("prompt_ids", "completion_ids", "logprobs", "finish_reasons")),
-                      policy_version=rollouts.policy_version)  # fmt: skip
-    keys = {key for part in parts for key in part[2]}
-    merged_columns = {
-        key: [v for part in parts for v in part[2].get(key, [None] * len(part[1]))] for key in keys
-    }
-    return (
-        merged,
-        [t for part in parts for t in part[1]],
-        merged_columns,
-        torch.cat([part[3] for part in parts]),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

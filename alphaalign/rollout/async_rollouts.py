@@ -4,6 +4,8 @@ With `async_steps: a`, after step k takes its batch the batches of steps k+1..k+
 the engine generates them (HTTP requests to the servers) while the trainer scores and updates step k. A
 weight sync waits for in-flight generation, so a batch is sampled by exactly one policy version, at most
 `a` versions older than the policy that consumes it. `async_steps: 0` generates inline, step by step.
+Dynamic sampling (`algorithm.filter_groups`) takes further batches from the same queue within a step, so
+prompts are consumed in the order they were drawn.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ class RolloutQueue:
         return examples, future.result()
 
     @property
-    def prompts_ahead(self) -> int:
-        """Prompts drawn for steps not taken yet (a checkpoint records the data position without them)."""
-        return sum(len(examples) for examples, _ in self.pending)
+    def batches_ahead(self) -> int:
+        """Batches drawn for steps not taken yet (a checkpoint records the data position without them; a
+        batch's examples are this rank's slice of what was drawn, so the caller knows the batch's size)."""
+        return len(self.pending)
 
     def _submit(self) -> None:
         examples = self.draw()

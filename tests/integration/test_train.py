@@ -1,5 +1,6 @@
 """End-to-end training on a tiny offline model: outputs, checkpoints, exact resume, algorithm variants."""
 
+import json
 import subprocess
 import sys
 
@@ -179,3 +180,63 @@ def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(write_reci
     train(load_recipe(path, ["trainer.max_steps=4"]))  # resumes from step 2, not from the broken folders
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
     assert latest_checkpoint(out).name == "step-000004" and not broken.exists()
+
+
+# ---- dynamic sampling (algorithm.filter_groups) and samples in the logs
+
+
+def test_all_equal_groups_are_the_ones_with_nothing_to_learn():
+    from alphaalign.rl.sampling import all_equal_groups
+
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 1.0, 1.0,  0.0, 1.0, 0.0,  nan, 0.5, 0.5,  nan, 2.0, nan,  nan, nan, nan,
+                            0.3, 0.3, 0.30001])  # fmt: skip
+    assert all_equal_groups(rewards, 3).tolist() == [True, False, True, True, True, False]
+
+
+def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_exactly(
+    write_recipe, tiny_policy, tmp_path
+):
+    """The demo reward on the tiny policy gives many groups one reward for all their completions: those are
+    dropped, more prompts are drawn until the batch holds prompts_per_step groups, the checkpoint's data
+    position counts every prompt drawn, and a run resumed from step 1 repeats the uninterrupted one."""
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path, algorithm={"filter_groups": "zero_std", "max_resample_rounds": 6},
+        trainer={"max_steps": 2, "save_every": 1},
+    )  # fmt: skip
+    train(load_recipe(path, [f"trainer.output_dir={full_dir}"]))
+    rows = read_metrics(full_dir)
+    assert sum(r["filter/groups_dropped"] for r in rows) > 0  # there were all-equal groups to drop
+    for r in rows:
+        assert r["filter/groups_kept"] == 4 and r["groups/zero_reward_std_fraction"] == 0.0
+        assert r["filter/resample_rounds"] >= 1 and "loss" in r
+    for step in range(1, len(rows) + 1):  # every prompt drawn so far, the refills included
+        state = json.loads((full_dir / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        assert state["data_draws"] == 4 * sum(1 + q["filter/resample_rounds"] for q in rows[:step])
+
+    train(load_recipe(path, [f"trainer.output_dir={split_dir}", "trainer.max_steps=1"]))
+    train(load_recipe(path, [f"trainer.output_dir={split_dir}"]))  # resumes from step 1
+    assert strip_timing(read_metrics(split_dir)) == strip_timing(rows)
+    a = load_file(full_dir / "checkpoints" / "step-000002" / "policy" / "model.safetensors")
+    b = load_file(split_dir / "checkpoints" / "step-000002" / "policy" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dynamic_sampling_that_keeps_nothing_makes_no_update(write_recipe, tiny_policy, tmp_path):
+    """A constant reward makes every group all-equal: after max_resample_rounds the step has nothing to train
+    on, reports so, and leaves the policy as it was."""
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path,
+        algorithm={"filter_groups": "zero_std", "max_resample_rounds": 1}, trainer={"max_steps": 1},
+    )  # fmt: skip
+    recipe = load_recipe(path, ["rewards=[{name: 'reward_fixtures:constant', args: {value: 1.0}}]"])
+    train(recipe)
+    (row,) = read_metrics(tmp_path / "run")
+    assert row["filter/groups_kept"] == 0 and row["filter/groups_dropped"] == 8
+    assert row["filter/resample_rounds"] == 1 and "loss" not in row and not row["guard/skipped_step"]
+    before = load_file(tiny_policy / "model.safetensors")
+    after = load_file(tmp_path / "run" / "checkpoints" / "step-000001" / "policy" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").read_text())
+    assert state["data_draws"] == 8

@@ -371,6 +371,25 @@ def test_grpo_with_a_self_started_server_checkpoint_sync_and_async_rollouts(
 
 
 @pytest.mark.slow
+def test_dynamic_sampling_with_async_rollouts_draws_the_refills_from_the_queue(
+    write_recipe, vllm_policy, tmp_path
+):
+    """filter_groups with a server generating one step ahead: the refill batches are the queue's next ones,
+    so prompts are consumed in the order drawn and a checkpoint's data position counts exactly the batches
+    the steps took (not the one drawn ahead)."""
+    path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
+    overrides = ["algorithm.filter_groups=zero_std", "algorithm.max_resample_rounds=4", "trainer.max_steps=2",
+                 "trainer.save_every=1"]  # fmt: skip
+    train(load_recipe(path, overrides))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["filter/groups_dropped"] for r in rows) > 0 and any(r["filter/groups_kept"] for r in rows)
+    assert all(("loss" in r) == (r["filter/groups_kept"] > 0) for r in rows)
+    for step in (1, 2):
+        state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        assert state["data_draws"] == 4 * sum(1 + r["filter/resample_rounds"] for r in rows[:step])
+
+
+@pytest.mark.slow
 def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_policy, write_recipe, tmp_path):
     """A generation server killed mid-run (async rollouts, checkpoint sync): the trainer exits with code 2
     and one line naming the endpoint, within rollout.timeout plus the step it was in; the last checkpoint

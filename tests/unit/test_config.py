@@ -97,6 +97,13 @@ def test_unknown_key_in_override_names_the_override(write_recipe):
             "rollout.weight_sync_keep=1",
             "rollout.weight_sync_keep: Input should be greater than or equal to 2",
         ),
+        ("algorithm.filter_groups=std", "algorithm.filter_groups: Input should be 'none' or 'zero_std'"),
+        (
+            "algorithm.max_resample_rounds=-1",
+            "algorithm.max_resample_rounds: Input should be greater than or",
+        ),
+        ("logging.samples_every=-1", "logging.samples_every: Input should be greater than or equal to 0"),
+        ("logging.samples_count=0", "logging.samples_count: Input should be greater than 0"),
     ],
 )
 def test_bad_values_name_the_key(write_recipe, override, message):
