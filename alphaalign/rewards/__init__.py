@@ -3,6 +3,7 @@
 from alphaalign.rewards import alphaalign_safety as _alphaalign_safety  # noqa: F401  (registers)
 from alphaalign.rewards import csrm as _csrm  # noqa: F401  (registers)
 from alphaalign.rewards import helpfulness as _helpfulness  # noqa: F401  (registers)
+from alphaalign.rewards import overlong as _overlong  # noqa: F401  (registers)
 from alphaalign.rewards.registry import (
     UnknownRewardError,
     check_reward_args,

@@ -309,6 +309,7 @@ REQUIRED_ARGS = {
     "csrm": {"model": "m"},
     "helpfulness_rm": {"model": "m"},
     "remote_rm": {"url": "http://127.0.0.1:9"},
+    "overlong_buffer": {"buffer_length": 4},
 }
 
 
