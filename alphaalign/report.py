@@ -1,7 +1,7 @@
 """`alphaalign report`: tables and plots for training runs and `alphaalign eval` results, side by side.
 
-A folder given to the report is a training run (metrics.jsonl, eval_before.json, eval_after.json) or an eval
-output (summary.json), or both. The report is report.md with PNGs beside it, and report.html with the same
+A folder given to the report is a training run (metrics.jsonl, eval_before.json, eval_after.json, and
+samples.jsonl, whose latest step's completions are shown) or an eval output (summary.json), or both. The report is report.md with PNGs beside it, and report.html with the same
 PNGs embedded, so that one file can be mailed around.
 """
 
@@ -28,6 +28,7 @@ class Run:
     before: dict | None = None  # eval_before.json
     after: dict | None = None  # eval_after.json
     summary: dict | None = None  # an `alphaalign eval` summary.json
+    samples: list[dict] = field(default_factory=list)  # samples.jsonl rows of its latest step
 
 
 def _read_json(path: Path):
@@ -44,6 +45,11 @@ def load_run(folder: Path) -> Run:
         from alphaalign.rl.logger import read_metrics
 
         run.steps = read_metrics(metrics)
+    if (folder / "samples.jsonl").exists():
+        from alphaalign.rl.logger import read_metrics
+
+        rows = read_metrics(folder / "samples.jsonl", "samples")
+        run.samples = [r for r in rows if r["step"] == rows[-1]["step"]] if rows else []
     for attr, name in (
         ("before", "eval_before.json"),
         ("after", "eval_after.json"),
@@ -366,9 +372,44 @@ def benchmark_rows(table: dict[str, dict[str, dict]]) -> list[list[str]]:
     return rows
 
 
+SAMPLE_TEXT_CHARS = 400  # of a prompt or completion shown in a table cell
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= SAMPLE_TEXT_CHARS else text[:SAMPLE_TEXT_CHARS] + " …"
+
+
+def _value(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def sample_sections(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per run with samples: its latest samples.jsonl step, one row per completion."""
+    sections = []
+    for run in runs:
+        if not run.samples:
+            continue
+        terms = list(run.samples[0]["rewards"])
+        header = ["prompt", "label", "completion", "reward", *terms, "advantage", "refused", "format valid"]
+        rows = [[_short(s["prompt"]), s["label"], _short(s["completion"]), _value(s["reward"]),
+                 *(_value(s["rewards"].get(t)) for t in terms), f"{s['advantage']:.3f}",
+                 "yes" if s["refused"] else "no", "yes" if s["format_valid"] else "no"]
+                for s in run.samples]  # fmt: skip
+        title = (
+            f"Latest samples (step {run.samples[0]['step']}, {run.name}; samples.jsonl has every logged step)"
+        )
+        sections.append((title, header, rows))
+    return sections
+
+
+def _md_cell(text: str) -> str:
+    """A cell's text on one markdown table line: pipes escaped, line breaks as <br>."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
 
 
 def html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -410,6 +451,9 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
             f"<h2>{html.escape(heading)}</h2>",
             f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>",
         ]
+    for heading, header, rows in sample_sections(runs):  # after the figures: long rows of text
+        md += [f"## {heading}", "", markdown_table(header, rows), ""]
+        page += [f"<h2>{html.escape(heading)}</h2>", html_table(header, rows)]
     md.append(
         "Each row names the judge of its refusals and what its ASR is computed from (1 − harmful refusal rate, "
         "or an LLM judge's harm score). See docs/evaluation.md."

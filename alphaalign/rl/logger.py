@@ -38,11 +38,7 @@ class MetricsLogger:
                 )  # fmt: skip
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        rows = read_metrics(self.path)
-        with writing(self.path, "metrics"):
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+        truncate_after(self.path, step, "metrics")
 
     def log(self, metrics: dict) -> None:
         with writing(self.path, "metrics", "the checkpoints are intact"):
@@ -60,10 +56,20 @@ class MetricsLogger:
             self.run.finish()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl file. A torn last line (the run was killed or the disk filled while it was
-    written) is dropped with a warning on stderr; any other line that is not a JSON object with a `step` is a
-    UserError naming the line."""
+def truncate_after(path: Path, step: int, what: str) -> None:
+    """Keep the rows of a per-step JSONL file (`what`: metrics, samples) up to `step`: a resumed run rewrites
+    the steps after its checkpoint."""
+    if not path.exists():
+        return
+    rows = read_metrics(path, what)
+    with writing(path, what):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows if row["step"] <= step))
+
+
+def read_metrics(path: Path, what: str = "metrics") -> list[dict]:
+    """The rows of a metrics.jsonl file (or another per-step JSONL file, `what` naming its rows). A torn last
+    line (the run was killed or the disk filled while it was written) is dropped with a warning on stderr; any
+    other line that is not a JSON object with a `step` is a UserError naming the line."""
     lines = [
         (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
     ]
@@ -72,7 +78,7 @@ def read_metrics(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("not a metrics row")
+                raise ValueError(f"not a {what} row")
         except ValueError as exc:
             if i == len(lines) - 1 and isinstance(exc, json.JSONDecodeError):
                 print(
@@ -80,7 +86,7 @@ def read_metrics(path: Path) -> list[dict]:
                     file=sys.stderr,
                 )
                 break
-            raise UserError(f"{path}:{lineno}: not a metrics row ({exc})") from None
+            raise UserError(f"{path}:{lineno}: not a {what} row ({exc})") from None
         rows.append(row)
     return rows
 

@@ -4,7 +4,9 @@ Each step: draw `prompts_per_step` labelled prompts → `num_generations` rollou
 group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → weight sync to
 the rollout engine → log, and checkpoint every `save_every` steps. With `rollout.async_steps` > 0 the next
 steps' rollouts are generated while this step updates. The math lives in `alphaalign.rl.algos`, the update
-in `alphaalign.rl.update` (micro-batches: `alphaalign.rl.batching`), the step's metrics in `alphaalign.rl.metrics`.
+in `alphaalign.rl.update` (micro-batches: `alphaalign.rl.batching`), the step's metrics in `alphaalign.rl.metrics`,
+the step's batch (generation, scoring, dynamic sampling) in `alphaalign.rl.sampling`, the logged sample
+completions in `alphaalign.rl.samples_log`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_check
 from alphaalign.rl.logger import MetricsLogger
 from alphaalign.rl.metrics import reward_metrics, rollout_metrics, rollout_verdicts
 from alphaalign.rl.optim import TorchOptimization
+from alphaalign.rl.samples_log import SamplesLog
 from alphaalign.rl.sampling import StepSampler
 from alphaalign.rl.update import UpdateSettings, first_nonfinite, policy_update
 from alphaalign.rollout import make_engine
@@ -130,6 +133,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
 
     # ---- the loop
     logger = MetricsLogger(recipe, out, start_step=step) if ranks.is_main else None
+    samples = SamplesLog(recipe, out, logger.run, start_step=step) if logger else None
     draw = lambda: ranks.shard(stream.take(tc.prompts_per_step))  # noqa: E731 (this rank's slice)
     rollout_queue = RolloutQueue(
         engine, draw, encode, rc.num_generations, sampling, rc.async_steps, resources
@@ -183,6 +187,8 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         }
         if evaluate and tc.eval_every and step % tc.eval_every == 0:
             metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
+        if samples and samples.due(step):
+            samples.log(step, batch.whole, rewards.names, scalar, advantages)
         if logger:
             logger.log(metrics)
         if problem is not None:

@@ -256,6 +256,34 @@ def test_torchrun_training_with_zero3_and_lora_resumes_exactly(batch, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_training_with_dynamic_sampling_keeps_the_ranks_in_step(batch, tmp_path):
+    """2 processes, ZeRO-3 (collective gathers in every generation and update), filter_groups: the kept set is
+    decided on the gathered batch, so both ranks draw as many refill rounds and update on as many groups; the
+    run completes (a rank running one more round or micro-batch would hang gloo) and rank 0 alone writes
+    the samples."""
+    recipe = load_recipe(torch.load(batch, weights_only=False)["recipe"])
+    config = recipe.model_dump(mode="json")
+    config["trainer"]["deepspeed"] = "zero3"
+    config["algorithm"].update(filter_groups="zero_std", max_resample_rounds=4)
+    config["rollout"]["max_new_tokens"] = 32  # at 16 tokens nearly every completion earns the same reward
+    config["logging"].update(samples_every=1, samples_count=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    run = torchrun("-m", "alphaalign.cli", "train", str(path), f"trainer.output_dir={out}")
+    assert "finished step 2" in run.stdout
+    rows = metrics(out)
+    assert sum(r["filter/groups_dropped"] for r in rows) > 0 and any(r["filter/groups_kept"] for r in rows)
+    for step, r in enumerate(rows, 1):  # an even split; a step that kept nothing makes no update
+        assert r["filter/groups_kept"] % 2 == 0 and r["filter/groups_kept"] <= 4
+        assert ("loss" in r) == (r["filter/groups_kept"] > 0)
+        state = json.loads((out / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        assert state["data_draws"] == 4 * sum(1 + q["filter/resample_rounds"] for q in rows[:step])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1] * 8 + [2] * 8  # 2 prompts × 4 completions, once per step
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "sync", "async_steps"),
     [("zero3", "checkpoint", 0), ("zero2", "lora", 0), ("zero3", "checkpoint", 1)],

@@ -1,5 +1,6 @@
 """End-to-end training on a tiny offline model: outputs, checkpoints, exact resume, algorithm variants."""
 
+import html
 import json
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_e
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     path = recipe_for(
         write_recipe, tiny_policy, tmp_path, algorithm={"filter_groups": "zero_std", "max_resample_rounds": 6},
-        trainer={"max_steps": 2, "save_every": 1},
+        trainer={"max_steps": 2, "save_every": 1}, logging={"samples_every": 1, "samples_count": 2},
     )  # fmt: skip
     train(load_recipe(path, [f"trainer.output_dir={full_dir}"]))
     rows = read_metrics(full_dir)
@@ -218,6 +219,7 @@ def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_e
     train(load_recipe(path, [f"trainer.output_dir={split_dir}", "trainer.max_steps=1"]))
     train(load_recipe(path, [f"trainer.output_dir={split_dir}"]))  # resumes from step 1
     assert strip_timing(read_metrics(split_dir)) == strip_timing(rows)
+    assert (split_dir / "samples.jsonl").read_text() == (full_dir / "samples.jsonl").read_text()
     a = load_file(full_dir / "checkpoints" / "step-000002" / "policy" / "model.safetensors")
     b = load_file(split_dir / "checkpoints" / "step-000002" / "policy" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -240,3 +242,43 @@ def test_dynamic_sampling_that_keeps_nothing_makes_no_update(write_recipe, tiny_
     assert all(torch.equal(before[k], after[k]) for k in before)
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "state.json").read_text())
     assert state["data_draws"] == 8
+
+
+def test_samples_reach_samples_jsonl_wandb_and_the_report(write_recipe, tiny_policy, tmp_path):
+    """Every samples_every steps the completions of samples_count prompts, with each reward term (the
+    overlong penalty computed from the completion's token count among them), the verdicts and the
+    advantages, go to samples.jsonl and a wandb Table (offline run); the report shows the latest step's."""
+    from alphaalign.report import write_report
+    from alphaalign.rewards import parse_alphaalign, refusal_of
+    from alphaalign.rewards.overlong import overlong_penalty
+
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 3},
+        logging={"samples_every": 2, "samples_count": 2, "wandb_mode": "offline"},
+    )  # fmt: skip
+    overlong = "{name: overlong_buffer, weight: 0.5, args: {buffer_length: 16, penalty_factor: 2.0}}"
+    train(load_recipe(path, [f"rewards=[{{name: alphaalign_safety}}, {overlong}]"]))
+    out = tmp_path / "run"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 8 and [s["group"] for s in samples] == [0] * 4 + [1] * 4
+    for s in samples:
+        assert set(s["rewards"]) == {"alphaalign_safety", "overlong_buffer"}
+        assert s["rewards"]["overlong_buffer"] == overlong_penalty(s["completion_tokens"], 32, 16, 2.0)
+        total = s["rewards"]["alphaalign_safety"] + 0.5 * s["rewards"]["overlong_buffer"]
+        assert s["reward"] == pytest.approx(total)
+        assert s["refused"] == refusal_of(s["completion"]) and s["label"] in ("harmful", "benign")
+        assert s["format_valid"] == parse_alphaalign(s["completion"]).format_ok and s["prompt"]
+    for g in (0, 1):  # GRPO centres each group
+        assert abs(sum(s["advantage"] for s in samples if s["group"] == g)) < 1e-5
+
+    (table_file,) = (out / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"][:6] == ["step", "group", "label", "prompt", "completion", "reward"]
+    assert [row[4] for row in table["data"]] == [s["completion"] for s in samples]
+
+    report = tmp_path / "report"
+    write_report([out], report)
+    md = (report / "report.md").read_text()
+    assert "Latest samples (step 2" in md
+    shown = html.escape(samples[0]["completion"].strip().splitlines()[0][:40], quote=False)  # tags as text
+    assert shown in md and shown in (report / "report.html").read_text()
