@@ -186,15 +186,7 @@ def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(write_reci
 # ---- dynamic sampling (algorithm.filter_groups) and samples in the logs
 
 
-def test_all_equal_groups_are_the_ones_with_nothing_to_learn():
-    from alphaalign.rl.sampling import all_equal_groups
-
-    nan = float("nan")
-    rewards = torch.tensor([1.0, 1.0, 1.0,  0.0, 1.0, 0.0,  nan, 0.5, 0.5,  nan, 2.0, nan,  nan, nan, nan,
-                            0.3, 0.3, 0.30001])  # fmt: skip
-    assert all_equal_groups(rewards, 3).tolist() == [True, False, True, True, True, False]
-
-
+@pytest.mark.slow
 def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_exactly(
     write_recipe, tiny_policy, tmp_path
 ):
@@ -225,6 +217,7 @@ def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_e
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_that_keeps_nothing_makes_no_update(write_recipe, tiny_policy, tmp_path):
     """A constant reward makes every group all-equal: after max_resample_rounds the step has nothing to train
     on, reports so, and leaves the policy as it was."""
@@ -244,6 +237,7 @@ def test_dynamic_sampling_that_keeps_nothing_makes_no_update(write_recipe, tiny_
     assert state["data_draws"] == 8
 
 
+@pytest.mark.slow
 def test_samples_reach_samples_jsonl_wandb_and_the_report(write_recipe, tiny_policy, tmp_path):
     """Every samples_every steps the completions of samples_count prompts, with each reward term (the
     overlong penalty computed from the completion's token count among them), the verdicts and the
