@@ -184,6 +184,13 @@ class AlgorithmConfig(_Section):
     # max_resample_rounds extra draws per step (alphaalign/rl/sampling.py, docs/design.md)
     filter_groups: Literal["none", "zero_std"] = "none"
     max_resample_rounds: int = Field(3, ge=0)
+    # PPO with a critic (`advantage_estimator: gae`) and token-level REINFORCE++: the scalar reward goes on
+    # each completion's last token. kl_in_reward folds −β·KL (`kl_estimator`, per token) into those rewards
+    # (classic RLHF PPO) instead of adding β·KL to the loss. Defaults are verl's.
+    kl_in_reward: bool = False
+    gamma: float = Field(1.0, ge=0, le=1)  # discount of the per-token rewards
+    lam: float = Field(1.0, ge=0, le=1)  # GAE's λ
+    value_clip: float | None = Field(0.5, gt=0)  # the critic's values move at most this far from the old ones
 
     @field_validator("advantage_estimator", "kl_estimator", "loss_type")
     @classmethod
@@ -196,6 +203,27 @@ class AlgorithmConfig(_Section):
                 f"{name!r} is not registered in alphaalign/rl/algos.py; choose one of {', '.join(names)}"
             )
         return name
+
+
+class CriticConfig(_Section):
+    """The value model of PPO (`algorithm.advantage_estimator: gae`): a causal-LM backbone with a one-output
+    per-token head (transformers' token classifier), trained by its own AdamW (alphaalign/rl/critic.py)."""
+
+    # 'policy' (model.name_or_path, a new head), or a folder: a causal LM (a new head), a one-output reward
+    # model (its score head kept), or an earlier run's critic (a checkpoint's critic/policy folder)
+    init_from: str = "policy"
+    learning_rate: float = Field(1e-5, gt=0)  # verl's critic default
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    @field_validator("init_from")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("give 'policy' or the folder of a model")
+        return value
 
 
 class TrainerConfig(_Section):
@@ -343,7 +371,39 @@ class Recipe(_Section):
     logging: LoggingConfig = LoggingConfig()
     judge: JudgeSpec = RulesJudge()  # who judges `alphaalign eval`/`score` verdicts (docs/evaluation.md)
     launch: LaunchConfig | None = None  # null: one trainer process, wherever it runs
+    # the value model; filled in with its defaults when algorithm.advantage_estimator is gae
+    critic: CriticConfig | None = None
     _source: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _critic_with_gae(self) -> Recipe:
+        ac = self.algorithm
+        gae = ac.advantage_estimator == "gae"
+        if gae and self.critic is None:
+            if "critic" in self.model_fields_set:
+                raise ValueError("critic: algorithm.advantage_estimator gae needs a critic (the value model); "
+                                 "remove 'critic: null' to get the default one")  # fmt: skip
+            self.critic = CriticConfig()
+        if not gae and self.critic is not None:
+            raise ValueError(f"critic: only algorithm.advantage_estimator gae uses a critic (got "
+                             f"{ac.advantage_estimator!r}); remove the critic section or use gae")  # fmt: skip
+        for key in ("lam", "value_clip"):
+            if not gae and key in ac.model_fields_set:
+                raise ValueError(f"algorithm.{key}: only advantage_estimator gae uses it (got "
+                                 f"{ac.advantage_estimator!r})")  # fmt: skip
+        from alphaalign.rl.algos import TOKEN_ADVANTAGE_ESTIMATORS, token_level
+
+        if ac.kl_in_reward and ac.advantage_estimator not in TOKEN_ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"algorithm.kl_in_reward: needs a per-token advantage estimator "
+                             f"({', '.join(TOKEN_ADVANTAGE_ESTIMATORS)}); got {ac.advantage_estimator!r}")  # fmt: skip
+        if not token_level(ac) and ac.gamma != AlgorithmConfig.model_fields["gamma"].default:
+            raise ValueError("algorithm.gamma: discounts per-token rewards: needs advantage_estimator gae, or "
+                             "reinforce_pp with kl_in_reward: true")  # fmt: skip
+        if ac.kl_in_reward and ac.beta == 0:
+            raise ValueError(
+                "algorithm.kl_in_reward: folds β·KL into the rewards and algorithm.beta is 0; set beta"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tags_set_once(self) -> Recipe:

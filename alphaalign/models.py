@@ -10,8 +10,16 @@ import contextlib
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DynamicCache,
+)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging as transformers_logging
 
 from alphaalign.config import LoraSection, ModelConfig
 from alphaalign.errors import UserError
@@ -86,15 +94,39 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = No
     `path` overrides `model.name_or_path`; a folder holding only LoRA adapters (a LoRA run's checkpoint)
     is loaded onto the base model `model.name_or_path`.
     """
-    path = path or cfg.name_or_path
-    adapters = trainable and cfg.lora is not None and (Path(path) / "adapter_config.json").is_file()
-    base = cfg.name_or_path if adapters else path
+    return _load(AutoModelForCausalLM, cfg, device, path or cfg.name_or_path, cfg.name_or_path, trainable)
+
+
+def load_value_model(cfg: ModelConfig, device: torch.device, path: str, base: str):
+    """PPO's critic: the causal-LM backbone at `path` with a one-output head on every token (transformers'
+    token classifier: `score`), trained like the policy (`model.`'s dtype, autocast, gradient checkpointing).
+
+    `path` is a causal LM (the head starts random, small), a one-output reward model (its score head is kept)
+    or a critic saved by a run. With `model.lora` the critic trains LoRA adapters of its own and its head on
+    the frozen `base`; `path` may then hold just those (a LoRA run's checkpoint).
+    """
+    quiet = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
+        return _load(AutoModelForTokenClassification, cfg, device, path, base, True, "TOKEN_CLS",
+                     "critic.init_from", {"num_labels": 1, "classifier_dropout": 0.0})  # fmt: skip
+    finally:
+        transformers_logging.set_verbosity(quiet)
+
+
+def _load(auto_class, cfg: ModelConfig, device, path: str, lora_base: str, trainable: bool,
+          task_type: str = "CAUSAL_LM", key: str = "model.name_or_path", config_updates: dict | None = None):  # fmt: skip
+    adapters = trainable and cfg.lora is not None and (Path(path) / "adapter_config.json").is_file()
+    base = lora_base if adapters else path
+    options = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    try:
+        if config_updates:
+            options["config"] = AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+            for name, value in config_updates.items():
+                setattr(options["config"], name, value)
+        model = auto_class.from_pretrained(base, **options)
     except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load model from {base!r} ({exc})") from None
+        raise UserError(f"{key}: cannot load model from {base!r} ({exc})") from None
     model.to(device)
     if device.type == "cpu" and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(GROUPED_SDPA)
@@ -108,7 +140,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, path: str | None = No
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = not cfg.gradient_checkpointing
     if cfg.lora is not None:
-        model = with_lora(model, cfg.lora, path if adapters else None)
+        model = with_lora(model, cfg.lora, path if adapters else None, task_type)
     model.train()
     return model
 
@@ -123,17 +155,19 @@ def run_under_autocast(model, dtype: torch.dtype) -> None:
     device_type = next(model.parameters()).device.type
     # one autocast object per method: an object entered again inside itself restores the wrong state on exit
     model.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(model.forward))
-    model.generate = torch.autocast(device_type, dtype=dtype)(model.generate)
+    if hasattr(model, "generate"):  # a critic does not generate
+        model.generate = torch.autocast(device_type, dtype=dtype)(model.generate)
 
 
-def with_lora(model, lora: LoraSection, adapter_path: str | None = None):
-    """Wrap `model` in trainable PEFT LoRA adapters: fresh ones, or those saved at `adapter_path`."""
+def with_lora(model, lora: LoraSection, adapter_path: str | None = None, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` in trainable PEFT LoRA adapters: fresh ones, or those saved at `adapter_path`. A
+    TOKEN_CLS model (the critic) trains its head as well (PEFT's modules_to_save)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_path is not None:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+                        target_modules=lora.target_modules, task_type=task_type)  # fmt: skip
     return get_peft_model(model, config)
 
 

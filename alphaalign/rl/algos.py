@@ -17,7 +17,8 @@ the importance weights, and the loss normalisers listed in `aggregate_loss`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -134,10 +135,13 @@ def reinforce_pp_baseline_advantages(
     return batch_zscore(centered)
 
 
-def advantages(per_term: Tensor, weights: Tensor, group_size: int, algorithm) -> tuple[Tensor, Tensor]:
+def advantages(per_term: Tensor, weights: Tensor, group_size: int, algorithm) -> tuple[Tensor, Tensor | None]:
     """(scalar reward [B], advantages [B]) of a [B, K] matrix of reward terms, as the recipe's `algorithm:`
-    section (`reward_aggregation`, `advantage_estimator`, `scale_rewards`) says."""
+    section (`reward_aggregation`, `advantage_estimator`, `scale_rewards`) says. The advantages are None for a
+    per-token estimator (`token_level`): `token_advantages` turns the scalar rewards into them."""
     scalar = combine_rewards(per_term, weights, group_size, algorithm.reward_aggregation)
+    if token_level(algorithm):
+        return scalar, None
     if algorithm.reward_aggregation == "normalize_then_sum":  # TRL's GDPO: the batch z-score is the advantage
         return scalar, batch_zscore(scalar)
     estimator = ADVANTAGE_ESTIMATORS[algorithm.advantage_estimator]
@@ -228,6 +232,37 @@ def reinforce_pp_token_advantages(
     """
     returns = discounted_returns(token_rewards, mask, gamma)
     return masked_whiten(returns, mask), returns
+
+
+def token_level(algorithm) -> bool:
+    """Whether the recipe's `algorithm:` section takes the per-token path: GAE (it needs a critic's values),
+    or a TOKEN_ADVANTAGE_ESTIMATORS entry with `kl_in_reward` (REINFORCE++ as OpenRLHF and verl run it)."""
+    name = algorithm.advantage_estimator
+    return name not in ADVANTAGE_ESTIMATORS or (algorithm.kl_in_reward and name in TOKEN_ADVANTAGE_ESTIMATORS)
+
+
+def token_advantages(
+    rewards: Tensor, mask: Tensor, algorithm, values: Tensor | None = None, kl: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) [B, T] of scalar rewards [B] placed on each completion's last token, as the
+    `algorithm:` section says: −β·`kl` [B, T] on every token when `kl_in_reward`, then GAE on the critic's
+    `values` [B, T] (advantages whitened over the batch's tokens, as verl) or REINFORCE++'s whitened returns."""
+    if algorithm.kl_in_reward:
+        token_rewards = kl_in_reward(rewards, kl, mask, algorithm.beta)
+    else:
+        token_rewards = last_token_rewards(rewards, mask.to(torch.float32))
+    name = algorithm.advantage_estimator
+    if name == "gae":
+        adv, returns = gae_advantages(token_rewards, values, mask, algorithm.gamma, algorithm.lam)
+        return masked_whiten(adv, mask), returns
+    return TOKEN_ADVANTAGE_ESTIMATORS[name](token_rewards, mask, algorithm.gamma)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 − Var(R − V) / (Var(R) + 1e-8) over the masked tokens (verl's `explained_var`): 1 for a perfect
+    critic, 0 for one that predicts the mean, negative for worse."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
+    return 1.0 - float(var(returns - values)) / (float(var(returns)) + WHITEN_EPS)
 
 
 def value_loss(
@@ -455,8 +490,9 @@ def _global_token_mean(masked: Tensor, mask: Tensor, *, total_tokens, **_) -> Te
 
 
 # The registry behind each recipe key that names one of the functions above.
-RECIPE_REGISTRIES: dict[str, dict] = {
-    "algorithm.advantage_estimator": ADVANTAGE_ESTIMATORS,
+RECIPE_REGISTRIES: dict[str, Mapping] = {
+    # one name per estimator; `token_level` says which table a name is served from
+    "algorithm.advantage_estimator": ChainMap(ADVANTAGE_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS),
     "algorithm.kl_estimator": KL_ESTIMATORS,
     "algorithm.loss_type": LOSS_TYPES,
 }

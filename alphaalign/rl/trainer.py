@@ -43,6 +43,7 @@ from alphaalign.rl.checkpoint import load_checkpoint, resolve_resume, save_check
 from alphaalign.rl.logger import MetricsLogger
 from alphaalign.rl.metrics import reward_metrics, rollout_metrics, rollout_verdicts
 from alphaalign.rl.optim import TorchOptimization
+from alphaalign.rl.ppo import token_level_update
 from alphaalign.rl.samples_log import SamplesLog
 from alphaalign.rl.sampling import StepSampler
 from alphaalign.rl.update import UpdateSettings, first_nonfinite, policy_update
@@ -88,6 +89,12 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         opt = ZeroOptimization(deepspeed, policy, recipe, updates, ds_config, ranks)
     else:
         opt = TorchOptimization(policy, tc, updates)
+    critic = None
+    if recipe.critic is not None:  # PPO's value model (advantage_estimator: gae), with its own optimizer
+        from alphaalign.rl.critic import Critic, WithCritic
+
+        critic = Critic(recipe, tokenizer, device, updates, resume, ranks, deepspeed, ds_config)
+    trained = WithCritic(opt, critic) if critic is not None else opt  # what a checkpoint saves and loads
     ref = load_reference(recipe.model, opt.module, device) if ac.beta > 0 else None
     engine = make_engine(recipe, opt.module, tokenizer, out, resources, ranks, opt.full_state_dict)
     if deepspeed:
@@ -103,7 +110,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
 
     step, bad_steps = 0, 0
     if resume:
-        state = load_checkpoint(resume, opt)
+        state = load_checkpoint(resume, trained)
         step, bad_steps = state["step"], state.get("bad_steps", 0)
         stream.skip_to(state["data_draws"])
         if ranks.is_main:
@@ -151,13 +158,21 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         mine = batch.mine  # this rank's rows in the batch
         local_rollouts = batch.local
         scalar, advantages = algos.advantages(per_term, rewards.weights, rc.num_generations, ac)
+        token_level = advantages is None  # PPO's GAE, REINFORCE++ with kl_in_reward: computed with the update
+        if token_level:
+            advantages = torch.zeros_like(scalar)  # what the metrics show of a step skipped before its update
 
         t2 = time.perf_counter()
         problem = first_nonfinite(
             rewards=per_term[~per_term.isnan()], advantages=advantages
         )  # NaN: not applicable
         update = {}
-        if problem is None and batch.trainable:
+        if problem is None and batch.trainable and token_level:
+            update, advantages = token_level_update(
+                opt, ref, critic, local_rollouts, scalar, mine, settings, tokenizer.pad_token_id, ranks
+            )
+            problem = update.pop("nonfinite", None)
+        elif problem is None and batch.trainable:
             update = policy_update(
                 opt, ref, local_rollouts, advantages[mine], settings, tokenizer.pad_token_id, ranks
             )
@@ -188,7 +203,9 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         if evaluate and tc.eval_every and step % tc.eval_every == 0:
             metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
         if samples and samples.due(step):
-            samples.log(step, batch.whole, rewards.names, scalar, advantages)
+            # per-token estimators have no one advantage per completion: NaN in the samples
+            per_completion = torch.full_like(scalar, float("nan")) if token_level else advantages
+            samples.log(step, batch.whole, rewards.names, scalar, per_completion)
         if logger:
             logger.log(metrics)
         if problem is not None:
@@ -196,7 +213,7 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         if step % tc.save_every == 0 or step == tc.max_steps:
             # prompts drawn ahead are not consumed yet
             draws = stream.draws - rollout_queue.batches_ahead * tc.prompts_per_step
-            save_checkpoint(out, step, opt, tokenizer, draws, tc.keep_last, bad_steps, ranks)
+            save_checkpoint(out, step, trained, tokenizer, draws, tc.keep_last, bad_steps, ranks)
     if logger:
         logger.close()
 

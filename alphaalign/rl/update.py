@@ -93,6 +93,12 @@ def first_nonfinite(**named) -> str | None:
     return None
 
 
+def rows_of(values, mb: MicroBatch):
+    """The micro-batch's rows of a per-sequence [B] or per-token [B, T] tensor (cut to its C tokens)."""
+    rows = values[mb.rows]
+    return rows[:, : mb.completion_ids.shape[1]] if rows.dim() == 2 else rows
+
+
 def micro_batch_loss(
     policy, mb: MicroBatch, advantages, old_logp, ref_logp, ac: AlgorithmConfig, temperature: float,
     max_completion_length: int, counts: BatchCounts,
@@ -133,13 +139,20 @@ def micro_batch_loss(
     return loss, stats
 
 
-def policy_update(
-    opt, ref, rollouts: Rollouts, advantages, settings: UpdateSettings, pad_id, ranks=ONE_PROCESS
-) -> dict:
-    """One batch's update on this rank's rollouts (`advantages` are theirs); returns batch-wide metrics.
+@dataclass
+class PreparedBatch:
+    """This rank's rollouts as micro-batches, with the frozen per-token log-probs the update reads."""
 
-    `opt` is a TorchOptimization or a ZeroOptimization; losses are normalized by counts summed over ranks.
-    """
+    mbs: list[MicroBatch]  # padded with idle copies (empty loss mask) to the most micro-batches any rank has
+    real: int  # how many of `mbs` hold this rank's rows (the first ones)
+    counts: BatchCounts
+    old_logps: list  # π_old per micro-batch, or Nones when π_old = π_θ
+    ref_logps: list  # π_ref per micro-batch, or Nones without a reference
+
+
+def prepare_batch(opt, ref, rollouts: Rollouts, settings: UpdateSettings, pad_id, ranks=ONE_PROCESS):
+    """The micro-batches of this rank's rollouts and their frozen log-probs (π_old, π_ref), computed once before
+    the first update; None when a log-prob is not finite on any rank (every rank then skips together)."""
     ac, temperature = settings.algorithm, settings.temperature
     device = next(opt.module.parameters()).device
     keep = [not (ac.mask_truncated_completions and r == "length") for r in rollouts.finish_reasons]
@@ -150,13 +163,14 @@ def policy_update(
     sequences, tokens, count = ranks.sum([len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)),
                                           len(mbs)])  # fmt: skip
     counts = BatchCounts(int(sequences), tokens, int(count))
+    real = len(mbs)
     # ZeRO-3 gathers parameters collectively in every forward and backward, so all ranks run as many
     # micro-batches; the extra ones are copies whose loss mask is empty (they add nothing)
     idle = dataclasses.replace(mbs[-1], mask=torch.zeros_like(mbs[-1].mask))
     mbs += [idle] * (ranks.max(len(mbs)) - len(mbs))
-    need_old = ac.num_iterations > 1 or ac.rollout_correction != "none"
+    # the per-token KL in the rewards is measured on the policy that generated the batch
+    need_old = ac.num_iterations > 1 or ac.rollout_correction != "none" or ac.kl_in_reward
 
-    # Frozen per-token log-probs (π_old, π_ref), computed once before the first update.
     def frozen(model, mb):
         with torch.no_grad():
             return algos.token_logprobs(completion_logits(model, mb), mb.completion_ids, temperature)
@@ -167,8 +181,28 @@ def policy_update(
     if ac.rollout_correction != "none":
         checked += [mb.rollout_logp for mb in mbs]
     problem = first_nonfinite(**{"log-probs": checked})
-    if ranks.sum([float(problem is not None)])[0]:  # every rank skips together
+    if ranks.sum([float(problem is not None)])[0]:
+        return None
+    return PreparedBatch(mbs, real, counts, old_logps, ref_logps)
+
+
+def policy_update(
+    opt, ref, rollouts: Rollouts, advantages, settings: UpdateSettings, pad_id, ranks=ONE_PROCESS,
+    batch: PreparedBatch | None = None,
+) -> dict:  # fmt: skip
+    """One batch's update on this rank's rollouts (`advantages` are theirs: [B], or per token [B, T]); returns
+    batch-wide metrics. `batch` is `prepare_batch`'s, when the caller needed its log-probs first.
+
+    `opt` is a TorchOptimization or a ZeroOptimization; losses are normalized by counts summed over ranks.
+    """
+    ac, temperature = settings.algorithm, settings.temperature
+    device = next(opt.module.parameters()).device
+    batch = batch or prepare_batch(opt, ref, rollouts, settings, pad_id, ranks)
+    if batch is None:
         return {"nonfinite": "log-probs"}
+    mbs, counts, old_logps = batch.mbs, batch.counts, batch.old_logps
+    # with kl_in_reward the KL is already in the advantages, not a loss term
+    ref_logps = [None] * len(mbs) if ac.kl_in_reward else batch.ref_logps
 
     sums = UpdateSums()
     grad_norms = []
@@ -177,7 +211,7 @@ def policy_update(
     for iteration in range(ac.num_iterations):
         opt.zero_grad()
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
-            loss, stats = micro_batch_loss(opt.model, mb, advantages[mb.rows].to(device), old, ref_logp, ac,
+            loss, stats = micro_batch_loss(opt.model, mb, rows_of(advantages, mb).to(device), old, ref_logp, ac,
                                            temperature, settings.max_completion_length, counts)  # fmt: skip
             opt.backward(loss)
             sums.add(loss, stats, mb.mask, ac.num_iterations, first_iteration=iteration == 0)
@@ -199,7 +233,7 @@ def policy_update(
         "clip/low_fraction": totals.clip_low / n,
         "clip/high_fraction": totals.clip_high / n,
     }
-    if ref is not None:
+    if ref is not None and not ac.kl_in_reward:
         out[f"kl/{ac.kl_estimator}_mean"] = totals.kl / n
     if ac.rollout_correction != "none":
         out["rollout_correction/weight_mean"] = totals.is_weight / n
