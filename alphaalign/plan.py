@@ -308,6 +308,17 @@ def estimate_memory(recipe: Recipe, plan: Plan) -> Estimate:
                 est.unknown.append(mc.ref_name_or_path)
             else:
                 est.held["reference"] = w * ref.params() / (n if stage == 3 else 1)
+        if recipe.critic is not None:  # PPO's value model: its own weights, gradients and AdamW state
+            init = recipe.critic.init_from
+            critic = arch if init == "policy" else find_architecture(init, base)
+            if critic is None:
+                est.unknown.append(init)
+            else:  # its update's activations are the policy's without the vocabulary logits: no new peak
+                params = critic.params(lm_head=False)
+                learned = critic.lora_params(mc.lora.r, mc.lora.target_modules) if mc.lora else params
+                est.held["critic"] = (0 if param_cpu else w * params / (n if stage == 3 else 1)) + (
+                    grad_bytes + (0 if opt_cpu else opt_bytes)
+                ) * learned / shards
         # one micro-batch's forward and backward: checkpointed layer inputs and one layer recomputed, or every
         # layer's activations; the completion logits in the model's dtype, their float32 copy and exponentials
         tokens = tc.micro_batch_tokens

@@ -208,6 +208,39 @@ def test_the_critic_fits_fixed_returns(fixed_batch):
     assert explained[-1] > explained[0] + 0.2, explained
 
 
+def test_with_lora_the_critic_trains_its_own_adapters_and_head_and_resumes(fixed_batch, tmp_path):
+    """model.lora: the critic gets LoRA adapters of its own and a trainable head (gradient checkpointing on,
+    as the policy's); a checkpoint holds just those, and a critic loaded from it gives the same values."""
+    from alphaalign.config import LoraSection
+    from alphaalign.rl.critic import Critic
+
+    recipe, tokenizer, _, batch = fixed_batch
+    lora = LoraSection(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    model = recipe.model.model_copy(update={"lora": lora, "gradient_checkpointing": True})
+    recipe = recipe.model_copy(update={"model": model})
+    critic = Critic(recipe, tokenizer, torch.device("cpu"), 10)
+    trainable = [n for n, p in critic.opt.module.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)
+    assert all("score" in n or "lora_" in n for n in trainable), trainable
+    assert critic.opt.module.is_gradient_checkpointing
+    old = critic.values(batch.mbs)
+    mask = torch.nn.utils.rnn.pad_sequence(
+        [m for mb in batch.mbs[: batch.real] for m in mb.mask], batch_first=True
+    )
+    _, returns = algos.token_advantages(torch.linspace(-1, 1, 8), mask, recipe.algorithm, mask * 0)
+    metrics = critic.update(batch, old, returns, recipe.algorithm.model_copy(update={"num_iterations": 1}))
+    assert "nonfinite" not in metrics and metrics["critic/grad_norm"] > 0
+    critic.save(tmp_path)
+    saved = tmp_path / "critic" / "policy"
+    assert (saved / "adapter_config.json").is_file() and not (saved / "model.safetensors").exists()
+    resumed = Critic(recipe, tokenizer, torch.device("cpu"), 10, resume=tmp_path)
+    resumed.load(tmp_path)
+    assert all(
+        torch.equal(a, b) for a, b in zip(critic.values(batch.mbs), resumed.values(batch.mbs), strict=True)
+    )
+    assert not all(torch.equal(a, b) for a, b in zip(old, critic.values(batch.mbs), strict=True))
+
+
 def test_a_reward_model_starts_the_critic_with_its_score_head(tiny_rm, tmp_path, write_recipe):
     from alphaalign.models import load_tokenizer
     from alphaalign.rl.critic import Critic
@@ -267,6 +300,12 @@ def test_ppo_trains_the_policy_and_the_critic_and_resumes_exactly(write_recipe, 
     critic = load_file(last / "critic" / "policy" / "model.safetensors")
     assert "score.weight" in critic and "lm_head.weight" not in critic
     assert any(not torch.equal(before[k], critic[k]) for k in before if k in critic)  # the backbone trained
+    # the manifest covers the critic's files: a truncated optimizer state makes the checkpoint damaged
+    from alphaalign.rl.checkpoint import checkpoint_problem
+
+    assert checkpoint_problem(last) is None
+    (last / "critic" / "trainer_state.pt").write_bytes(b"")
+    assert checkpoint_problem(last).startswith("critic/trainer_state.pt has 0 bytes")
 
 
 @pytest.mark.slow
@@ -283,3 +322,17 @@ def test_reinforce_pp_with_the_kl_in_the_reward_trains(write_recipe, tiny_policy
     assert abs(rows[0]["kl/k1_mean"]) < 1e-6 < abs(rows[-1]["kl/k1_mean"])  # measured, in the reward
     assert all(abs(r["advantage/mean"]) < 1e-5 for r in rows)  # whitened over the batch's tokens
     assert not (out / "checkpoints" / "step-000002" / "critic").exists()
+
+
+def test_the_plan_counts_the_critics_weights_gradients_and_optimizer(write_recipe):
+    from alphaalign.plan import Plan, estimate_memory, find_architecture
+
+    path = write_recipe({"algorithm": {"advantage_estimator": "gae"},
+                         "trainer": {"micro_batch_tokens": 1024, "device": "cuda"}})  # fmt: skip
+    est = estimate_memory(load_recipe(path), Plan(gpus=True))
+    backbone = find_architecture("Qwen/Qwen2.5-0.5B-Instruct").params(lm_head=False)
+    assert est.held["critic"] == pytest.approx(16 * backbone / 1e9)  # float32 weights, gradients, 2 moments
+    grpo = estimate_memory(
+        load_recipe(write_recipe({"trainer": {"micro_batch_tokens": 1024}})), Plan(gpus=True)
+    )
+    assert "critic" not in grpo.held

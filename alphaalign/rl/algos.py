@@ -4,7 +4,7 @@ Shapes: B completions, T completion tokens (right-padded), `mask` is 1 on real c
 Registries: ADVANTAGE_ESTIMATORS take one scalar reward per completion, `(rewards [B], group_size,
 scale_rewards) -> advantages [B]` (what the trainer calls); TOKEN_ADVANTAGE_ESTIMATORS take per-token rewards
 (`kl_in_reward`) first, then what each needs (GAE: the critic's values; both: `mask` [B, T]), and return
-`(advantages, returns)`, both [B, T];
+`(advantages, returns)`, both [B, T] (the trainer calls them through `token_advantages` when `token_level`);
 POLICY_LOSSES give the per-token policy loss of each surrogate; LOSS_AGGREGATIONS reduce it to one number;
 LOSS_TYPES pair a surrogate with a normaliser (what `algorithm.loss_type` names); KL_ESTIMATORS the
 per-token KL. The recipe keys that name an entry are validated against these tables (`RECIPE_REGISTRIES`),
@@ -492,7 +492,7 @@ def _global_token_mean(masked: Tensor, mask: Tensor, *, total_tokens, **_) -> Te
 # The registry behind each recipe key that names one of the functions above.
 RECIPE_REGISTRIES: dict[str, Mapping] = {
     # one name per estimator; `token_level` says which table a name is served from
-    "algorithm.advantage_estimator": ChainMap(ADVANTAGE_ESTIMATORS, TOKEN_ADVANTAGE_ESTIMATORS),
+    "algorithm.advantage_estimator": ChainMap(TOKEN_ADVANTAGE_ESTIMATORS, ADVANTAGE_ESTIMATORS),
     "algorithm.kl_estimator": KL_ESTIMATORS,
     "algorithm.loss_type": LOSS_TYPES,
 }

@@ -2,7 +2,9 @@
 
 Each step: draw `prompts_per_step` labelled prompts → `num_generations` rollouts each → reward stack →
 group advantages → policy update (AdamW, gradient clipping, micro-batches by token budget) → weight sync to
-the rollout engine → log, and checkpoint every `save_every` steps. With `rollout.async_steps` > 0 the next
+the rollout engine → log, and checkpoint every `save_every` steps. PPO (`advantage_estimator: gae`) and the other
+per-token estimators compute their advantages with the update instead, the critic's values included
+(`alphaalign.rl.ppo`, the critic: `alphaalign.rl.critic`). With `rollout.async_steps` > 0 the next
 steps' rollouts are generated while this step updates. The math lives in `alphaalign.rl.algos`, the update
 in `alphaalign.rl.update` (micro-batches: `alphaalign.rl.batching`), the step's metrics in `alphaalign.rl.metrics`,
 the step's batch (generation, scoring, dynamic sampling) in `alphaalign.rl.sampling`, the logged sample

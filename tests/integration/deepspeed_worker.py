@@ -1,7 +1,8 @@
 """Run under torchrun by test_deepspeed.py beside it: the trainer's policy update through DeepSpeed on fixed data.
 
-argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing][+overflow]` (LoRA
-adapters, gradient checkpointing; `overflow`: two iterations per update, and before the second update the
+argv: BATCH.pt OUT_DIR CASE... where CASE is `<deepspeed config>[+lora][+checkpointing][+overflow][+ppo]` (LoRA
+adapters, gradient checkpointing; `ppo`: PPO with a critic, the batch's advantages taken as its scalar rewards,
+the critic a second DeepSpeed engine, saved in OUT_DIR/<case>/critic; `overflow`: two iterations per update, and before the second update the
 learning rate is raised until the first iteration's weights overflow, with a checkpoint in OUT_DIR/<case>/before
 just before it). BATCH.pt holds a recipe path,
 rollouts and advantages (written by the test). For each case, every rank updates the policy twice on its
@@ -17,10 +18,19 @@ import torch
 
 from alphaalign.config import load_recipe
 from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
+from alphaalign.rl.critic import Critic, WithCritic
+from alphaalign.rl.ppo import token_level_update
 from alphaalign.rl.trainer import start_processes
 from alphaalign.rl.update import UpdateSettings, policy_update
 from alphaalign.rl.zero import ZeroOptimization
 from alphaalign.rollout.base import Rollouts
+
+# PPO with a critic, two epochs per batch (the second one clipped, the critic's values too)
+PPO_OVERRIDES = [
+    "algorithm.advantage_estimator=gae",
+    "algorithm.num_iterations=2",
+    "critic.learning_rate=1e-3",
+]
 
 
 def rows(rollouts: Rollouts, part: slice) -> Rollouts:
@@ -39,6 +49,8 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
             overrides.append("model.gradient_checkpointing=true")
         if "overflow" in options:
             overrides.append("algorithm.num_iterations=2")
+        if "ppo" in options:
+            overrides += PPO_OVERRIDES
         recipe = load_recipe(batch["recipe"], overrides)
         ranks, deepspeed, ds_config = start_processes(recipe)
         torch.manual_seed(0)  # the same LoRA initialization as the single-process run
@@ -46,6 +58,10 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
         tokenizer = load_tokenizer(recipe.model)
         opt = ZeroOptimization(deepspeed, policy, recipe, 10, ds_config, ranks)
         ref = opt.reference(load_reference(recipe.model, opt.module, ranks.device))
+        critic = None
+        if "ppo" in options:
+            torch.manual_seed(1)  # the same new value head as the single-process run
+            critic = Critic(recipe, tokenizer, ranks.device, 10, None, ranks, deepspeed, ds_config)
         n = len(batch["rollouts"].completion_ids) // ranks.world_size
         mine = slice(ranks.rank * n, (ranks.rank + 1) * n)
         local = rows(batch["rollouts"], mine)
@@ -63,21 +79,18 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
                 ranks.barrier()
                 opt.save(out / "before", tokenizer)
                 ranks.barrier()
-            steps.append(
-                policy_update(
-                    opt,
-                    ref,
-                    local,
-                    batch["advantages"][mine],
-                    UpdateSettings.from_recipe(recipe),
-                    tokenizer.pad_token_id,
-                    ranks,
-                )
-            )
+            settings = UpdateSettings.from_recipe(recipe)
+            if critic is not None:
+                metrics, _ = token_level_update(opt, ref, critic, local, batch["advantages"], mine, settings,
+                                                tokenizer.pad_token_id, ranks)  # fmt: skip
+                steps.append(metrics)
+            else:
+                steps.append(policy_update(opt, ref, local, batch["advantages"][mine], settings,
+                                           tokenizer.pad_token_id, ranks))  # fmt: skip
         if ranks.is_main:
             (out / "metrics.json").write_text(json.dumps(steps))
         ranks.barrier()
-        opt.save(out, tokenizer)
+        (WithCritic(opt, critic) if critic is not None else opt).save(out, tokenizer)
         ranks.barrier()
 
 

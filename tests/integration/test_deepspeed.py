@@ -144,6 +144,64 @@ def test_two_processes_match_one_process_on_the_same_batch(case, batch, two_proc
         assert max(float((new[k] - before[k]).abs().max()) for k in before) > 1e-3
 
 
+def one_process_ppo(batch: Path, out: Path) -> list[dict]:
+    """PPO (policy and critic) in the plain trainer on the whole batch, twice; both saved in `out`."""
+    from deepspeed_worker import PPO_OVERRIDES
+
+    from alphaalign.models import load_causal_lm, load_reference, load_tokenizer
+    from alphaalign.rl.critic import Critic, WithCritic
+    from alphaalign.rl.optim import TorchOptimization
+    from alphaalign.rl.ppo import token_level_update
+    from alphaalign.rl.update import UpdateSettings
+
+    data = torch.load(batch, weights_only=False)
+    recipe = load_recipe(data["recipe"], PPO_OVERRIDES)
+    torch.manual_seed(0)
+    policy = load_causal_lm(recipe.model, torch.device("cpu"))
+    tokenizer = load_tokenizer(recipe.model)
+    opt = TorchOptimization(policy, recipe.trainer, 10)
+    ref = load_reference(recipe.model, policy, torch.device("cpu"))
+    torch.manual_seed(1)
+    critic = Critic(recipe, tokenizer, torch.device("cpu"), 10)
+    everything = slice(0, len(data["advantages"]))
+    steps = [token_level_update(opt, ref, critic, data["rollouts"], data["advantages"], everything,
+                                UpdateSettings.from_recipe(recipe), tokenizer.pad_token_id)[0]
+             for _ in range(2)]  # fmt: skip
+    WithCritic(opt, critic).save(out, tokenizer)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def ppo_two_processes(batch, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds-ppo")
+    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), "zero3+ppo")
+    return out / "zero3+ppo"
+
+
+@pytest.mark.slow
+def test_ppo_under_zero3_with_two_processes_matches_one_process(
+    batch, ppo_two_processes, tiny_policy, tmp_path
+):
+    """The policy and the critic, each a ZeRO-3 engine sharded over 2 processes, update as the single-process
+    PPO on the whole batch: the per-token advantages are computed and whitened over both ranks' rows."""
+    expected = one_process_ppo(batch, tmp_path)
+    got = json.loads((ppo_two_processes / "metrics.json").read_text())
+    for mine, theirs in zip(got, expected, strict=True):
+        assert set(mine) == set(theirs) and "critic/value_loss" in mine
+        for key in ("loss", "grad_norm", "kl/k3_mean", "clip/low_fraction", "critic/value_loss",
+                    "critic/grad_norm", "critic/vf_clipfrac", "critic/explained_variance", "critic/values_mean",
+                    "critic/lr"):  # fmt: skip
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+    for part in ("policy", "critic/policy"):
+        new, ref = weights(ppo_two_processes / part), weights(tmp_path / part)
+        assert new.keys() == ref.keys()
+        assert max(float((new[k] - ref[k]).abs().max()) for k in ref) < 2e-5, part
+    before = load_file(tiny_policy / "model.safetensors")
+    critic = weights(ppo_two_processes / "critic" / "policy")
+    assert max(float((critic[k] - before[k]).abs().max()) for k in before if k in critic) > 1e-3
+    assert (ppo_two_processes / "critic" / "deepspeed").is_dir()  # its optimizer shards, as the policy's
+
+
 def tensors_of(value, path: str = "") -> dict:
     """Every tensor in a nested checkpoint structure, by its path."""
     if isinstance(value, torch.Tensor):
