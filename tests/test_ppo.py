@@ -208,6 +208,54 @@ def test_the_critic_fits_fixed_returns(fixed_batch):
     assert explained[-1] > explained[0] + 0.2, explained
 
 
+def test_a_critic_update_that_overflows_leaves_the_critic_as_it_was(fixed_batch):
+    """Two epochs, a learning rate of 1e30: the first epoch's step sends the weights to ±1e30, the second's loss
+    is not finite; the update is refused and the weights, Adam's moments and the schedule are as before."""
+    from alphaalign.rl.critic import Critic
+    from alphaalign.rl.parallel import ONE_PROCESS
+    from alphaalign.rl.ppo import per_row, whole_batch
+
+    recipe, tokenizer, _, batch = fixed_batch
+    critic = Critic(recipe, tokenizer, torch.device("cpu"), 10)
+    mask = whole_batch(ONE_PROCESS, per_row(batch, [mb.mask for mb in batch.mbs]))
+    _, returns = algos.token_advantages(torch.linspace(-1, 1, 8), mask, recipe.algorithm, mask * 0)
+    ac = recipe.algorithm.model_copy(update={"num_iterations": 2})
+    critic.update(batch, critic.values(batch.mbs), returns, ac)  # Adam has moments to restore
+    opt = critic.opt
+    opt.scheduler.base_lrs = [1e30 for _ in opt.scheduler.base_lrs]
+    for group in opt.optimizer.param_groups:
+        group["lr"] = 1e30
+    weights = {k: v.clone() for k, v in opt.module.state_dict().items()}
+    moments = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.optimizer.state.items()}
+    schedule = opt.scheduler.state_dict()
+    assert critic.update(batch, critic.values(batch.mbs), returns, ac) == {"nonfinite": "critic loss"}
+    assert all(torch.equal(weights[k], v) for k, v in opt.module.state_dict().items())
+    for param, state in opt.optimizer.state.items():
+        assert all(torch.equal(moments[id(param)][k], v) for k, v in state.items())
+    assert opt.scheduler.state_dict() == schedule
+
+
+def test_a_checkpoint_holds_the_critic_and_its_manifest_covers_it(fixed_batch, tmp_path):
+    """save_checkpoint writes the critic beside the policy; a damaged critic file makes resume pass the
+    checkpoint over, as a damaged policy file does."""
+    from alphaalign.models import load_causal_lm
+    from alphaalign.rl.checkpoint import checkpoint_problem, latest_checkpoint, save_checkpoint
+    from alphaalign.rl.critic import Critic, WithCritic
+    from alphaalign.rl.optim import TorchOptimization
+
+    recipe, tokenizer, _, _ = fixed_batch
+    opt = TorchOptimization(load_causal_lm(recipe.model, torch.device("cpu")), recipe.trainer, 10)
+    both = WithCritic(opt, Critic(recipe, tokenizer, torch.device("cpu"), 10))
+    first = save_checkpoint(tmp_path, 1, both, tokenizer, data_draws=4, keep_last=2)
+    last = save_checkpoint(tmp_path, 2, both, tokenizer, data_draws=8, keep_last=2)
+    for name in ("critic/policy/model.safetensors", "critic/trainer_state.pt", "policy/model.safetensors"):
+        assert (last / name).is_file(), name
+    assert checkpoint_problem(last) is None and latest_checkpoint(tmp_path) == last
+    (last / "critic" / "trainer_state.pt").write_bytes(b"")  # truncated by a disk
+    assert checkpoint_problem(last).startswith("critic/trainer_state.pt has 0 bytes")
+    assert latest_checkpoint(tmp_path, quiet=True) == first
+
+
 def test_with_lora_the_critic_trains_its_own_adapters_and_head_and_resumes(fixed_batch, tmp_path):
     """model.lora: the critic gets LoRA adapters of its own and a trainable head (gradient checkpointing on,
     as the policy's); a checkpoint holds just those, and a critic loaded from it gives the same values."""
@@ -300,12 +348,6 @@ def test_ppo_trains_the_policy_and_the_critic_and_resumes_exactly(write_recipe, 
     critic = load_file(last / "critic" / "policy" / "model.safetensors")
     assert "score.weight" in critic and "lm_head.weight" not in critic
     assert any(not torch.equal(before[k], critic[k]) for k in before if k in critic)  # the backbone trained
-    # the manifest covers the critic's files: a truncated optimizer state makes the checkpoint damaged
-    from alphaalign.rl.checkpoint import checkpoint_problem
-
-    assert checkpoint_problem(last) is None
-    (last / "critic" / "trainer_state.pt").write_bytes(b"")
-    assert checkpoint_problem(last).startswith("critic/trainer_state.pt has 0 bytes")
 
 
 @pytest.mark.slow

@@ -272,14 +272,18 @@ def value_loss(
 
     The ½ and the max of clipped and unclipped errors are verl's `compute_value_loss` and OpenRLHF's
     `ValueLoss`. Returns the per-token loss (0 outside the mask; reduce it with `aggregate_loss`) and the
-    tokens where the clipped error was the larger (verl's `vf_clipfrac`).
+    tokens where the clipped error was the larger (verl's `vf_clipfrac`, less the ties inside the clip range
+    that float rounding would break either way).
     """
     mask = mask.to(values.dtype)
     unclipped = (values - returns) ** 2
     if clip is None:
         return 0.5 * unclipped * mask, torch.zeros_like(mask, dtype=torch.bool)
-    clipped = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
-    return 0.5 * torch.max(unclipped, clipped) * mask, (clipped > unclipped) & mask.bool()
+    moved = values - old_values
+    clipped = (old_values + moved.clamp(-clip, clip) - returns) ** 2
+    # inside the clip range the two errors are equal but for rounding: only a clip that acts counts
+    acted = (clipped > unclipped) & (moved.abs() > clip)
+    return 0.5 * torch.max(unclipped, clipped) * mask, acted & mask.bool()
 
 
 # ---------------------------------------------------------------------------------------------------------
