@@ -174,7 +174,7 @@ def one_process_ppo(batch: Path, out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def ppo_two_processes(batch, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds-ppo")
-    torchrun(str(ROOT / "tests" / "deepspeed_worker.py"), str(batch), str(out), "zero3+ppo")
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), "zero3+ppo")
     return out / "zero3+ppo"
 
 
