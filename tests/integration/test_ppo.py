@@ -130,8 +130,8 @@ def test_the_critic_fits_fixed_returns(fixed_batch):
 def test_a_critic_update_that_overflows_leaves_the_critic_as_it_was(fixed_batch):
     """Two epochs, a learning rate of 1e30: the first epoch's step sends the weights to ±1e30, the second's loss
     is not finite; the update is refused and the weights, Adam's moments and the schedule are as before."""
+    from alphaalign.parallel import ONE_PROCESS
     from alphaalign.rl.critic import Critic
-    from alphaalign.rl.parallel import ONE_PROCESS
     from alphaalign.rl.ppo import per_row, whole_batch
 
     recipe, tokenizer, _, batch = fixed_batch
