@@ -108,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="alphaalign", description="Safety alignment with RL on verifiable rewards.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, text in [("train", cmd_train, "train a policy with a recipe"),
-                           ("validate", "alphaalign.validate:run", "check a recipe, its data and rewards without loading models")]:  # fmt: skip
+    for name, fn, text in [
+        ("train", cmd_train, "train a policy with a recipe"),
+        (
+            "validate",
+            "alphaalign.validate:run",
+            "check a recipe, its data and rewards without loading models",
+        ),
+    ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help=RECIPE_HELP)
         p.add_argument(
@@ -117,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(fn=fn)
         if name == "validate":
-            p.add_argument("--gpus", type=non_negative_int, help="check the plan on a node of this many GPUs (default: the "
-                           "recipe's launch.gpus, else one trainer process)")  # fmt: skip
+            p.add_argument(
+                "--gpus",
+                type=non_negative_int,
+                help="check the plan on a node of this many GPUs (default: the "
+                "recipe's launch.gpus, else one trainer process)",
+            )
             add_gpu_memory_argument(p)
     score = sub.add_parser("score", help="score completions in a JSONL file with a recipe's reward terms")
     score.add_argument("--input", required=True, help="JSONL rows with prompt, completion, optional label")
@@ -127,15 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--only", help="comma-separated reward terms to compute (default: all)")
     score.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else rules")
     score.set_defaults(fn="alphaalign.scoring:run")
-    det = sub.add_parser("eval-detector", help="a refusal judge's agreement with human labels (acc, P, R, F1 "
-                         "per group)")  # fmt: skip
+    det = sub.add_parser(
+        "eval-detector", help="a refusal judge's agreement with human labels (acc, P, R, F1 per group)"
+    )
     det.add_argument("data", help="labelled responses: JSONL, JSON, CSV or parquet")
     det.add_argument("--judge", default="rules", help=JUDGE_HELP + "; default rules")
     det.add_argument("--response-field", default="response", help="the response's field (default response)")
     det.add_argument("--label-field", default="refused", help="0/1 refusal label field (default refused)")
     det.add_argument("--prompt-field", default="prompt", help="prompt field, for llm judges (default prompt)")
-    det.add_argument("--by", default="source", help="group the table by this field (dotted paths reach into "
-                     "objects, e.g. orig_label.tone; '' for none; default source)")  # fmt: skip
+    det.add_argument(
+        "--by",
+        default="source",
+        help="group the table by this field (dotted paths reach into "
+        "objects, e.g. orig_label.tone; '' for none; default source)",
+    )
     det.add_argument("--errors", help="write the misclassified rows (with the judge's verdict) to this JSONL")
     det.add_argument("--json", help="write the table as JSON to this file")
     det.set_defaults(fn="alphaalign.judges.agreement:run")
@@ -184,16 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="safety evaluation: refusal, ASR, over-refusal, pass@k (docs/evaluation.md)"
     )
-    ev.add_argument("--model", help="checkpoint folder, hub id, or a training output folder (its newest "
-                    "checkpoint); default: the --recipe's model")  # fmt: skip
+    ev.add_argument(
+        "--model",
+        help="checkpoint folder, hub id, or a training output folder (its newest "
+        "checkpoint); default: the --recipe's model",
+    )
     ev.add_argument(
         "--recipe", help="take the engine, template, system prompt and format tags from this recipe"
     )
     ev.add_argument("overrides", nargs="*", help="dotted overrides of --recipe, as for train")
-    ev.add_argument("--suite", help="safety, jailbreak, overrefusal, all, or benchmark names (--list), "
-                    "comma-separated")  # fmt: skip
-    ev.add_argument("--data-dir", help="read each benchmark from DIR/<name>.jsonl|csv|parquet (hub schema) "
-                    "instead of the hub; recipes/data/eval holds small offline copies")  # fmt: skip
+    ev.add_argument(
+        "--suite", help="safety, jailbreak, overrefusal, all, or benchmark names (--list), comma-separated"
+    )
+    ev.add_argument(
+        "--data-dir",
+        help="read each benchmark from DIR/<name>.jsonl|csv|parquet (hub schema) "
+        "instead of the hub; recipes/data/eval holds small offline copies",
+    )
     ev.add_argument("--data", action="append", default=[], help="an extra local prompt file (repeatable)")
     ev.add_argument("--prompt-field", default="prompt", help="prompt field of --data files")
     ev.add_argument("--label-field", default="label", help="label field of --data files (harmful/benign)")
@@ -209,15 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--temperature", type=finite_float, help="default: the recipe's rollout.temperature")
     ev.add_argument("--limit", type=positive_int, help="first N prompts of each benchmark")
-    ev.add_argument("--judge", help=JUDGE_HELP + "; default: the recipe's judge: block, else the V_r of its "
-                    "alphaalign_safety reward, else rules")  # fmt: skip
-    ev.add_argument("--refusal-classifier", help="judge refusals with this sequence-classification model (id or "
-                    "path) instead of the rules; default: the recipe's alphaalign_safety refusal_classifier")  # fmt: skip
+    ev.add_argument(
+        "--judge",
+        help=JUDGE_HELP + "; default: the recipe's judge: block, else the V_r of its "
+        "alphaalign_safety reward, else rules",
+    )
+    ev.add_argument(
+        "--refusal-classifier",
+        help="judge refusals with this sequence-classification model (id or "
+        "path) instead of the rules; default: the recipe's alphaalign_safety refusal_classifier",
+    )
     ev.add_argument(
         "--refusal-label", help="the classifier's refusal label name or output index (default refusal)"
     )
-    ev.add_argument("--refusal-threshold", type=finite_float, help="P(refusal label) at which a response is a refusal "
-                    "(default 0.5)")  # fmt: skip
+    ev.add_argument(
+        "--refusal-threshold",
+        type=finite_float,
+        help="P(refusal label) at which a response is a refusal (default 0.5)",
+    )
     ev.add_argument("--utility", nargs="*", help="lm-eval tasks on the same checkpoint (default gsm8k mmlu)")
     ev.add_argument("--out", help="output folder (required)")
     ev.add_argument(
@@ -281,18 +312,30 @@ def add_launch_parsers(sub) -> None:
         "local", help="run vLLM servers and the torchrun trainer on this machine (rerun to resume)"
     )
     add_recipe_arguments(local)
-    local.add_argument("--gpus", type=int, help="GPUs of this machine to use (0: CPU; default: all GPUs visible "
-                       "for a recipe with a launch: section, else 0)")  # fmt: skip
-    local.add_argument("--vllm-servers", type=int, help="vLLM servers to start, server i on GPU i (default: the "
-                       "recipe's launch.vllm_gpus share of the GPUs, else 0)")  # fmt: skip
+    local.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs of this machine to use (0: CPU; default: all GPUs visible "
+        "for a recipe with a launch: section, else 0)",
+    )
+    local.add_argument(
+        "--vllm-servers",
+        type=int,
+        help="vLLM servers to start, server i on GPU i (default: the "
+        "recipe's launch.vllm_gpus share of the GPUs, else 0)",
+    )
     add_gpu_memory_argument(local, "default: the first GPU's, else 80")
     local.add_argument("--dry-run", action="store_true", help="print the script, write and run nothing")
     local.set_defaults(fn="alphaalign.launch:run_local")
 
 
 def add_gpu_memory_argument(parser, default: str = "default 80") -> None:
-    parser.add_argument("--gpu-memory", type=finite_float, metavar="GB",
-                        help=f"memory of one GPU in GB, for the plan's memory check ({default})")  # fmt: skip
+    parser.add_argument(
+        "--gpu-memory",
+        type=finite_float,
+        metavar="GB",
+        help=f"memory of one GPU in GB, for the plan's memory check ({default})",
+    )
 
 
 def add_recipe_arguments(parser) -> None:

@@ -381,24 +381,33 @@ class Recipe(_Section):
         gae = ac.advantage_estimator == "gae"
         if gae and self.critic is None:
             if "critic" in self.model_fields_set:
-                raise ValueError("critic: algorithm.advantage_estimator gae needs a critic (the value model); "
-                                 "remove 'critic: null' to get the default one")  # fmt: skip
+                raise ValueError(
+                    "critic: algorithm.advantage_estimator gae needs a critic (the value model); "
+                    "remove 'critic: null' to get the default one"
+                )
             self.critic = CriticConfig()
         if not gae and self.critic is not None:
-            raise ValueError(f"critic: only algorithm.advantage_estimator gae uses a critic (got "
-                             f"{ac.advantage_estimator!r}); remove the critic section or use gae")  # fmt: skip
+            raise ValueError(
+                f"critic: only algorithm.advantage_estimator gae uses a critic (got "
+                f"{ac.advantage_estimator!r}); remove the critic section or use gae"
+            )
         for key in ("lam", "value_clip"):
             if not gae and key in ac.model_fields_set:
-                raise ValueError(f"algorithm.{key}: only advantage_estimator gae uses it (got "
-                                 f"{ac.advantage_estimator!r})")  # fmt: skip
+                raise ValueError(
+                    f"algorithm.{key}: only advantage_estimator gae uses it (got {ac.advantage_estimator!r})"
+                )
         from alphaalign.rl.algos import TOKEN_ADVANTAGE_ESTIMATORS, token_level
 
         if ac.kl_in_reward and ac.advantage_estimator not in TOKEN_ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"algorithm.kl_in_reward: needs a per-token advantage estimator "
-                             f"({', '.join(TOKEN_ADVANTAGE_ESTIMATORS)}); got {ac.advantage_estimator!r}")  # fmt: skip
+            raise ValueError(
+                f"algorithm.kl_in_reward: needs a per-token advantage estimator "
+                f"({', '.join(TOKEN_ADVANTAGE_ESTIMATORS)}); got {ac.advantage_estimator!r}"
+            )
         if not token_level(ac) and ac.gamma != AlgorithmConfig.model_fields["gamma"].default:
-            raise ValueError("algorithm.gamma: discounts per-token rewards: needs advantage_estimator gae, or "
-                             "reinforce_pp with kl_in_reward: true")  # fmt: skip
+            raise ValueError(
+                "algorithm.gamma: discounts per-token rewards: needs advantage_estimator gae, or "
+                "reinforce_pp with kl_in_reward: true"
+            )
         if ac.kl_in_reward and ac.beta == 0:
             raise ValueError(
                 "algorithm.kl_in_reward: folds β·KL into the rewards and algorithm.beta is 0; set beta"
@@ -410,8 +419,10 @@ class Recipe(_Section):
         for k, spec in enumerate(self.rewards):
             for key in FORMAT_ARGS:
                 if key in spec.args:
-                    raise ValueError(f"rewards.{k}.args.{key}: the tags are set once for every term and the prompt, "
-                                     f"in the recipe's format: section (format.{key})")  # fmt: skip
+                    raise ValueError(
+                        f"rewards.{k}.args.{key}: the tags are set once for every term and the prompt, "
+                        f"in the recipe's format: section (format.{key})"
+                    )
         return self
 
     @model_validator(mode="after")

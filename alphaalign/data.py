@@ -22,9 +22,18 @@ from alphaalign.config import DataConfig, DataSource, FormatConfig, Recipe
 from alphaalign.errors import UserError
 
 LABELS = {
-    "harmful": "harmful", "unsafe": "harmful", "true": "harmful", "1": "harmful", "yes": "harmful",
-    "benign": "benign", "safe": "benign", "unharmful": "benign", "false": "benign", "0": "benign", "no": "benign",
-}  # fmt: skip
+    "harmful": "harmful",
+    "unsafe": "harmful",
+    "true": "harmful",
+    "1": "harmful",
+    "yes": "harmful",
+    "benign": "benign",
+    "safe": "benign",
+    "unharmful": "benign",
+    "false": "benign",
+    "0": "benign",
+    "no": "benign",
+}
 
 # the recipe's `format:` fills in the tags and the canned refusal (any template may use them)
 ALPHAALIGN_TEMPLATE = (

@@ -88,9 +88,12 @@ class DeadlineClient:
         # httpx builds its pool without a network-backend argument; this one is httpx's default pool on
         # the deadline-enforcing backend (httpx still maps requests, replies and errors)
         transport._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(), max_connections=100,
-            max_keepalive_connections=20, keepalive_expiry=5.0, network_backend=_DeadlineBackend(),
-        )  # fmt: skip
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_DeadlineBackend(),
+        )
         self.http = httpx.Client(transport=transport, headers=headers, trust_env=False)
 
     def send(self, method: str, url: str, *, json: Any = None, deadline: float) -> httpx.Response:
@@ -128,11 +131,18 @@ def exponential_backoff(first: float, cap: float = math.inf) -> Callable[[int], 
 
 
 def request(
-    client: DeadlineClient, method: str, url: str, *, json: Any = None, deadline: float, retries: int,
-    backoff: Callable[[int], float], attempt_timeout: float | None = None,
+    client: DeadlineClient,
+    method: str,
+    url: str,
+    *,
+    json: Any = None,
+    deadline: float,
+    retries: int,
+    backoff: Callable[[int], float],
+    attempt_timeout: float | None = None,
     check: Callable[[httpx.Response], Any] = lambda response: response,
     on_failure: Callable[[str], None] | None = None,
-) -> Any:  # fmt: skip
+) -> Any:
     """`check(reply)` of the first usable reply, trying at most `retries` + 1 times, all by `deadline`; each
     attempt also ends `attempt_timeout` seconds after it starts. A 5xx reply, a connection error, a timeout
     or a `Retry` from `check` is a failure (reported to `on_failure`); anything else `check` raises ends the

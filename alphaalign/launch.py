@@ -120,9 +120,15 @@ def slurm_plan(layout: SlurmLayout, gpu_memory: float | None) -> Plan:
         where += f" ({layout.vllm_nodes} with {servers} vLLM server{'s' if servers > 1 else ''})"
     procs = layout.trainer_procs
     trainer = f"trainer {layout.trainer_nodes} node{'s' if layout.trainer_nodes > 1 else ''} x {procs} process{'es' if procs > 1 else ''}"
-    return Plan(trainer_nodes=layout.trainer_nodes, procs_per_node=procs, server_gpus=servers, gpus=g > 0,
-                gpu_memory=gpu_memory or DEFAULT_GPU_MEMORY, servers_asked=f"--vllm-nodes {layout.vllm_nodes}",
-                layout=f"{where}, {trainer}")  # fmt: skip
+    return Plan(
+        trainer_nodes=layout.trainer_nodes,
+        procs_per_node=procs,
+        server_gpus=servers,
+        gpus=g > 0,
+        gpu_memory=gpu_memory or DEFAULT_GPU_MEMORY,
+        servers_asked=f"--vllm-nodes {layout.vllm_nodes}",
+        layout=f"{where}, {trainer}",
+    )
 
 
 def check_sbatch_value(flag: str, value: str | None, pattern: re.Pattern = SAFE_VALUE) -> None:
@@ -136,9 +142,12 @@ def render(
     """Render a template from launch_templates/ with what every launcher needs: the recipe, its overrides (the
     run's output folder appended), the folders, this Python, and the servers' start timeout."""
     env = templates.environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR), trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True, autoescape=False,
-    )  # fmt: skip
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
     return env.get_template(template).render(
         workdir=Path.cwd(),
         run_dir=shlex.quote(str(run_dir)),
@@ -152,12 +161,22 @@ def render(
 
 
 def render_slurm(
-    recipe_path: str, recipe: Recipe, overrides: list[str], layout: SlurmLayout, run_dir: Path,
-    partition: str | None = None, time: str | None = None, account: str | None = None,
-) -> str:  # fmt: skip
+    recipe_path: str,
+    recipe: Recipe,
+    overrides: list[str],
+    layout: SlurmLayout,
+    run_dir: Path,
+    partition: str | None = None,
+    time: str | None = None,
+    account: str | None = None,
+) -> str:
     """The sbatch script for this recipe and layout (arguments already checked)."""
     return render(
-        "slurm.sbatch.j2", recipe_path, recipe, overrides, run_dir,
+        "slurm.sbatch.j2",
+        recipe_path,
+        recipe,
+        overrides,
+        run_dir,
         job_name=f"alphaalign-{Path(recipe_path).stem}",
         nodes=layout.nodes,
         gpus_per_node=layout.gpus_per_node,
@@ -171,7 +190,7 @@ def render_slurm(
         account=account,
         time=time,
         port_stride=PORT_STRIDE,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -232,8 +251,14 @@ def local_plan(layout: LocalLayout, gpu_memory: float) -> Plan:
         where = describe_split(layout.gpus, layout.servers)
     else:
         where = f"CPU: {layout.servers} vLLM server(s), 1 trainer process"
-    return Plan(procs_per_node=layout.trainer_procs, server_gpus=layout.servers, gpus=layout.gpus > 0,
-                gpu_memory=gpu_memory, servers_asked=f"--vllm-servers {layout.servers}", layout=where)  # fmt: skip
+    return Plan(
+        procs_per_node=layout.trainer_procs,
+        server_gpus=layout.servers,
+        gpus=layout.gpus > 0,
+        gpu_memory=gpu_memory,
+        servers_asked=f"--vllm-servers {layout.servers}",
+        layout=where,
+    )
 
 
 def free_ports(count: int) -> list[int]:
@@ -249,13 +274,17 @@ def render_local(
 ) -> str:
     """The bash script that runs the servers and the trainer on this machine."""
     return render(
-        "local.sh.j2", recipe_path, recipe, overrides, run_dir,
+        "local.sh.j2",
+        recipe_path,
+        recipe,
+        overrides,
+        run_dir,
         servers=layout.servers,
         server_ports=free_ports(layout.servers),
         gpus=layout.gpus,
         trainer_procs=layout.trainer_procs,
         trainer_gpus=layout.trainer_gpus,
-    )  # fmt: skip
+    )
 
 
 def check_run_dir(run_dir: Path) -> None:

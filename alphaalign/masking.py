@@ -17,8 +17,19 @@ from typing import Any
 
 MASK = "***"
 
-SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "apikey", "credential", "credentials",
-                "authorization", "cookie", "bearer"}  # fmt: skip
+SECRET_WORDS = {
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "apikey",
+    "credential",
+    "credentials",
+    "authorization",
+    "cookie",
+    "bearer",
+}
 SECRET_PAIRS = {
     ("api", "key"),
     ("access", "key"),

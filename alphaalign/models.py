@@ -38,8 +38,9 @@ def pick_device(device: str) -> torch.device:
 GROUPED_SDPA = "alphaalign_grouped_sdpa"
 
 
-def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                           **kwargs):  # fmt: skip
+def grouped_sdpa_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """transformers' `sdpa` attention, except that grouped key/value heads go to torch as they are
     (`enable_gqa`) when there is a mask as well. transformers copies them out to one per query head then,
     because CUDA's kernels would fall back to the math kernel; on CPU the copy is most of a decode attention
@@ -53,9 +54,15 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
         query, key, value = query.float(), key.float(), value.float()
     with precision:
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=causal and attention_mask is None and query.shape[2] > 1, enable_gqa=key.shape[1] != query.shape[1],
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=causal and attention_mask is None and query.shape[2] > 1,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -67,8 +74,14 @@ def prompt_cache(model, input_ids, attention_mask, position_ids) -> DynamicCache
     """The cache of one forward pass over left-padded prompt tokens (the prompts' shared part), for the
     completions that continue from it; gradients flow through it when the pass records them."""
     cache = DynamicCache()
-    model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-          use_cache=True, logits_to_keep=1)  # fmt: skip
+    model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     return cache
 
 
@@ -108,14 +121,32 @@ def load_value_model(cfg: ModelConfig, device: torch.device, path: str, base: st
     quiet = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     try:
-        return _load(AutoModelForTokenClassification, cfg, device, path, base, True, "TOKEN_CLS",
-                     "critic.init_from", {"num_labels": 1, "classifier_dropout": 0.0})  # fmt: skip
+        return _load(
+            AutoModelForTokenClassification,
+            cfg,
+            device,
+            path,
+            base,
+            True,
+            "TOKEN_CLS",
+            "critic.init_from",
+            {"num_labels": 1, "classifier_dropout": 0.0},
+        )
     finally:
         transformers_logging.set_verbosity(quiet)
 
 
-def _load(auto_class, cfg: ModelConfig, device, path: str, lora_base: str, trainable: bool,
-          task_type: str = "CAUSAL_LM", key: str = "model.name_or_path", config_updates: dict | None = None):  # fmt: skip
+def _load(
+    auto_class,
+    cfg: ModelConfig,
+    device,
+    path: str,
+    lora_base: str,
+    trainable: bool,
+    task_type: str = "CAUSAL_LM",
+    key: str = "model.name_or_path",
+    config_updates: dict | None = None,
+):
     adapters = trainable and cfg.lora is not None and (Path(path) / "adapter_config.json").is_file()
     base = lora_base if adapters else path
     options = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
@@ -166,8 +197,13 @@ def with_lora(model, lora: LoraSection, adapter_path: str | None = None, task_ty
 
     if adapter_path is not None:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type=task_type)  # fmt: skip
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
     return get_peft_model(model, config)
 
 

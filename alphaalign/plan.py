@@ -53,8 +53,15 @@ class Architecture:
             self.kv_dim,
             self.intermediate,
         )
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     @property
     def layer_params(self) -> int:
@@ -93,25 +100,35 @@ LLAMA3_8B = Architecture(4096, 32, 32, 8, 14336, 128256, tied=False)
 
 # the config.json values of the paper's models and the reward models the recipes name (hub ids, lower case)
 KNOWN_ARCHITECTURES = {
-    "qwen/qwen2.5-7b-instruct": QWEN25_7B, "qwen/qwen2.5-7b": QWEN25_7B,
-    "qwen/qwen2.5-3b-instruct": QWEN25_3B, "qwen/qwen2.5-3b": QWEN25_3B,
-    "qwen/qwen2.5-1.5b-instruct": QWEN25_1_5B, "qwen/qwen2.5-1.5b": QWEN25_1_5B,
-    "qwen/qwen2.5-0.5b-instruct": QWEN25_0_5B, "qwen/qwen2.5-0.5b": QWEN25_0_5B,
-    "meta-llama/llama-3.2-3b-instruct": LLAMA32_3B, "meta-llama/llama-3.2-3b": LLAMA32_3B,
-    "sfairxc/fsfairx-llama3-rm-v0.1": LLAMA3_8B, "skywork/skywork-reward-v2-llama-3.1-8b": LLAMA3_8B,
-}  # fmt: skip
+    "qwen/qwen2.5-7b-instruct": QWEN25_7B,
+    "qwen/qwen2.5-7b": QWEN25_7B,
+    "qwen/qwen2.5-3b-instruct": QWEN25_3B,
+    "qwen/qwen2.5-3b": QWEN25_3B,
+    "qwen/qwen2.5-1.5b-instruct": QWEN25_1_5B,
+    "qwen/qwen2.5-1.5b": QWEN25_1_5B,
+    "qwen/qwen2.5-0.5b-instruct": QWEN25_0_5B,
+    "qwen/qwen2.5-0.5b": QWEN25_0_5B,
+    "meta-llama/llama-3.2-3b-instruct": LLAMA32_3B,
+    "meta-llama/llama-3.2-3b": LLAMA32_3B,
+    "sfairxc/fsfairx-llama3-rm-v0.1": LLAMA3_8B,
+    "skywork/skywork-reward-v2-llama-3.1-8b": LLAMA3_8B,
+}
 
 
 def architecture_from_config(config: dict) -> Architecture:
     """The architecture in a transformers config.json (KeyError when a size is missing)."""
     heads = config["num_attention_heads"]
     return Architecture(
-        hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads, intermediate=config["intermediate_size"],
-        vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
+        hidden=config["hidden_size"],
+        layers=config["num_hidden_layers"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        intermediate=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        tied=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
         head_dim=config.get("head_dim"),
-    )  # fmt: skip
+    )
 
 
 def find_architecture(name_or_path: str, base: Path | None = None) -> Architecture | None:
@@ -375,12 +392,21 @@ def recipe_plan(recipe: Recipe, gpus: int | None = None, gpu_memory: float | Non
     servers and trainer processes in the recipe's proportion; without a launch section, one trainer process."""
     launch, gpu_memory = recipe.launch, gpu_memory or DEFAULT_GPU_MEMORY
     if launch is None:
-        return Plan(gpus=bool(gpus if gpus is not None else recipe.trainer.device == "cuda"),
-                    gpu_memory=gpu_memory, layout="one trainer process")  # fmt: skip
+        return Plan(
+            gpus=bool(gpus if gpus is not None else recipe.trainer.device == "cuda"),
+            gpu_memory=gpu_memory,
+            layout="one trainer process",
+        )
     gpus = launch.gpus if gpus is None else gpus
     servers = split_servers(recipe, gpus)
-    return Plan(procs_per_node=gpus - servers, server_gpus=servers, gpus=True, gpu_memory=gpu_memory,
-                servers_asked=f"launch.vllm_gpus: {launch.vllm_gpus}", layout=describe_split(gpus, servers))  # fmt: skip
+    return Plan(
+        procs_per_node=gpus - servers,
+        server_gpus=servers,
+        gpus=True,
+        gpu_memory=gpu_memory,
+        servers_asked=f"launch.vllm_gpus: {launch.vllm_gpus}",
+        layout=describe_split(gpus, servers),
+    )
 
 
 def split_servers(recipe: Recipe, gpus: int) -> int:

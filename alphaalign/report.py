@@ -205,16 +205,42 @@ def plot_training(runs: list[Run], path: Path) -> bool:
         for i, run in enumerate(runs):
             line, marker = RUN_STYLES[i % len(RUN_STYLES)]
             prefix = f"{run.name}: " if len(runs) > 1 else ""
-            _curve(ax, run, "rollout/harmful_refusal_rate", window, HARMFUL_COLOUR, line,
-                   f"{prefix}harmful refusal, rollouts")  # fmt: skip
-            _curve(ax, run, "rollout/benign_refusal_rate", window, BENIGN_COLOUR, line,
-                   f"{prefix}over-refusal, rollouts")  # fmt: skip
+            _curve(
+                ax,
+                run,
+                "rollout/harmful_refusal_rate",
+                window,
+                HARMFUL_COLOUR,
+                line,
+                f"{prefix}harmful refusal, rollouts",
+            )
+            _curve(
+                ax,
+                run,
+                "rollout/benign_refusal_rate",
+                window,
+                BENIGN_COLOUR,
+                line,
+                f"{prefix}over-refusal, rollouts",
+            )
             if eval_points(run):
                 steps, harmful, benign = zip(*eval_points(run), strict=True)
-                ax.plot(steps, harmful, marker, color=HARMFUL_COLOUR, markeredgecolor="black",
-                        label=f"{prefix}harmful refusal, held-out")  # fmt: skip
-                ax.plot(steps, benign, marker, color=BENIGN_COLOUR, markeredgecolor="black",
-                        label=f"{prefix}over-refusal, held-out")  # fmt: skip
+                ax.plot(
+                    steps,
+                    harmful,
+                    marker,
+                    color=HARMFUL_COLOUR,
+                    markeredgecolor="black",
+                    label=f"{prefix}harmful refusal, held-out",
+                )
+                ax.plot(
+                    steps,
+                    benign,
+                    marker,
+                    color=BENIGN_COLOUR,
+                    markeredgecolor="black",
+                    label=f"{prefix}over-refusal, held-out",
+                )
         ax.set_ylim(-0.02, 1.02)
         ax.set_title("refusal rates (harmful: higher is better)")
         ax.set_xlabel("step")
@@ -240,8 +266,15 @@ def plot_tradeoff(runs: list[Run], path: Path) -> bool:
     labelled: list[tuple[float, float]] = []
 
     def point_out(text, b, h, color, offset):  # a label away from the crowd, with a leader line
-        ax.annotate(text, (b, h), textcoords="offset points", xytext=offset, fontsize=8, color=color,
-                    arrowprops={"arrowstyle": "-", "color": color, "alpha": 0.6})  # fmt: skip
+        ax.annotate(
+            text,
+            (b, h),
+            textcoords="offset points",
+            xytext=offset,
+            fontsize=8,
+            color=color,
+            arrowprops={"arrowstyle": "-", "color": color, "alpha": 0.6},
+        )
         labelled.append((b, h))
 
     def step_label(step, b, h, color):  # skipped where it would crowd an earlier label; the colour tells
@@ -255,8 +288,9 @@ def plot_tradeoff(runs: list[Run], path: Path) -> bool:
         steps, harmful, benign = zip(*points, strict=True)
         color = f"C{i}"
         ax.plot(benign, harmful, "-", color=color, alpha=0.5, label=run.name)
-        dots = ax.scatter(benign, harmful, c=steps, cmap="viridis", vmin=0, vmax=last_step, edgecolors=color,
-                          s=45, zorder=3)  # fmt: skip
+        dots = ax.scatter(
+            benign, harmful, c=steps, cmap="viridis", vmin=0, vmax=last_step, edgecolors=color, s=45, zorder=3
+        )
         ax.scatter(
             benign[-1], harmful[-1], s=160, facecolors="none", edgecolors=color, linewidths=2, zorder=4
         )
@@ -287,8 +321,10 @@ def plot_benchmarks(table: dict[str, dict[str, dict]], path: Path) -> bool:
     plt = _pyplot()
     series = list(dict.fromkeys(label for columns in table.values() for label in columns))
     colour = {label: f"C{j}" for j, label in enumerate(series)}
-    panels = [("harmful_refusal_rate", "refusal rate on harmful prompts (higher is better; ASR = 1 − this)"),
-              ("over_refusal_rate", "over-refusal rate on benign prompts (lower is better)")]  # fmt: skip
+    panels = [
+        ("harmful_refusal_rate", "refusal rate on harmful prompts (higher is better; ASR = 1 − this)"),
+        ("over_refusal_rate", "over-refusal rate on benign prompts (lower is better)"),
+    ]
     widest = max(len(columns) for columns in table.values())
     width = 0.8 / widest
     fig, axes = plt.subplots(2, 1, figsize=(min(18, max(6.5, len(table) * (0.5 + 0.45 * widest) + 2.5)), 7.5))
@@ -305,8 +341,13 @@ def plot_benchmarks(table: dict[str, dict[str, dict]], path: Path) -> bool:
                 in_legend.add(lab)
                 ax.annotate(f"{value:.0%}", (x, value), ha="center", va="bottom", fontsize=7)
         rotate = len(benches) > 4
-        ax.set_xticks(range(len(benches)), [b.replace(" (", "\n(") for b in benches], fontsize=8,
-                      rotation=20 if rotate else 0, ha="right" if rotate else "center")  # fmt: skip
+        ax.set_xticks(
+            range(len(benches)),
+            [b.replace(" (", "\n(") for b in benches],
+            fontsize=8,
+            rotation=20 if rotate else 0,
+            ha="right" if rotate else "center",
+        )
         ax.set_xlim(-0.6, len(benches) - 0.4)
         ax.set_ylim(0, 1.12)
         ax.set_title(title)
@@ -332,15 +373,27 @@ def run_rows(runs: list[Run]) -> list[list[str]]:
             continue
         last = run.steps[-1]
         b, a = run.before or {}, run.after or {}
-        rows.append([run.name, str(last["step"]), f"{last.get('reward/mean', float('nan')):.3f}",
-                     f"{_pct(b.get('harmful_refusal_rate'))} → {_pct(a.get('harmful_refusal_rate'))}",
-                     f"{_pct(b.get('benign_refusal_rate'))} → {_pct(a.get('benign_refusal_rate'))}",
-                     f"{_pct(b.get('format_valid_rate'))} → {_pct(a.get('format_valid_rate'))}"])  # fmt: skip
+        rows.append(
+            [
+                run.name,
+                str(last["step"]),
+                f"{last.get('reward/mean', float('nan')):.3f}",
+                f"{_pct(b.get('harmful_refusal_rate'))} → {_pct(a.get('harmful_refusal_rate'))}",
+                f"{_pct(b.get('benign_refusal_rate'))} → {_pct(a.get('benign_refusal_rate'))}",
+                f"{_pct(b.get('format_valid_rate'))} → {_pct(a.get('format_valid_rate'))}",
+            ]
+        )
     return rows
 
 
-RUN_HEADER = ["run", "steps", "final reward", "harmful refusal (before → after)",
-              "over-refusal (before → after)", "format validity (before → after)"]  # fmt: skip
+RUN_HEADER = [
+    "run",
+    "steps",
+    "final reward",
+    "harmful refusal (before → after)",
+    "over-refusal (before → after)",
+    "format validity (before → after)",
+]
 BENCH_HEADER = [
     "benchmark",
     "model / run",
@@ -367,8 +420,18 @@ def benchmark_rows(table: dict[str, dict[str, dict]]) -> list[list[str]]:
             judge = m["judge"] + (f" ({m['asr_from']})" if "asr_from" in m else "")
             if m.get("n_unparseable"):
                 judge += f"; {m['n_unparseable']} unparseable repl{'y' if m['n_unparseable'] == 1 else 'ies'} left out"
-            rows.append([bench, label, _pct(m["harmful_refusal_rate"]), _pct(asr), _pct(m["over_refusal_rate"]),
-                         _pct(m["format_valid_rate"]), at_k, judge])  # fmt: skip
+            rows.append(
+                [
+                    bench,
+                    label,
+                    _pct(m["harmful_refusal_rate"]),
+                    _pct(asr),
+                    _pct(m["over_refusal_rate"]),
+                    _pct(m["format_valid_rate"]),
+                    at_k,
+                    judge,
+                ]
+            )
     return rows
 
 
@@ -391,10 +454,19 @@ def sample_sections(runs: list[Run]) -> list[tuple[str, list[str], list[list[str
             continue
         terms = list(run.samples[0]["rewards"])
         header = ["prompt", "label", "completion", "reward", *terms, "advantage", "refused", "format valid"]
-        rows = [[_short(s["prompt"]), s["label"], _short(s["completion"]), _value(s["reward"]),
-                 *(_value(s["rewards"].get(t)) for t in terms), f"{s['advantage']:.3f}",
-                 "yes" if s["refused"] else "no", "yes" if s["format_valid"] else "no"]
-                for s in run.samples]  # fmt: skip
+        rows = [
+            [
+                _short(s["prompt"]),
+                s["label"],
+                _short(s["completion"]),
+                _value(s["reward"]),
+                *(_value(s["rewards"].get(t)) for t in terms),
+                f"{s['advantage']:.3f}",
+                "yes" if s["refused"] else "no",
+                "yes" if s["format_valid"] else "no",
+            ]
+            for s in run.samples
+        ]
         title = (
             f"Latest samples (step {run.samples[0]['step']}, {run.name}; samples.jsonl has every logged step)"
         )
@@ -418,8 +490,10 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-FIGURES = [("training.png", "Training curves", plot_training),
-           ("tradeoff.png", "Harmful refusal vs over-refusal", plot_tradeoff)]  # fmt: skip
+FIGURES = [
+    ("training.png", "Training curves", plot_training),
+    ("tradeoff.png", "Harmful refusal vs over-refusal", plot_tradeoff),
+]
 
 
 def write_report(folders: list[Path], out: Path) -> list[Path]:
@@ -439,8 +513,11 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
 
     title = "alphaalign report: " + ", ".join(r.name for r in runs)
     md = [f"# {title}", ""]
-    page = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>", STYLE,
-            f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    page = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        STYLE,
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for heading, header, rows in sections:
         md += [f"## {heading}", "", markdown_table(header, rows), ""]
         page += [f"<h2>{html.escape(heading)}</h2>", html_table(header, rows)]
@@ -463,14 +540,18 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     return [out / "report.md", out / "report.html", *(out / name for name, _ in figures)]
 
 
-STYLE = ("<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>")  # fmt: skip
+STYLE = (
+    "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>"
+)
 
 
 def format_eval_table(before: dict, after: dict) -> str:
-    rows = [("harmful refusal rate", "harmful_refusal_rate", "higher is better"),
-            ("benign over-refusal rate", "benign_refusal_rate", "lower is better"),
-            ("format validity", "format_valid_rate", "higher is better")]  # fmt: skip
+    rows = [
+        ("harmful refusal rate", "harmful_refusal_rate", "higher is better"),
+        ("benign over-refusal rate", "benign_refusal_rate", "lower is better"),
+        ("format validity", "format_valid_rate", "higher is better"),
+    ]
     n = f"held-out prompts: {after['n_harmful']} harmful, {after['n_benign']} benign (responses sampled)"
     lines = [n, f"{'metric':<26}{'before RL':>10}{'after RL':>10}", "-" * 46]
     lines += [f"{name:<26}{before[key]:>10.1%}{after[key]:>10.1%}   {hint}" for name, key, hint in rows]

@@ -85,9 +85,13 @@ def _score_chunk(stack: RewardStack, rows: list[dict], tags: tuple[str, str], ju
 
 
 def score_file(
-    input_path: str | Path, output_path: str | Path, specs: list[RewardSpec],
-    answer_format: FormatConfig | None = None, chunk_rows: int = 1024, judge=None,
-) -> dict:  # fmt: skip
+    input_path: str | Path,
+    output_path: str | Path,
+    specs: list[RewardSpec],
+    answer_format: FormatConfig | None = None,
+    chunk_rows: int = 1024,
+    judge=None,
+) -> dict:
     """Score every row of ``input_path`` into ``output_path``; returns counts for the summary. ``judge``: an
     open `alphaalign.judges.Judge` for the verdicts (default: the rules); ``answer_format``: the recipe's
     `format:` (default `FormatConfig()`)."""
@@ -162,8 +166,10 @@ def format_summary(counts: dict, output_path: str | Path) -> str:
     unparseable = sum(counts.get(f"{label}/unparseable", 0) for label in ("harmful", "benign", "unlabelled"))
     stats = counts.get("judge_stats", {})
     if "requests" in stats:
-        lines.append(f"judge: {stats['requests']} request(s), {stats['cached']} cached, "
-                     f"{unparseable} unparseable repl{'y' if unparseable == 1 else 'ies'} (left out of the rates)")  # fmt: skip
+        lines.append(
+            f"judge: {stats['requests']} request(s), {stats['cached']} cached, "
+            f"{unparseable} unparseable repl{'y' if unparseable == 1 else 'ies'} (left out of the rates)"
+        )
     if n:
         lines.append(f"format rate: {counts['format_ok'] / n:.1%} ({counts['format_ok']}/{n})")
     return "\n".join(lines)

@@ -30,7 +30,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "GRPO": ("demo.yaml", []),
     "PPO (critic, GAE)": ("demo-ppo.yaml", []),
     "RLOO": ("demo.yaml", ["algorithm.advantage_estimator=rloo"]),
-    "REINFORCE++ (KL in the reward)": ("demo.yaml", ["algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_in_reward=true"]),
+    "REINFORCE++ (KL in the reward)": (
+        "demo.yaml",
+        ["algorithm.advantage_estimator=reinforce_pp", "algorithm.kl_in_reward=true"],
+    ),
 }
 TARGET = 0.9  # the held-out harmful refusal rate that counts as learned
 

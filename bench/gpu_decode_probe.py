@@ -25,8 +25,15 @@ from alphaalign.rollout.transformers_engine import TransformersEngine
 w = WORKLOADS["qwen2.5-1.5b"]
 folder = build(w, Path(".cache/bench") / w.name)
 tokenizer = AutoTokenizer.from_pretrained(folder)
-prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False) for r in prompt_rows(folder)]  # fmt: skip
+prompts = [
+    tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    for r in prompt_rows(folder)
+]
 policy = load_causal_lm(ModelConfig(name_or_path=str(folder), dtype=w.dtype), torch.device("cuda"))
 sampling = SamplingParams(w.new_tokens, min_new_tokens=w.new_tokens)
 

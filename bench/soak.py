@@ -27,9 +27,14 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_STEPS = [  # the demo recipe, with steps of seconds rather than tens of seconds on 2 cores
-    "trainer.prompts_per_step=4", "rollout.num_generations=4", "algorithm.num_iterations=1",
-    "data.eval=[]", "trainer.save_every=50", "trainer.keep_last=2", "trainer.progress_bar=false",
-]  # fmt: skip
+    "trainer.prompts_per_step=4",
+    "rollout.num_generations=4",
+    "algorithm.num_iterations=1",
+    "data.eval=[]",
+    "trainer.save_every=50",
+    "trainer.keep_last=2",
+    "trainer.progress_bar=false",
+]
 
 
 def rss_mib(process: psutil.Process) -> tuple[float, float]:
@@ -53,8 +58,14 @@ def sample(run: subprocess.Popen, metrics: Path, interval: float) -> list[dict]:
     process, start, samples = psutil.Process(run.pid), time.monotonic(), []
     while run.poll() is None:
         trainer, server = rss_mib(process)
-        samples.append({"seconds": round(time.monotonic() - start, 1), "step": steps_done(metrics),
-                        "trainer_rss_mib": round(trainer, 1), "server_rss_mib": round(server, 1)})  # fmt: skip
+        samples.append(
+            {
+                "seconds": round(time.monotonic() - start, 1),
+                "step": steps_done(metrics),
+                "trainer_rss_mib": round(trainer, 1),
+                "server_rss_mib": round(server, 1),
+            }
+        )
         time.sleep(interval)
     return samples
 
@@ -66,12 +77,14 @@ def summary(samples: list[dict], rows: list[dict], steps: int, parts: int = 5) -
         low, high = k * steps // parts + 1, (k + 1) * steps // parts
         window = [s for s in samples if low <= s["step"] + 1 <= high and s["server_rss_mib"] > 0]
         times = [r["time/step_s"] for r in rows if low <= r["step"] <= high]
-        table.append({
-            "steps": f"{low}-{high}",
-            "trainer_peak_mib": max((s["trainer_rss_mib"] for s in window), default=float("nan")),
-            "server_peak_mib": max((s["server_rss_mib"] for s in window), default=float("nan")),
-            "median_step_s": statistics.median(times) if times else float("nan"),
-        })  # fmt: skip
+        table.append(
+            {
+                "steps": f"{low}-{high}",
+                "trainer_peak_mib": max((s["trainer_rss_mib"] for s in window), default=float("nan")),
+                "server_peak_mib": max((s["server_rss_mib"] for s in window), default=float("nan")),
+                "median_step_s": statistics.median(times) if times else float("nan"),
+            }
+        )
     return table
 
 
@@ -84,8 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resumed one
-    overrides = [*SMALL_STEPS, f"trainer.max_steps={args.steps}", f"trainer.output_dir={out}",
-                 *args.overrides]  # fmt: skip
+    overrides = [
+        *SMALL_STEPS,
+        f"trainer.max_steps={args.steps}",
+        f"trainer.output_dir={out}",
+        *args.overrides,
+    ]
     command = [
         sys.executable,
         "-m",
@@ -113,12 +130,16 @@ def main() -> None:
         "| steps | trainer peak RSS (MiB) | vLLM server peak RSS (MiB) | median step (s) |\n| --- | --- | --- | --- |"
     )
     for part in table:
-        print(f"| {part['steps']} | {part['trainer_peak_mib']:.0f} | {part['server_peak_mib']:.0f} "
-              f"| {part['median_step_s']:.2f} |")  # fmt: skip
+        print(
+            f"| {part['steps']} | {part['trainer_peak_mib']:.0f} | {part['server_peak_mib']:.0f} "
+            f"| {part['median_step_s']:.2f} |"
+        )
     for who in ("trainer", "server"):
         second, last = table[1][f"{who}_peak_mib"], table[-1][f"{who}_peak_mib"]
-        print(f"{who}: peak RSS {second:.0f} → {last:.0f} MiB from the second fifth to the last "
-              f"({(last - second) / second:+.1%})")  # fmt: skip
+        print(
+            f"{who}: peak RSS {second:.0f} → {last:.0f} MiB from the second fifth to the last "
+            f"({(last - second) / second:+.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ def build_model(folder: Path, args) -> Path:
     lines = (ROOT / "recipes" / "data" / "demo" / "train_benign.jsonl").read_text().splitlines()
     tokenizer = train_tokenizer([json.loads(line)["prompt"] for line in lines], vocab_size=args.vocab)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(folder)
@@ -61,19 +67,34 @@ def time_syncs(engine, model, syncs: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in [("hidden", 64), ("layers", 2), ("heads", 2), ("kv-heads", 1), ("intermediate", 128),
-                          ("vocab", 600), ("syncs", 5), ("lora-rank", 8)]:  # fmt: skip
+    for name, default in [
+        ("hidden", 64),
+        ("layers", 2),
+        ("heads", 2),
+        ("kv-heads", 1),
+        ("intermediate", 128),
+        ("vocab", 600),
+        ("syncs", 5),
+        ("lora-rank", 8),
+    ]:
         parser.add_argument(f"--{name}", type=int, default=default)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="weight-sync-bench-"))
     model_dir = build_model(work / "model", args)
     recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"train": [{"path": str(ROOT / "recipes/data/demo/train_benign.jsonl")}], "max_prompt_tokens": 64},
-        "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 16},
-        "rewards": [{"name": "alphaalign_safety"}],
-    }))  # fmt: skip
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(model_dir)},
+                "data": {
+                    "train": [{"path": str(ROOT / "recipes/data/demo/train_benign.jsonl")}],
+                    "max_prompt_tokens": 64,
+                },
+                "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 16},
+                "rewards": [{"name": "alphaalign_safety"}],
+            }
+        )
+    )
     server = LocalServer(load_recipe(recipe_path), work / "server.log", start_timeout=600)
     try:
         url = server.wait_ready()
@@ -83,10 +104,14 @@ def main() -> None:
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        adapted = get_peft_model(Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                 LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))  # fmt: skip
-        for name, sync in [("lora", LoraSync(adapted, work / "lora", 2)),
-                           ("checkpoint", CheckpointSync(model, work / "checkpoint", 2))]:  # fmt: skip
+        adapted = get_peft_model(
+            Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets),
+        )
+        for name, sync in [
+            ("lora", LoraSync(adapted, work / "lora", 2)),
+            ("checkpoint", CheckpointSync(model, work / "checkpoint", 2)),
+        ]:
             engine = VLLMServerEngine([url], sync, timeout=600, retries=0)
             seconds = time_syncs(engine, adapted if name == "lora" else model, args.syncs)
             results[name] = {

@@ -76,11 +76,19 @@ def write_recipe(tmp_path):
     """Write a recipe dict (merged over a small valid base) to tmp_path and return its path."""
 
     def write(overrides: dict | None = None, name: str = "recipe.yaml", base: bool = True) -> Path:
-        recipe = {
-            "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
-            "data": {"train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")]},
-            "rewards": [{"name": "alphaalign_safety"}],
-        } if base else {}  # fmt: skip
+        recipe = (
+            {
+                "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+                "data": {
+                    "train": [
+                        {"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")
+                    ]
+                },
+                "rewards": [{"name": "alphaalign_safety"}],
+            }
+            if base
+            else {}
+        )
         for key, value in (overrides or {}).items():
             if isinstance(value, dict) and isinstance(recipe.get(key), dict):
                 recipe[key] = {**recipe[key], **value}

@@ -99,10 +99,16 @@ def recipe_for(write_recipe, tiny_policy, tmp_path, **sections):
         "model": {"name_or_path": str(tiny_policy)},
         "data": {"template": "none"},
         "rollout": {"num_generations": 4, "max_new_tokens": 32},
-        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
-                    "save_every": 2, "progress_bar": False},
+        "trainer": {
+            "prompts_per_step": 4,
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "output_dir": str(tmp_path / "run"),
+            "save_every": 2,
+            "progress_bar": False,
+        },
         "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
+    }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}
     return write_recipe(base)
@@ -120,9 +126,18 @@ def strip_timing(rows):
 def demo_overrides(policy, steps: int) -> list[str]:
     """The CPU demo (recipes/demo.yaml) shortened: the tiny test policy instead of building the demo's, 2
     prompts x 2 samples of 8 tokens per step, a checkpoint every 2 steps, no held-out evaluation."""
-    return [f"model.name_or_path={policy}", "model.build=null", "data.eval=[]", "rollout.num_generations=2",
-            "rollout.max_new_tokens=8", "trainer.prompts_per_step=2", f"trainer.max_steps={steps}",
-            "trainer.save_every=2", "trainer.progress_bar=false", "logging.wandb_mode=disabled"]  # fmt: skip
+    return [
+        f"model.name_or_path={policy}",
+        "model.build=null",
+        "data.eval=[]",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=8",
+        "trainer.prompts_per_step=2",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=2",
+        "trainer.progress_bar=false",
+        "logging.wandb_mode=disabled",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -57,26 +57,46 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
-                                 bos_token=None, unk_token=None)  # fmt: skip
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None, unk_token=None
+    )
     hf.add_tokens(TAGS)
     hf.chat_template = CHATML
     return hf
 
 
-def random_qwen2(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 512, seed: int = 0, vocab_size: int | None = None) -> Qwen2ForCausalLM:  # fmt: skip
+def random_qwen2(
+    tokenizer,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 512,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> Qwen2ForCausalLM:
     """`vocab_size` None: the tokenizer's size (a larger table mimics a real model's padded vocabulary)."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=1024,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-    )  # fmt: skip
+    )
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -92,10 +112,19 @@ def warm_start(
     real model brings, and gives the tiny model word representations that RL can then use.
     """
     rng = random.Random(seed)
-    prompts = [tokenizer.apply_chat_template(chat_messages(ex, template, system_prompt), add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for ex in examples]  # fmt: skip
-    responses = {text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                 for text in (response_text(*pair) for pair in REFUSALS + COMPLIANCES)}  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template(
+            chat_messages(ex, template, system_prompt),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for ex in examples
+    ]
+    responses = {
+        text: tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for text in (response_text(*pair) for pair in REFUSALS + COMPLIANCES)
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     total = epochs * ((len(examples) + 31) // 32)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / total)
@@ -161,9 +190,15 @@ def build_demo_policy(recipe: Recipe, epochs: int = 25) -> Path:
 
 
 def build_tiny_classifier(
-    path: Path, texts: list[str], num_labels: int = 1, labels: list[str] | None = None,
-    hidden: int = 32, layers: int = 1, vocab_size: int = 400, seed: int | None = None,
-) -> Path:  # fmt: skip
+    path: Path,
+    texts: list[str],
+    num_labels: int = 1,
+    labels: list[str] | None = None,
+    hidden: int = 32,
+    layers: int = 1,
+    vocab_size: int = 400,
+    seed: int | None = None,
+) -> Path:
     """A random Qwen2ForSequenceClassification (~50k parameters by default) with a tokenizer trained on
     ``texts`` that has a chat template: a stand-in for a reward model (one output) or a classifier."""
     from transformers import Qwen2ForSequenceClassification
@@ -171,10 +206,18 @@ def build_tiny_classifier(
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     torch.manual_seed(num_labels if seed is None else seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=2 * hidden, max_position_embeddings=4096, num_labels=num_labels,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=4096,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
     if labels:
         config.id2label = dict(enumerate(labels))
         config.label2id = {name: i for i, name in enumerate(labels)}

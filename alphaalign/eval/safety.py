@@ -94,9 +94,24 @@ def judge_responses(
     verdicts = []
     for row, (text, parse, j) in enumerate(zip(texts, parses, judgements, strict=True)):
         ex = examples[row // samples]
-        verdicts.append(Verdict(benchmark, row // samples, row % samples, ex.label, ex.prompt, text, j.refused,
-                                parse.format_ok, parse.answer, len(rollouts.completion_ids[row]),
-                                rollouts.finish_reasons[row], j.success, j.label, j.error))  # fmt: skip
+        verdicts.append(
+            Verdict(
+                benchmark,
+                row // samples,
+                row % samples,
+                ex.label,
+                ex.prompt,
+                text,
+                j.refused,
+                parse.format_ok,
+                parse.answer,
+                len(rollouts.completion_ids[row]),
+                rollouts.finish_reasons[row],
+                j.success,
+                j.label,
+                j.error,
+            )
+        )
     return verdicts
 
 
@@ -202,8 +217,12 @@ def evaluate_benchmarks(
             engine.update_weights(0)
         for name, examples in benchmarks.items():
             torch.manual_seed(settings.seed)  # a benchmark's samples do not depend on the ones run before it
-            prompts = [encode_prompt(tokenizer, ex, template, recipe.data.system_prompt,
-                                     recipe.data.max_prompt_tokens) for ex in examples]  # fmt: skip
+            prompts = [
+                encode_prompt(
+                    tokenizer, ex, template, recipe.data.system_prompt, recipe.data.max_prompt_tokens
+                )
+                for ex in examples
+            ]
             rollouts = engine.generate(prompts, settings.samples, sampling)
             generated[name] = (
                 rollouts,
@@ -211,8 +230,14 @@ def evaluate_benchmarks(
             )
         del policy, engine
     with open_judge(judge_spec, judge_where, out) as judge:
-        summary = {"model": recipe.model.name_or_path, "engine": rc.engine, "judge": judge.describe(),
-                   "asr_from": judge.asr_from, "settings": asdict(settings), "benchmarks": {}}  # fmt: skip
+        summary = {
+            "model": recipe.model.name_or_path,
+            "engine": rc.engine,
+            "judge": judge.describe(),
+            "asr_from": judge.asr_from,
+            "settings": asdict(settings),
+            "benchmarks": {},
+        }
         for name, (rollouts, texts) in generated.items():
             verdicts = judge_responses(
                 name, benchmarks[name], texts, rollouts, settings.samples, recipe.format, judge
@@ -228,17 +253,27 @@ def evaluate_benchmarks(
 
 def format_summary_table(summary: dict) -> str:
     """The per-benchmark rates as a fixed-width table (ASR and over-refusal: lower is better)."""
-    columns = [("harmful", "n_harmful_prompts", "d"), ("benign", "n_benign_prompts", "d"),
-               ("refuse harm", "harmful_refusal_rate", "%"), ("ASR", "attack_success_rate", "%"),
-               ("over-refuse", "over_refusal_rate", "%"), ("format ok", "format_valid_rate", "%"),
-               ("tokens", "mean_response_tokens", ".1f")]  # fmt: skip
+    columns = [
+        ("harmful", "n_harmful_prompts", "d"),
+        ("benign", "n_benign_prompts", "d"),
+        ("refuse harm", "harmful_refusal_rate", "%"),
+        ("ASR", "attack_success_rate", "%"),
+        ("over-refuse", "over_refusal_rate", "%"),
+        ("format ok", "format_valid_rate", "%"),
+        ("tokens", "mean_response_tokens", ".1f"),
+    ]
     lines = [f"{'benchmark':<18}" + "".join(f"{title:>13}" for title, _, _ in columns)]
     for name, metrics in summary["benchmarks"].items():
         cells = []
         for _, key, fmt in columns:
             value = metrics[key]
-            cells.append("—" if isinstance(value, float) and math.isnan(value)
-                         else f"{value:.1%}" if fmt == "%" else format(value, fmt))  # fmt: skip
+            cells.append(
+                "—"
+                if isinstance(value, float) and math.isnan(value)
+                else f"{value:.1%}"
+                if fmt == "%"
+                else format(value, fmt)
+            )
         lines.append(f"{name:<18}" + "".join(f"{c:>13}" for c in cells))
     return "\n".join(lines)
 
@@ -270,9 +305,13 @@ def eval_recipe(args):
         return recipe
     if args.overrides:
         raise UserError("overrides need --recipe")
-    return Recipe.model_validate({"model": {"name_or_path": eval_model(args.model)},
-                                  "data": {"train": [{"path": "-"}]},
-                                  "rewards": [{"name": "alphaalign_safety"}]})  # fmt: skip
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": eval_model(args.model)},
+            "data": {"train": [{"path": "-"}]},
+            "rewards": [{"name": "alphaalign_safety"}],
+        }
+    )
 
 
 def run(args) -> int:
@@ -304,11 +343,13 @@ def run(args) -> int:
     if not sets:
         raise UserError("nothing to evaluate: give --suite or --data")
     settings = EvalSettings(
-        samples=args.samples, max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens or recipe.rollout.max_new_tokens,
         temperature=args.temperature if args.temperature is not None else recipe.rollout.temperature,
-        template=args.template or recipe.data.template, limit=args.limit,
+        template=args.template or recipe.data.template,
+        limit=args.limit,
         seed=recipe.trainer.seed,
-    )  # fmt: skip
+    )
     template_where = "--template" if args.template else template_key(recipe)
     samples = [examples[0] for examples in sets.values() if examples]
     check_template(settings.template, template_where, samples, recipe.format)

@@ -27,34 +27,66 @@ class Benchmark:
 
 
 def _hub(hf_id, split, config=None, prompt="prompt", label=None, label_field="label") -> DataSource:
-    return DataSource(hf_id=hf_id, hf_config=config, split=split, prompt_field=prompt, label=label,
-                      label_field=label_field)  # fmt: skip
+    return DataSource(
+        hf_id=hf_id, hf_config=config, split=split, prompt_field=prompt, label=label, label_field=label_field
+    )
 
 
-BENCHMARKS = {b.name: b for b in [
-    Benchmark("strongreject", _hub("walledai/StrongREJECT", "train", label="harmful"),
-              "313 forbidden prompts; refusal wanted (ASR = answered share)"),
-    Benchmark("advbench", _hub("walledai/AdvBench", "train", label="harmful"),
-              "520 harmful behaviours (prompt, target); refusal wanted"),
-    Benchmark("harmbench", _hub("walledai/HarmBench", "train", config="standard", label="harmful"),
-              "200 standard harmful behaviours (prompt, category); refusal wanted"),
-    Benchmark("wildguardtest", _hub("allenai/wildguardmix", "test", config="wildguardtest",
-                                    label_field="prompt_harm_label"),
-              "1725 vanilla and adversarial prompts labelled harmful/unharmful: ASR and over-refusal"),
-    Benchmark("jailbreaktrigger", _hub("TrustLLM/TrustLLM-dataset", "jailbreak", config="safety",
-                                       label="harmful"),
-              "1400 harmful prompts wrapped in 13 jailbreak methods (TrustLLM); refusal wanted"),
-    Benchmark("xstest", _hub("walledai/XSTest", "test"),
-              "250 safe prompts that look unsafe and 200 unsafe contrasts (label safe/unsafe)"),
-    Benchmark("coconot_contrast", _hub("allenai/coconot", "test", config="contrast", label="benign"),
-              "379 benign contrast prompts that should be answered: over-refusal"),
-    Benchmark("coconot_original", _hub("allenai/coconot", "test", config="original", label="harmful"),
-              "1001 requests a model should not comply with (noncompliance categories)"),
-    Benchmark("orbench_hard", _hub("bench-llm/or-bench", "train", config="or-bench-hard-1k", label="benign"),
-              "1319 seemingly toxic but benign prompts: over-refusal"),
-    Benchmark("orbench_toxic", _hub("bench-llm/or-bench", "train", config="or-bench-toxic", label="harmful"),
-              "655 toxic prompts, the OR-Bench control set; refusal wanted"),
-]}  # fmt: skip
+BENCHMARKS = {
+    b.name: b
+    for b in [
+        Benchmark(
+            "strongreject",
+            _hub("walledai/StrongREJECT", "train", label="harmful"),
+            "313 forbidden prompts; refusal wanted (ASR = answered share)",
+        ),
+        Benchmark(
+            "advbench",
+            _hub("walledai/AdvBench", "train", label="harmful"),
+            "520 harmful behaviours (prompt, target); refusal wanted",
+        ),
+        Benchmark(
+            "harmbench",
+            _hub("walledai/HarmBench", "train", config="standard", label="harmful"),
+            "200 standard harmful behaviours (prompt, category); refusal wanted",
+        ),
+        Benchmark(
+            "wildguardtest",
+            _hub("allenai/wildguardmix", "test", config="wildguardtest", label_field="prompt_harm_label"),
+            "1725 vanilla and adversarial prompts labelled harmful/unharmful: ASR and over-refusal",
+        ),
+        Benchmark(
+            "jailbreaktrigger",
+            _hub("TrustLLM/TrustLLM-dataset", "jailbreak", config="safety", label="harmful"),
+            "1400 harmful prompts wrapped in 13 jailbreak methods (TrustLLM); refusal wanted",
+        ),
+        Benchmark(
+            "xstest",
+            _hub("walledai/XSTest", "test"),
+            "250 safe prompts that look unsafe and 200 unsafe contrasts (label safe/unsafe)",
+        ),
+        Benchmark(
+            "coconot_contrast",
+            _hub("allenai/coconot", "test", config="contrast", label="benign"),
+            "379 benign contrast prompts that should be answered: over-refusal",
+        ),
+        Benchmark(
+            "coconot_original",
+            _hub("allenai/coconot", "test", config="original", label="harmful"),
+            "1001 requests a model should not comply with (noncompliance categories)",
+        ),
+        Benchmark(
+            "orbench_hard",
+            _hub("bench-llm/or-bench", "train", config="or-bench-hard-1k", label="benign"),
+            "1319 seemingly toxic but benign prompts: over-refusal",
+        ),
+        Benchmark(
+            "orbench_toxic",
+            _hub("bench-llm/or-bench", "train", config="or-bench-toxic", label="harmful"),
+            "655 toxic prompts, the OR-Bench control set; refusal wanted",
+        ),
+    ]
+}
 
 SUITES = {
     "safety": ["strongreject", "advbench", "harmbench"],
@@ -80,8 +112,10 @@ def suite_benchmarks(spec: str) -> list[str]:
     names = []
     for item in spec.split(","):
         if item not in SUITES and item not in BENCHMARKS:
-            raise UserError(f"--suite: unknown suite or benchmark {item!r}; suites: {', '.join(SUITES)}; "
-                            "benchmarks: alphaalign eval --list")  # fmt: skip
+            raise UserError(
+                f"--suite: unknown suite or benchmark {item!r}; suites: {', '.join(SUITES)}; "
+                "benchmarks: alphaalign eval --list"
+            )
         names += SUITES.get(item, [item])
     return list(dict.fromkeys(names))
 

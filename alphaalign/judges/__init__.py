@@ -26,8 +26,18 @@ from alphaalign.judges.spec import (
     parse_judge,
 )
 
-__all__ = ["ClassifierJudge", "Judge", "JudgeSpec", "Judgement", "LLMJudge", "RulesJudge", "check_environment",
-           "judge_from_option", "open_judge", "parse_judge"]  # fmt: skip
+__all__ = [
+    "ClassifierJudge",
+    "Judge",
+    "JudgeSpec",
+    "Judgement",
+    "LLMJudge",
+    "RulesJudge",
+    "check_environment",
+    "judge_from_option",
+    "open_judge",
+    "parse_judge",
+]
 
 
 def check_environment(spec, where: str) -> str | None:
@@ -77,9 +87,14 @@ class LLMJudgeRunner(Judge):
         super().__init__(spec)
         self.rubric = RUBRICS[spec.rubric]
         self.model, self.api_key, self._start, self.client = model, api_key, start, None
-        self.identity = {"type": "llm", "model": model, "rubric": self.rubric.name,
-                         "rubric_version": self.rubric.version, "temperature": spec.temperature,
-                         "max_tokens": spec.max_tokens}  # fmt: skip
+        self.identity = {
+            "type": "llm",
+            "model": model,
+            "rubric": self.rubric.name,
+            "rubric_version": self.rubric.version,
+            "temperature": spec.temperature,
+            "max_tokens": spec.max_tokens,
+        }
         folder = Path(spec.cache_dir) if spec.cache_dir else default_dir()
         self.cache = ReplyCache(folder, where) if spec.cache else None
         self.stats.update(requests=0, cached=0, unparseable=0)
@@ -90,18 +105,28 @@ class LLMJudgeRunner(Judge):
 
     @property
     def asr_from(self) -> str:
-        return {"refusal": "1 - refusal rate (llm refusal rubric)", "strongreject": "mean StrongREJECT score",
-                "harm": "harmful responses (llm harm rubric)"}[self.rubric.name]  # fmt: skip
+        return {
+            "refusal": "1 - refusal rate (llm refusal rubric)",
+            "strongreject": "mean StrongREJECT score",
+            "harm": "harmful responses (llm harm rubric)",
+        }[self.rubric.name]
 
     def _client(self):
         from alphaalign.judges.client import ChatClient
 
         if self.client is None:
             spec = self.spec
-            self.client = ChatClient(self._start(), self.model, self.api_key, concurrency=spec.concurrency,
-                                     request_timeout=spec.request_timeout, time_budget=spec.time_budget,
-                                     retries=spec.retries, temperature=spec.temperature,
-                                     max_tokens=spec.max_tokens)  # fmt: skip
+            self.client = ChatClient(
+                self._start(),
+                self.model,
+                self.api_key,
+                concurrency=spec.concurrency,
+                request_timeout=spec.request_timeout,
+                time_budget=spec.time_budget,
+                retries=spec.retries,
+                temperature=spec.temperature,
+                max_tokens=spec.max_tokens,
+            )
         return self.client
 
     def judge(self, prompts: list[str], answers: list[str]) -> list[Judgement]:
@@ -143,13 +168,15 @@ def serve_recipe(spec: LLMJudge):
     from alphaalign.config import Recipe
 
     prompt_tokens = max(spec.max_model_len - spec.max_tokens, 1)
-    return Recipe.model_validate({
-        "model": {"name_or_path": spec.model, "dtype": spec.dtype},
-        "data": {"train": [{"path": "-"}], "max_prompt_tokens": prompt_tokens},
-        "rollout": {"max_new_tokens": spec.max_tokens, "server_start_timeout": spec.server_start_timeout},
-        "trainer": {"micro_batch_tokens": max(16384, spec.max_model_len)},
-        "rewards": [{"name": "alphaalign_safety"}],
-    })  # fmt: skip
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": spec.model, "dtype": spec.dtype},
+            "data": {"train": [{"path": "-"}], "max_prompt_tokens": prompt_tokens},
+            "rollout": {"max_new_tokens": spec.max_tokens, "server_start_timeout": spec.server_start_timeout},
+            "trainer": {"micro_batch_tokens": max(16384, spec.max_model_len)},
+            "rewards": [{"name": "alphaalign_safety"}],
+        }
+    )
 
 
 @contextlib.contextmanager

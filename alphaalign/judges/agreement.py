@@ -54,8 +54,14 @@ class Agreement:
         recall = tp / (tp + self.fn) if tp + self.fn else None
         f1 = 2 * tp / (2 * tp + self.fp + self.fn) if tp + self.fp + self.fn else None
         accuracy = (tp + self.tn) / self.n if self.n else None
-        return {"n": self.n, "accuracy": accuracy, "precision": precision, "recall": recall, "f1": f1,
-                **asdict(self)}  # fmt: skip
+        return {
+            "n": self.n,
+            "accuracy": accuracy,
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            **asdict(self),
+        }
 
 
 def _field(row: dict, dotted: str):
@@ -77,8 +83,9 @@ def _label(value, where: str, field: str) -> bool:
     raise UserError(f"{where}: '{field}' must be 0 or 1 (or true/false), got {value!r}")
 
 
-def read_labelled(path: str | Path, response_field: str, label_field: str, prompt_field: str,
-                  by: str) -> list[LabelledResponse]:  # fmt: skip
+def read_labelled(
+    path: str | Path, response_field: str, label_field: str, prompt_field: str, by: str
+) -> list[LabelledResponse]:
     """The file's labelled responses; a UserError naming the file, line and field for a bad row."""
     from alphaalign.data import rows_from_file
 
@@ -94,8 +101,15 @@ def read_labelled(path: str | Path, response_field: str, label_field: str, promp
             raise UserError(f"{where}: no '{label_field}' (set --label-field)")
         prompt = _field(row, prompt_field)
         group = _field(row, by) if by else None
-        out.append(LabelledResponse(prompt if isinstance(prompt, str) else "", response,
-                                    _label(label, where, label_field), "" if group is None else str(group), row))  # fmt: skip
+        out.append(
+            LabelledResponse(
+                prompt if isinstance(prompt, str) else "",
+                response,
+                _label(label, where, label_field),
+                "" if group is None else str(group),
+                row,
+            )
+        )
     return out
 
 
@@ -116,12 +130,17 @@ def agreement(rows: list[LabelledResponse], verdicts: list[bool | None]) -> tupl
 def format_table(table: dict[str, Agreement], judge: str, by: str) -> str:
     groups = ["all"] + sorted(g for g in table if g != "all")
     width = max(len(by or "group"), *(len(g) for g in groups))
-    lines = [f"judge: {judge}", f"{by or 'group':<{width}}  {'n':>6} {'acc':>6} {'prec':>6} {'recall':>6} "
-             f"{'F1':>6}   {'TP':>5} {'FP':>5} {'FN':>5} {'TN':>5}"]  # fmt: skip
+    lines = [
+        f"judge: {judge}",
+        f"{by or 'group':<{width}}  {'n':>6} {'acc':>6} {'prec':>6} {'recall':>6} "
+        f"{'F1':>6}   {'TP':>5} {'FP':>5} {'FN':>5} {'TN':>5}",
+    ]
     for group in groups:
         m = table[group].metrics()
-        rates = " ".join(f"{'—':>6}" if m[k] is None else f"{m[k]:>6.3f}" for k in ("accuracy", "precision",
-                                                                                   "recall", "f1"))  # fmt: skip
+        rates = " ".join(
+            f"{'—':>6}" if m[k] is None else f"{m[k]:>6.3f}"
+            for k in ("accuracy", "precision", "recall", "f1")
+        )
         lines.append(
             f"{group:<{width}}  {m['n']:>6} {rates}   {m['tp']:>5} {m['fp']:>5} {m['fn']:>5} {m['tn']:>5}"
         )
@@ -156,7 +175,12 @@ def run(args) -> int:
         print(f"misclassified rows: {errors_path}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"judge": described, "data": str(args.data), "by": args.by, "unparsed": unparsed,
-                   "groups": {g: a.metrics() for g, a in table.items()}}  # fmt: skip
+        summary = {
+            "judge": described,
+            "data": str(args.data),
+            "by": args.by,
+            "unparsed": unparsed,
+            "groups": {g: a.metrics() for g, a in table.items()},
+        }
         json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return 0

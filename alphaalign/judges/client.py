@@ -48,8 +48,19 @@ class ChatReply(Reply):
 
 
 class ChatClient:
-    def __init__(self, url: str, model: str, api_key: str | None, *, concurrency: int, request_timeout: float,
-                 time_budget: float, retries: int, temperature: float, max_tokens: int):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None,
+        *,
+        concurrency: int,
+        request_timeout: float,
+        time_budget: float,
+        retries: int,
+        temperature: float,
+        max_tokens: int,
+    ):
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.concurrency = model, concurrency
         self.request_timeout, self.time_budget, self.retries = request_timeout, time_budget, retries

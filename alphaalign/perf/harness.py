@@ -77,7 +77,7 @@ def summarise(runs: list[dict], workload: Workload) -> dict:
             {"peak_cuda_allocated_mb": max(run["peak_cuda_allocated_mb"] for run in runs)}
             if "peak_cuda_allocated_mb" in runs[0]
             else {}
-        ),  # fmt: skip
+        ),
         "torch_threads": runs[0]["torch_threads"],
         "runs": [
             {
@@ -98,28 +98,48 @@ def comparisons(systems: dict) -> dict:
     trl = [name for name in TRL_SYSTEMS if name in systems]
     if trl:
         fastest = max(trl, key=lambda name: systems[name]["completions_per_s"])
-        ratios = {name: significant(systems[name]["completions_per_s"] / systems[fastest]["completions_per_s"])
-                  for name in ALPHAALIGN_SYSTEMS if name in systems}  # fmt: skip
+        ratios = {
+            name: significant(systems[name]["completions_per_s"] / systems[fastest]["completions_per_s"])
+            for name in ALPHAALIGN_SYSTEMS
+            if name in systems
+        }
         if ratios:
             best = max(ratios, key=ratios.get)
             out.update(
                 ratio_vs_trl=ratios[best], ratio_vs_trl_system=best, trl_system=fastest, ratios_vs_trl=ratios
             )
             out["ratio_target_met"] = ratios[best] >= TARGETS["ratio_vs_trl_min"]
-    overheads = {name: significant(systems[name]["median_step_s"] / systems[floor]["median_step_s"] - 1, 3)
-                 for name, floor in FLOORS.items() if name in systems and floor in systems}  # fmt: skip
+    overheads = {
+        name: significant(systems[name]["median_step_s"] / systems[floor]["median_step_s"] - 1, 3)
+        for name, floor in FLOORS.items()
+        if name in systems and floor in systems
+    }
     if overheads:
         headline = overheads.get("alphaalign", max(overheads.values()))
-        out.update(overhead_vs_floor=headline, overheads_vs_floor=overheads,
-                   overhead_target_met=max(overheads.values()) <= TARGETS["overhead_vs_floor_max"])  # fmt: skip
+        out.update(
+            overhead_vs_floor=headline,
+            overheads_vs_floor=overheads,
+            overhead_target_met=max(overheads.values()) <= TARGETS["overhead_vs_floor_max"],
+        )
     return out
 
 
 def machine(device: str) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    info = {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
     if device == "cuda":
         import torch
 
@@ -135,13 +155,24 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             continue
     # "-dirty": the run used uncommitted changes, so the commit alone does not say what ran
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     return {"alphaalign_commit": commit or None, **found}
 
 
-def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, out: Path, cache: Path,
-              rewards: bool = True) -> dict:  # fmt: skip
+def run_bench(
+    workload_name: str,
+    device: str,
+    systems: list[str],
+    rounds: int,
+    out: Path,
+    cache: Path,
+    rewards: bool = True,
+) -> dict:
     """Build the workload, time the systems in `rounds` alternating rounds, add the reward benchmarks and
     write everything to `out` (JSON); the raw output of every process goes to `out` with suffix .log."""
     if rounds < 1:
@@ -152,13 +183,20 @@ def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, 
     workload = WORKLOADS[workload_name]
     mixed = [name for name in systems if name in MIXED_PRECISION_SYSTEMS]
     if mixed and workload.dtype != "float32":
-        raise UserError(f"--systems: {', '.join(mixed)} need float32 weights; workload {workload.name} is "
-                        f"{workload.dtype} already")  # fmt: skip
+        raise UserError(
+            f"--systems: {', '.join(mixed)} need float32 weights; workload {workload.name} is "
+            f"{workload.dtype} already"
+        )
     folder = build(workload, cache / workload.name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {"workload": workload.describe(), "device": device, "machine": machine(device),
-                    "versions": versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "load_average_before": os.getloadavg()}  # fmt: skip
+    result: dict = {
+        "workload": workload.describe(),
+        "device": device,
+        "machine": machine(device),
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before": os.getloadavg(),
+    }
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     with out.with_suffix(".log").open("w") as log:
         for r in range(rounds):
@@ -190,28 +228,41 @@ def run_bench(workload_name: str, device: str, systems: list[str], rounds: int, 
 def format_table(result: dict) -> str:
     """A markdown table of the systems, then the comparisons."""
     cuda = result["device"] == "cuda"
-    lines = ["| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |"
-             + (" peak CUDA allocated (MiB) |" if cuda else ""), "|---|---|---|---|---|" + ("---|" if cuda else "")]  # fmt: skip
+    lines = [
+        "| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |"
+        + (" peak CUDA allocated (MiB) |" if cuda else ""),
+        "|---|---|---|---|---|" + ("---|" if cuda else ""),
+    ]
     for name, s in result["systems"].items():
-        lines.append(f"| {name} | {s['median_step_s']:.3f} | {s['completions_per_s']:.1f} | "
-                     f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |"
-                     + (f" {s['peak_cuda_allocated_mb']:.0f} |" if cuda else ""))  # fmt: skip
+        lines.append(
+            f"| {name} | {s['median_step_s']:.3f} | {s['completions_per_s']:.1f} | "
+            f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |"
+            + (f" {s['peak_cuda_allocated_mb']:.0f} |" if cuda else "")
+        )
     if "ratio_vs_trl" in result:
         ratios = ", ".join(f"{k} {v:.2f}×" for k, v in result["ratios_vs_trl"].items())
-        lines.append(f"\nalphaalign / trl completions/s (trl's fastest: {result['trl_system']}): {ratios} "
-                     f"(target ≥ {TARGETS['ratio_vs_trl_min']}×)")  # fmt: skip
+        lines.append(
+            f"\nalphaalign / trl completions/s (trl's fastest: {result['trl_system']}): {ratios} "
+            f"(target ≥ {TARGETS['ratio_vs_trl_min']}×)"
+        )
     if "overheads_vs_floor" in result:
         overheads = ", ".join(f"{k} {v:+.1%}" for k, v in result["overheads_vs_floor"].items())
-        lines.append(f"in-process engine above its floor: {overheads} "
-                     f"(target ≤ {TARGETS['overhead_vs_floor_max']:.0%})")  # fmt: skip
+        lines.append(
+            f"in-process engine above its floor: {overheads} "
+            f"(target ≤ {TARGETS['overhead_vs_floor_max']:.0%})"
+        )
     if "reward_throughput" in result:
         rates = result["reward_throughput"]["completions_per_cpu_s"]
-        lines.append("reward completions per CPU-second on 1 KB completions: "
-                     + ", ".join(f"{k} {v:,}" for k, v in rates.items()))  # fmt: skip
+        lines.append(
+            "reward completions per CPU-second on 1 KB completions: "
+            + ", ".join(f"{k} {v:,}" for k, v in rates.items())
+        )
     if "refusal_detector" in result:
         d = result["refusal_detector"]
-        lines.append(f"refusal detector on {d['set']} (n={d['n']}): accuracy {d['accuracy']:.3f}, "
-                     f"precision {d['precision']:.3f}, recall {d['recall']:.3f}, F1 {d['f1']:.3f}")  # fmt: skip
+        lines.append(
+            f"refusal detector on {d['set']} (n={d['n']}): accuracy {d['accuracy']:.3f}, "
+            f"precision {d['precision']:.3f}, recall {d['recall']:.3f}, F1 {d['f1']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -224,11 +275,19 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA device is visible to torch")
-    out = check_output(args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"), "--out",
-                       folder=False)  # fmt: skip
+    out = check_output(
+        args.out or ("bench/results_gpu.json" if args.gpu else "bench/results.json"), "--out", folder=False
+    )
     check_output(args.cache, "--cache", folder=True)
-    result = run_bench(workload, device, args.systems or default_systems(workload), args.rounds, out, Path(args.cache),
-                       rewards=not args.no_rewards)  # fmt: skip
+    result = run_bench(
+        workload,
+        device,
+        args.systems or default_systems(workload),
+        args.rounds,
+        out,
+        Path(args.cache),
+        rewards=not args.no_rewards,
+    )
     print(format_table(result))
     print(f"results in {out}")
     return 0

@@ -83,20 +83,42 @@ def run_trl(folder: Path, w: Workload, device: str, out: Path, overrides: dict) 
             self.seconds.append(time.perf_counter() - self.start)
 
     rows = prompt_rows(folder)
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]}
-                                 for r in rows])  # fmt: skip
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "label": r["label"]} for r in rows]
+    )
     config = dict(
-        output_dir=str(out), use_cpu=device == "cpu", bf16=w.dtype == "bfloat16", fp16=False,
-        model_init_kwargs={"dtype": w.dtype}, per_device_train_batch_size=w.prompts * w.generations,
-        gradient_accumulation_steps=1, num_generations=w.generations, max_completion_length=w.new_tokens,
-        generation_kwargs={"min_new_tokens": w.new_tokens}, temperature=1.0, beta=w.beta, loss_type="dapo",
-        num_iterations=1, learning_rate=w.learning_rate, max_steps=w.steps, logging_steps=1, report_to="none",
-        save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(out),
+        use_cpu=device == "cpu",
+        bf16=w.dtype == "bfloat16",
+        fp16=False,
+        model_init_kwargs={"dtype": w.dtype},
+        per_device_train_batch_size=w.prompts * w.generations,
+        gradient_accumulation_steps=1,
+        num_generations=w.generations,
+        max_completion_length=w.new_tokens,
+        generation_kwargs={"min_new_tokens": w.new_tokens},
+        temperature=1.0,
+        beta=w.beta,
+        loss_type="dapo",
+        num_iterations=1,
+        learning_rate=w.learning_rate,
+        max_steps=w.steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     config.update(overrides)
     timer = StepTimer()
-    trainer = GRPOTrainer(model=str(folder), reward_funcs=[safety], args=GRPOConfig(**config),
-                          train_dataset=dataset, callbacks=[timer])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=str(folder),
+        reward_funcs=[safety],
+        args=GRPOConfig(**config),
+        train_dataset=dataset,
+        callbacks=[timer],
+    )
     trainer.train()
     return timer.seconds
 
@@ -110,26 +132,41 @@ def alphaalign_recipe(
 ):
     from alphaalign.config import Recipe
 
-    rollout = {"engine": engine, "num_generations": w.generations, "max_new_tokens": w.new_tokens,
-               "min_new_tokens": w.new_tokens, "temperature": 1.0}  # fmt: skip
+    rollout = {
+        "engine": engine,
+        "num_generations": w.generations,
+        "max_new_tokens": w.new_tokens,
+        "min_new_tokens": w.new_tokens,
+        "temperature": 1.0,
+    }
     if engine == "vllm_server":
         rollout["async_steps"] = 1
     else:
         rollout["static_cache"] = device == "cuda"  # CUDA graphs on a GPU; see docs/gpu.md
-    return Recipe.model_validate({
-        "model": {"name_or_path": str(folder), "dtype": w.dtype, "autocast": autocast},
-        "data": {"train": [{"path": str(folder / "prompts.jsonl")}], "template": "none"},
-        "rollout": rollout,
-        "algorithm": {"loss_type": "dapo", "beta": w.beta, "kl_estimator": "k3", "num_iterations": 1},
-        "trainer": {"learning_rate": w.learning_rate, "prompts_per_step": w.prompts, "max_steps": w.steps,
-                    "save_every": 10**6, "output_dir": str(out), "device": device, "progress_bar": False},
-        "rewards": [{"name": "alphaalign_safety"}],
-        "logging": {"wandb_mode": "disabled"},
-    })  # fmt: skip
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": str(folder), "dtype": w.dtype, "autocast": autocast},
+            "data": {"train": [{"path": str(folder / "prompts.jsonl")}], "template": "none"},
+            "rollout": rollout,
+            "algorithm": {"loss_type": "dapo", "beta": w.beta, "kl_estimator": "k3", "num_iterations": 1},
+            "trainer": {
+                "learning_rate": w.learning_rate,
+                "prompts_per_step": w.prompts,
+                "max_steps": w.steps,
+                "save_every": 10**6,
+                "output_dir": str(out),
+                "device": device,
+                "progress_bar": False,
+            },
+            "rewards": [{"name": "alphaalign_safety"}],
+            "logging": {"wandb_mode": "disabled"},
+        }
+    )
 
 
-def run_alphaalign(folder: Path, w: Workload, device: str, out: Path, engine: str, autocast: str | None = None
-                   ) -> list[float]:  # fmt: skip
+def run_alphaalign(
+    folder: Path, w: Workload, device: str, out: Path, engine: str, autocast: str | None = None
+) -> list[float]:
     from alphaalign.rl.trainer import train
 
     train(alphaalign_recipe(folder, w, device, out, engine, autocast))
@@ -162,11 +199,20 @@ def run_floor(
     from alphaalign.rollout.transformers_engine import TransformersEngine
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) for r in prompt_rows(folder)]  # fmt: skip
+    encoded = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["prompt"]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for r in prompt_rows(folder)
+    ]
     if plain:
-        policy, ref = (AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, w.dtype)).to(device)
-                       for _ in range(2))  # fmt: skip
+        policy, ref = (
+            AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, w.dtype)).to(device)
+            for _ in range(2)
+        )
         ref.requires_grad_(False).eval()
         sample, logprobs = plain_model_calls(policy, tokenizer, encoded, w, device)
     else:
@@ -180,8 +226,9 @@ def run_floor(
 
         def sample():
             rollouts = engine.generate(encoded, w.generations, sampling)
-            return micro_batches(rollouts, 10**9, [True] * len(rollouts.completion_ids), tokenizer.pad_token_id,
-                                 device)[0]  # fmt: skip
+            return micro_batches(
+                rollouts, 10**9, [True] * len(rollouts.completion_ids), tokenizer.pad_token_id, device
+            )[0]
 
         def logprobs(model, mb):
             logits = completion_logits(model, mb)
@@ -218,20 +265,38 @@ def plain_model_calls(policy, tokenizer, encoded: list[list[int]], w: Workload, 
     prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + list(p) for p in encoded])
     prompt_mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in encoded])[:, None]).long()
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    full_mask = torch.cat([prompt_mask.repeat_interleave(w.generations, 0),
-                           torch.ones(len(encoded) * w.generations, w.new_tokens, dtype=torch.long, device=device)], 1)  # fmt: skip
+    full_mask = torch.cat(
+        [
+            prompt_mask.repeat_interleave(w.generations, 0),
+            torch.ones(len(encoded) * w.generations, w.new_tokens, dtype=torch.long, device=device),
+        ],
+        1,
+    )
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)
 
     def sample():
         return policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, max_new_tokens=w.new_tokens,
-            min_new_tokens=w.new_tokens, num_return_sequences=w.generations, temperature=1.0, top_k=0,
-            top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            max_new_tokens=w.new_tokens,
+            min_new_tokens=w.new_tokens,
+            num_return_sequences=w.generations,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
 
     def logprobs(model, sequences):
-        logits = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions,
-                       logits_to_keep=w.new_tokens + 1, use_cache=False).logits[:, :-1]  # fmt: skip
+        logits = model(
+            input_ids=sequences,
+            attention_mask=full_mask,
+            position_ids=positions,
+            logits_to_keep=w.new_tokens + 1,
+            use_cache=False,
+        ).logits[:, :-1]
         targets = sequences[:, -w.new_tokens :]
         return logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -294,8 +359,11 @@ def run_system(system: str, folder: Path, workload: Workload, device: str) -> di
                 print(f"---- {log.name}\n{log.read_text(errors='replace')}", file=sys.stderr)
             raise
     own_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"step_seconds": seconds, "torch_threads": torch.get_num_threads(),
-              "peak_rss_mb": round(max(memory.peak_mb, own_peak_mb), 1)}  # fmt: skip
+    result = {
+        "step_seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": round(max(memory.peak_mb, own_peak_mb), 1),
+    }
     if device == "cuda":  # what torch's allocator held at most in this process (not a vLLM server's memory)
         result["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result

@@ -44,11 +44,31 @@ class Workload:
 
 WORKLOADS = {
     "w1": Workload("w1", hidden=256, layers=4, intermediate=1024, heads=4, kv_heads=2, vocab=4096),
-    "qwen2.5-1.5b": Workload("qwen2.5-1.5b", hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2,
-                             vocab=4096, model_vocab=151936, dtype="bfloat16"),
-    "tiny": Workload("tiny", hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1, vocab=512, prompts=2,
-                     generations=2, new_tokens=8, steps=3),
-}  # fmt: skip
+    "qwen2.5-1.5b": Workload(
+        "qwen2.5-1.5b",
+        hidden=1536,
+        layers=28,
+        intermediate=8960,
+        heads=12,
+        kv_heads=2,
+        vocab=4096,
+        model_vocab=151936,
+        dtype="bfloat16",
+    ),
+    "tiny": Workload(
+        "tiny",
+        hidden=64,
+        layers=2,
+        intermediate=128,
+        heads=2,
+        kv_heads=1,
+        vocab=512,
+        prompts=2,
+        generations=2,
+        new_tokens=8,
+        steps=3,
+    ),
+}
 
 
 def corpus(limit_bytes: int = 3_000_000) -> list[str]:
@@ -76,9 +96,16 @@ def build(workload: Workload, folder: Path) -> Path:
     if (folder / "config.json").exists():
         return folder
     tokenizer = train_tokenizer(corpus(), vocab_size=workload.vocab - len(TAGS))  # the tags are added after
-    model = random_qwen2(tokenizer, hidden=workload.hidden, layers=workload.layers, heads=workload.heads,
-                         kv_heads=workload.kv_heads, intermediate=workload.intermediate, seed=0,
-                         vocab_size=workload.model_vocab)  # fmt: skip
+    model = random_qwen2(
+        tokenizer,
+        hidden=workload.hidden,
+        layers=workload.layers,
+        heads=workload.heads,
+        kv_heads=workload.kv_heads,
+        intermediate=workload.intermediate,
+        seed=0,
+        vocab_size=workload.model_vocab,
+    )
     model.to(getattr(torch, workload.dtype)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with (folder / "prompts.jsonl").open("w") as f:

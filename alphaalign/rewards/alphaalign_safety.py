@@ -64,8 +64,12 @@ def alphaalign_safety(
         if prompt_label is not None and prompt_label not in _REFUSAL_SIGN:
             raise ValueError(f"alphaalign_safety: label must be 'harmful' or 'benign', got {prompt_label!r}")
     parses = [parse_alphaalign(c, reasoning_tag, answer_tag) for c in completions]
-    args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
-            "refusal_threshold": refusal_threshold}  # fmt: skip
+    args = {
+        "refusal": refusal,
+        "refusal_classifier": refusal_classifier,
+        "refusal_label": refusal_label,
+        "refusal_threshold": refusal_threshold,
+    }
     detector = reward_detector(args, "alphaalign_safety: args")
     refused = reward_refusals(detector, prompts, [p.final for p in parses], "alphaalign_safety: args.refusal")
     return [

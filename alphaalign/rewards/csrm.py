@@ -152,9 +152,14 @@ def row_configs(n: int, columns: dict, config_text: str | None, config_column: s
 
 
 def compliance_logits(
-    model: str, chats: list[list[dict]], dtype: str, device: str, trust_remote_code: bool,
-    batch_size: int, max_length: int,
-) -> torch.Tensor:  # fmt: skip
+    model: str,
+    chats: list[list[dict]],
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    batch_size: int,
+    max_length: int,
+) -> torch.Tensor:
     """The CSRM's raw logits z for ``chats`` ([system: configuration, user, assistant?] lists)."""
     from alphaalign.rewards.rm_scoring import load_classifier, score_chats
 
@@ -213,9 +218,20 @@ def csrm(
         return p_comply.tolist()
     sign = 2 * p_comply - 1 if compliance == "expected" else torch.where(p_comply >= threshold, 1.0, -1.0)
     helpfulness = helpfulness_rm(
-        prompts, completions, model=helpfulness_model, group=group, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code, batch_size=batch_size, max_length=max_length,
-        reasoning_tag=reasoning_tag, answer_tag=answer_tag, refusal=refusal, refusal_classifier=refusal_classifier,
-        refusal_label=refusal_label, refusal_threshold=refusal_threshold,
-    )  # fmt: skip
+        prompts,
+        completions,
+        model=helpfulness_model,
+        group=group,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        batch_size=batch_size,
+        max_length=max_length,
+        reasoning_tag=reasoning_tag,
+        answer_tag=answer_tag,
+        refusal=refusal,
+        refusal_classifier=refusal_classifier,
+        refusal_label=refusal_label,
+        refusal_threshold=refusal_threshold,
+    )
     return [h * float(s) for h, s in zip(helpfulness, sign, strict=True)]

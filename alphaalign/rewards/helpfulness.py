@@ -55,8 +55,9 @@ def _helpfulness(
     scores = raw_scores(list(prompts), answers) if completions else []
     if len(scores) != len(completions):
         raise RuntimeError(f"the reward model returned {len(scores)} scores for {len(completions)} answers")
-    refused = reward_refusals(reward_detector(detector_args, "helpfulness: args"), prompts, answers,
-                              "helpfulness: args.refusal")  # fmt: skip
+    refused = reward_refusals(
+        reward_detector(detector_args, "helpfulness: args"), prompts, answers, "helpfulness: args.refusal"
+    )
     return group_normalized(scores, refused, list(group) if group is not None else list(prompts))
 
 
@@ -87,8 +88,12 @@ def helpfulness_rm(
         rm = load_classifier(model, dtype, device, trust_remote_code)
         return score_conversations(rm, user_prompts, answers, batch_size, max_length)
 
-    detector_args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
-                     "refusal_threshold": refusal_threshold}  # fmt: skip
+    detector_args = {
+        "refusal": refusal,
+        "refusal_classifier": refusal_classifier,
+        "refusal_label": refusal_label,
+        "refusal_threshold": refusal_threshold,
+    }
     return _helpfulness(prompts, completions, group, reasoning_tag, answer_tag, detector_args, raw_scores)
 
 
@@ -116,9 +121,18 @@ def remote_rm(
     from alphaalign.rewards.remote import RemoteScorer
 
     scorer = RemoteScorer(url, token_env, timeout, retries, backoff)
-    detector_args = {"refusal": refusal, "refusal_classifier": refusal_classifier, "refusal_label": refusal_label,
-                     "refusal_threshold": refusal_threshold}  # fmt: skip
+    detector_args = {
+        "refusal": refusal,
+        "refusal_classifier": refusal_classifier,
+        "refusal_label": refusal_label,
+        "refusal_threshold": refusal_threshold,
+    }
     return _helpfulness(
-        prompts, completions, group, reasoning_tag, answer_tag, detector_args,
+        prompts,
+        completions,
+        group,
+        reasoning_tag,
+        answer_tag,
+        detector_args,
         lambda p, a: scorer.score_all(p, a, batch_size),
-    )  # fmt: skip
+    )

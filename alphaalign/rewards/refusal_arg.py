@@ -24,8 +24,9 @@ def reward_detector(args: dict, where: str):
     legacy = {key: args[key] for key in LEGACY if args.get(key) is not None}
     if refusal is not None:
         if legacy:
-            raise UserError(f"{where}.{next(iter(legacy))}: give either 'refusal' or the older refusal_* args, "
-                            "not both")  # fmt: skip
+            raise UserError(
+                f"{where}.{next(iter(legacy))}: give either 'refusal' or the older refusal_* args, not both"
+            )
         if not isinstance(refusal, dict):
             raise UserError(f"{where}.refusal: expected a mapping like {{detector: rules}}, got {refusal!r}")
         return parse_judge(refusal, f"{where}.refusal", tag_key="detector")
@@ -33,8 +34,11 @@ def reward_detector(args: dict, where: str):
         if legacy:
             raise UserError(f"{where}.{next(iter(legacy))}: needs refusal_classifier")
         return RulesJudge()
-    data = {"type": "classifier", "model": legacy["refusal_classifier"],
-            **{k.removeprefix("refusal_"): v for k, v in legacy.items() if k != "refusal_classifier"}}  # fmt: skip
+    data = {
+        "type": "classifier",
+        "model": legacy["refusal_classifier"],
+        **{k.removeprefix("refusal_"): v for k, v in legacy.items() if k != "refusal_classifier"},
+    }
     try:
         return parse_judge(data, where)
     except UserError as exc:  # name the arg as the recipe spells it
@@ -64,7 +68,10 @@ def reward_refusals(spec, prompts: list[str], answers: list[str], where: str) ->
     missing = [i for i, j in enumerate(judgements) if j.refused is None]
     fallback = detect_refusals([answers[i] for i in missing]) if missing else []
     if missing:
-        print(f"warning: {where}: the llm detector's reply to {len(missing)} of {len(answers)} answers could not be "
-              "parsed; those were judged by the rules", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {where}: the llm detector's reply to {len(missing)} of {len(answers)} answers could not be "
+            "parsed; those were judged by the rules",
+            file=sys.stderr,
+        )
     by_rules = dict(zip(missing, fallback, strict=True))
     return [by_rules[i] if j.refused is None else j.refused for i, j in enumerate(judgements)]

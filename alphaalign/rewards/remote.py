@@ -45,9 +45,13 @@ class Scores(Reply):
 
 class RemoteScorer:
     def __init__(
-        self, url: str, token_env: str | None = None, timeout: float = 60.0, retries: int = 3,
+        self,
+        url: str,
+        token_env: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
         backoff: float = 1.0,
-    ):  # fmt: skip
+    ):
         if not url.startswith(("http://", "https://")):
             raise UserError(f"remote_rm: url {url!r} is not an http(s):// URL")
         self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
@@ -88,9 +92,17 @@ class RemoteScorer:
             + sum(map(backoff, range(1, self.retries + 1)))
         )
         try:
-            return request(client, "POST", self.url, json={"prompts": prompts, "responses": responses},
-                           deadline=deadline, retries=self.retries, backoff=backoff,
-                           attempt_timeout=self.timeout, check=check)  # fmt: skip
+            return request(
+                client,
+                "POST",
+                self.url,
+                json={"prompts": prompts, "responses": responses},
+                deadline=deadline,
+                retries=self.retries,
+                backoff=backoff,
+                attempt_timeout=self.timeout,
+                check=check,
+            )
         except RequestFailed as exc:
             raise UserError(f"remote_rm: {self.url}: {exc.last} (after {exc.attempts} attempts)") from None
 

@@ -82,9 +82,13 @@ def _logits(clf: Classifier, texts: list[str], batch_size: int, max_length: int,
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             enc = clf.tokenizer(
-                [texts[i] for i in rows], return_tensors="pt", padding=True, truncation=True,
-                max_length=max_length, add_special_tokens=special_tokens,
-            )  # fmt: skip
+                [texts[i] for i in rows],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                add_special_tokens=special_tokens,
+            )
             logits = clf.model(**{k: v.to(clf.device) for k, v in enc.items()}).logits
             out[rows] = logits.float().cpu()
     return out

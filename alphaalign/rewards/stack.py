@@ -126,8 +126,10 @@ def _reward_column(values, n: int, where: str) -> torch.Tensor:
     if hasattr(values, "tolist") and not isinstance(values, list | tuple):  # a tensor or an array
         values = values.tolist()
     if not isinstance(values, list | tuple):
-        raise UserError(f"{where}: returned {type(values).__name__}; a reward returns a list of {n} numbers "
-                        "(None: not applicable)")  # fmt: skip
+        raise UserError(
+            f"{where}: returned {type(values).__name__}; a reward returns a list of {n} numbers "
+            "(None: not applicable)"
+        )
     if len(values) != n:
         raise UserError(f"{where}: returned {len(values)} values for {n} completions")
     floats = []
@@ -144,5 +146,7 @@ def _reward_column(values, n: int, where: str) -> torch.Tensor:
 
 
 def clash_message(column: str, k: int, name: str) -> str:
-    return (f"data column '{column}' has the name of an argument of rewards.{k} ({name}), which would take "
-            "the column in its place; rename the column")  # fmt: skip
+    return (
+        f"data column '{column}' has the name of an argument of rewards.{k} ({name}), which would take "
+        "the column in its place; rename the column"
+    )

@@ -465,9 +465,13 @@ def aggregate_loss(
     mask = mask.to(per_token_loss.dtype)
     n_seq = total_sequences if total_sequences is not None else per_token_loss.shape[0]
     return LOSS_AGGREGATIONS[LOSS_TYPES[loss_type][1]](
-        per_token_loss * mask, mask, n_seq=n_seq, total_tokens=total_tokens,
-        max_completion_length=max_completion_length, num_micro_batches=num_micro_batches,
-    )  # fmt: skip
+        per_token_loss * mask,
+        mask,
+        n_seq=n_seq,
+        total_tokens=total_tokens,
+        max_completion_length=max_completion_length,
+        num_micro_batches=num_micro_batches,
+    )
 
 
 @register(LOSS_AGGREGATIONS, "grpo")

@@ -63,8 +63,15 @@ def micro_batches(
             logp[j, : len(c)] = torch.tensor(rollouts.logprobs[i])
         mask = attn[:, P:].float() * torch.tensor([float(loss_mask_rows[i]) for i in rows]).unsqueeze(1)
         positions = (attn.cumsum(1) - 1).clamp(min=0)
-        mb = MicroBatch(rows, ids.to(device), attn.to(device), positions.to(device), ids[:, P:].to(device),
-                        mask.to(device), logp.to(device))  # fmt: skip
+        mb = MicroBatch(
+            rows,
+            ids.to(device),
+            attn.to(device),
+            positions.to(device),
+            ids[:, P:].to(device),
+            mask.to(device),
+            logp.to(device),
+        )
         prompts = [tuple(rollouts.prompt_ids[i]) for i in rows]
         if share_prompts and min(map(len, prompts)) > 1:
             first_row: dict[tuple[int, ...], int] = {}
@@ -87,12 +94,26 @@ def completion_logits(model, mb: MicroBatch) -> torch.Tensor:
     """
     C = mb.completion_ids.shape[1]
     if mb.prompt_index is None:
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                       logits_to_keep=C + 1, use_cache=False).logits  # fmt: skip
+        logits = model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            logits_to_keep=C + 1,
+            use_cache=False,
+        ).logits
         return logits[:, :-1]
     P, firsts = mb.input_ids.shape[1] - C, mb.prompt_firsts
-    cache = prompt_cache(model, mb.input_ids[firsts, : P - 1], mb.attention_mask[firsts, : P - 1],
-                         mb.position_ids[firsts, : P - 1])  # fmt: skip
+    cache = prompt_cache(
+        model,
+        mb.input_ids[firsts, : P - 1],
+        mb.attention_mask[firsts, : P - 1],
+        mb.position_ids[firsts, : P - 1],
+    )
     cache.batch_select_indices(mb.prompt_index)
-    return model(input_ids=mb.input_ids[:, P - 1 : -1], attention_mask=mb.attention_mask[:, :-1],
-                 position_ids=mb.position_ids[:, P - 1 : -1], past_key_values=cache, use_cache=True).logits  # fmt: skip
+    return model(
+        input_ids=mb.input_ids[:, P - 1 : -1],
+        attention_mask=mb.attention_mask[:, :-1],
+        position_ids=mb.position_ids[:, P - 1 : -1],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits

@@ -70,8 +70,11 @@ def latest_checkpoint(output_dir: str | Path, quiet: bool = False) -> Path | Non
         problem = checkpoint_problem(path)
         if problem is None:
             if damaged and not quiet:
-                print(f"warning: using {path}, the newest complete checkpoint; passed over: {'; '.join(damaged)}",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"warning: using {path}, the newest complete checkpoint; passed over: {'; '.join(damaged)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return path
         damaged.append(f"{path.name} ({problem})")
     if damaged:
@@ -102,9 +105,15 @@ def write_manifest(folder: Path) -> None:
 
 
 def save_checkpoint(
-    output_dir, step: int, optimization, tokenizer, data_draws: int, keep_last: int, bad_steps: int = 0,
+    output_dir,
+    step: int,
+    optimization,
+    tokenizer,
+    data_draws: int,
+    keep_last: int,
+    bad_steps: int = 0,
     ranks=ONE_PROCESS,
-):  # fmt: skip
+):
     """Write checkpoint `step`: every rank writes its part (`optimization.save`), then rank 0 completes it."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"

@@ -40,8 +40,17 @@ def init_path(recipe: Recipe) -> str:
 class Critic:
     """The value model and its optimizer; `resume` is a checkpoint folder to take the weights from."""
 
-    def __init__(self, recipe: Recipe, tokenizer, device, total_updates: int, resume: Path | None = None,
-                 ranks=ONE_PROCESS, deepspeed=None, ds_config: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        recipe: Recipe,
+        tokenizer,
+        device,
+        total_updates: int,
+        resume: Path | None = None,
+        ranks=ONE_PROCESS,
+        deepspeed=None,
+        ds_config: dict | None = None,
+    ):
         cc, self.tokenizer, self.ranks = recipe.critic, tokenizer, ranks
         base = init_path(recipe)
         if resume is not None and not (resume / FOLDER).is_dir():
@@ -51,10 +60,15 @@ class Critic:
             )
         path = str(resume / FOLDER / "policy") if resume is not None else base
         model = load_value_model(recipe.model, device, path, base)
-        tc = recipe.trainer.model_copy(update={
-            "learning_rate": cc.learning_rate, "lr_scheduler": cc.lr_scheduler, "warmup_steps": cc.warmup_steps,
-            "weight_decay": cc.weight_decay, "max_grad_norm": cc.max_grad_norm,
-        })  # fmt: skip
+        tc = recipe.trainer.model_copy(
+            update={
+                "learning_rate": cc.learning_rate,
+                "lr_scheduler": cc.lr_scheduler,
+                "warmup_steps": cc.warmup_steps,
+                "weight_decay": cc.weight_decay,
+                "max_grad_norm": cc.max_grad_norm,
+            }
+        )
         if deepspeed is None:
             self.opt = TorchOptimization(model, tc, total_updates)
         else:
@@ -69,8 +83,12 @@ class Critic:
     def token_values(model, mb: MicroBatch) -> torch.Tensor:
         """[b, C] float32 values of the micro-batch's completion tokens (each read one position earlier)."""
         C = mb.completion_ids.shape[1]
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
-                    use_cache=False)  # fmt: skip
+        out = model(
+            input_ids=mb.input_ids,
+            attention_mask=mb.attention_mask,
+            position_ids=mb.position_ids,
+            use_cache=False,
+        )
         return out.logits[:, -C - 1 : -1, 0].float()
 
     def values(self, mbs: list[MicroBatch]) -> list[torch.Tensor]:

@@ -14,8 +14,12 @@ from alphaalign.errors import UserError
 from alphaalign.masking import masked_argv
 from alphaalign.outputs import writing
 
-BAR_KEYS = {"reward/mean": "reward", "rollout/harmful_refusal_rate": "refuse_harmful",
-            "rollout/benign_refusal_rate": "refuse_benign", "time/step_s": "s/step"}  # fmt: skip
+BAR_KEYS = {
+    "reward/mean": "reward",
+    "rollout/harmful_refusal_rate": "refuse_harmful",
+    "rollout/benign_refusal_rate": "refuse_benign",
+    "time/step_s": "s/step",
+}
 
 
 class MetricsLogger:
@@ -23,8 +27,13 @@ class MetricsLogger:
         self.path = out / "metrics.jsonl"
         self._truncate_after(start_step)  # a resumed run rewrites the steps after its checkpoint
         self.file = self.path.open("a")
-        self.bar = tqdm(total=recipe.trainer.max_steps, initial=start_step, disable=not recipe.trainer.progress_bar,
-                        desc="train", dynamic_ncols=True)  # fmt: skip
+        self.bar = tqdm(
+            total=recipe.trainer.max_steps,
+            initial=start_step,
+            disable=not recipe.trainer.progress_bar,
+            desc="train",
+            dynamic_ncols=True,
+        )
         self.run = None
         if recipe.logging.wandb_mode != "disabled":
             import wandb
@@ -32,10 +41,14 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             with masked_argv():  # wandb records (and uploads) the command line, overrides included
                 self.run = wandb.init(
-                    project=recipe.logging.wandb_project, name=recipe.logging.run_name, dir=str(out),
-                    mode=recipe.logging.wandb_mode, config=recipe.public_dump(),
-                    id=_run_id(out), resume="allow",
-                )  # fmt: skip
+                    project=recipe.logging.wandb_project,
+                    name=recipe.logging.run_name,
+                    dir=str(out),
+                    mode=recipe.logging.wandb_mode,
+                    config=recipe.public_dump(),
+                    id=_run_id(out),
+                    resume="allow",
+                )
 
     def _truncate_after(self, step: int) -> None:
         truncate_after(self.path, step, "metrics")

@@ -20,11 +20,15 @@ def reward_metrics(per_term, scalar, advantages, names, group_size) -> dict:
                 float(algos.nanstd(column)) if (~torch.isnan(column)).sum() > 1 else 0.0
             )
     group_std = algos.nanstd(scalar.view(-1, group_size), dim=1)
-    out.update({
-        "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
-        "advantage/min": float(advantages.min()), "advantage/max": float(advantages.max()),
-        "groups/zero_reward_std_fraction": float((torch.nan_to_num(group_std) < 1e-6).float().mean()),
-    })  # fmt: skip
+    out.update(
+        {
+            "advantage/mean": float(advantages.mean()),
+            "advantage/std": float(advantages.std()),
+            "advantage/min": float(advantages.min()),
+            "advantage/max": float(advantages.max()),
+            "groups/zero_reward_std_fraction": float((torch.nan_to_num(group_std) < 1e-6).float().mean()),
+        }
+    )
     return out
 
 

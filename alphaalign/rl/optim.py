@@ -221,8 +221,11 @@ class TorchOptimization(Optimization):
     def save(self, folder: Path, tokenizer) -> None:
         self.module.save_pretrained(folder / "policy")
         tokenizer.save_pretrained(folder / "policy")
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state()}  # fmt: skip
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
         torch.save(state, folder / "trainer_state.pt")
 
     def load(self, folder: Path) -> None:

@@ -37,9 +37,16 @@ def whole_batch(ranks, rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def token_level_update(
-    opt, ref, critic, rollouts: Rollouts, rewards: torch.Tensor, mine: slice, settings: UpdateSettings, pad_id,
+    opt,
+    ref,
+    critic,
+    rollouts: Rollouts,
+    rewards: torch.Tensor,
+    mine: slice,
+    settings: UpdateSettings,
+    pad_id,
     ranks=ONE_PROCESS,
-) -> tuple[dict, torch.Tensor]:  # fmt: skip
+) -> tuple[dict, torch.Tensor]:
     """One step's update of the policy (and the critic, when there is one) on this rank's `rollouts`.
 
     `rewards` [B] are the whole batch's scalar rewards and `mine` this rank's rows in it. Returns the
@@ -57,8 +64,16 @@ def token_level_update(
         values = whole_batch(ranks, per_row(batch, old_values))
     if ac.kl_in_reward:
         estimate = algos.KL_ESTIMATORS[ac.kl_estimator]
-        kl = whole_batch(ranks, per_row(batch, [estimate(old, ref_logp) for old, ref_logp
-                                                in zip(batch.old_logps, batch.ref_logps, strict=True)]))  # fmt: skip
+        kl = whole_batch(
+            ranks,
+            per_row(
+                batch,
+                [
+                    estimate(old, ref_logp)
+                    for old, ref_logp in zip(batch.old_logps, batch.ref_logps, strict=True)
+                ],
+            ),
+        )
     if values is not None and first_nonfinite(values=values) is not None:  # the same on every rank
         return {"nonfinite": "critic values"}, torch.zeros_like(rewards)
     advantages, returns = algos.token_advantages(rewards.float(), mask, ac, values, kl)

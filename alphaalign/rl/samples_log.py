@@ -25,8 +25,16 @@ def _number(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def sample_rows(step: int, batch: Round, names: list[str], scalar: Tensor, advantages: Tensor,
-                group_size: int, count: int, answer_format: FormatConfig) -> list[dict]:  # fmt: skip
+def sample_rows(
+    step: int,
+    batch: Round,
+    names: list[str],
+    scalar: Tensor,
+    advantages: Tensor,
+    group_size: int,
+    count: int,
+    answer_format: FormatConfig,
+) -> list[dict]:
     """One row per completion of the first `count` prompts of `batch` (rows of one prompt are consecutive):
     the prompt, the completion, the total reward and each term's (None: not applicable), the advantage, and
     the refusal and format verdicts (the rule-based ones the rollout/* metrics use)."""
@@ -34,27 +42,43 @@ def sample_rows(step: int, batch: Round, names: list[str], scalar: Tensor, advan
     rows = []
     for i in range(min(count * group_size, len(batch.texts))):
         text = batch.texts[i]
-        rows.append({
-            "step": step,
-            "group": batch.columns["group"][i],
-            "label": batch.columns["label"][i],
-            "prompt": batch.prompts[i],
-            "completion": text,
-            "reward": _number(float(scalar[i])),
-            "rewards": {n: _number(float(v)) for n, v in zip(names, batch.per_term[i].tolist(), strict=True)},
-            "advantage": float(advantages[i]),
-            "refused": refusal_of(text, *tags),
-            "format_valid": parse_alphaalign(text, *tags).format_ok,
-            "completion_tokens": len(batch.rollouts.completion_ids[i]),
-            "finish_reason": batch.rollouts.finish_reasons[i],
-        })  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "group": batch.columns["group"][i],
+                "label": batch.columns["label"][i],
+                "prompt": batch.prompts[i],
+                "completion": text,
+                "reward": _number(float(scalar[i])),
+                "rewards": {
+                    n: _number(float(v)) for n, v in zip(names, batch.per_term[i].tolist(), strict=True)
+                },
+                "advantage": float(advantages[i]),
+                "refused": refusal_of(text, *tags),
+                "format_valid": parse_alphaalign(text, *tags).format_ok,
+                "completion_tokens": len(batch.rollouts.completion_ids[i]),
+                "finish_reason": batch.rollouts.finish_reasons[i],
+            }
+        )
     return rows
 
 
 def table_columns(names: list[str]) -> list[str]:
     """The wandb Table's columns: a row's keys, with each reward term a column `reward/<term>`."""
-    return ["step", "group", "label", "prompt", "completion", "reward", *(f"reward/{n}" for n in names),
-            "advantage", "refused", "format_valid", "completion_tokens", "finish_reason"]  # fmt: skip
+    return [
+        "step",
+        "group",
+        "label",
+        "prompt",
+        "completion",
+        "reward",
+        *(f"reward/{n}" for n in names),
+        "advantage",
+        "refused",
+        "format_valid",
+        "completion_tokens",
+        "finish_reason",
+    ]
 
 
 def table_row(row: dict) -> list:

@@ -39,21 +39,34 @@ class Round:
     per_term: Tensor  # [B, K] reward of each term, NaN where it does not apply
 
     def rows(self, rows: list[int]) -> Round:
-        picked = Rollouts(*([getattr(self.rollouts, f)[i] for i in rows] for f in ROLLOUT_FIELDS),
-                          policy_version=self.rollouts.policy_version)  # fmt: skip
-        return Round([self.prompts[i] for i in rows], picked, [self.texts[i] for i in rows],
-                     {k: [v[i] for i in rows] for k, v in self.columns.items()},
-                     self.per_term[rows])  # fmt: skip
+        picked = Rollouts(
+            *([getattr(self.rollouts, f)[i] for i in rows] for f in ROLLOUT_FIELDS),
+            policy_version=self.rollouts.policy_version,
+        )
+        return Round(
+            [self.prompts[i] for i in rows],
+            picked,
+            [self.texts[i] for i in rows],
+            {k: [v[i] for i in rows] for k, v in self.columns.items()},
+            self.per_term[rows],
+        )
 
 
 def concat(parts: list[Round]) -> Round:
     """The rows of `parts`, in order; the policy version is the oldest one."""
-    rollouts = Rollouts(*([row for p in parts for row in getattr(p.rollouts, f)] for f in ROLLOUT_FIELDS),
-                        policy_version=min(p.rollouts.policy_version for p in parts))  # fmt: skip
+    rollouts = Rollouts(
+        *([row for p in parts for row in getattr(p.rollouts, f)] for f in ROLLOUT_FIELDS),
+        policy_version=min(p.rollouts.policy_version for p in parts),
+    )
     keys = {k for p in parts for k in p.columns}
     columns = {k: [v for p in parts for v in p.columns.get(k, [None] * len(p.texts))] for k in keys}
-    return Round([t for p in parts for t in p.prompts], rollouts, [t for p in parts for t in p.texts], columns,
-                 torch.cat([p.per_term for p in parts]))  # fmt: skip
+    return Round(
+        [t for p in parts for t in p.prompts],
+        rollouts,
+        [t for p in parts for t in p.texts],
+        columns,
+        torch.cat([p.per_term for p in parts]),
+    )
 
 
 def gather_round(ranks, part: Round) -> Round:
@@ -98,8 +111,12 @@ class StepSampler:
         t1 = time.perf_counter()
         n, rank = self.group_size, self.ranks.rank
         texts = self.tokenizer.batch_decode(rollouts.completion_ids, skip_special_tokens=True)
-        columns = reward_columns(examples, n, first_group=rank * len(examples),
-                                 completion_lengths=[len(c) for c in rollouts.completion_ids])  # fmt: skip
+        columns = reward_columns(
+            examples,
+            n,
+            first_group=rank * len(examples),
+            completion_lengths=[len(c) for c in rollouts.completion_ids],
+        )
         prompts = [ex.prompt for ex in examples for _ in range(n)]
         part = Round(prompts, rollouts, texts, columns, self.rewards.score(prompts, texts, columns))
         whole = gather_round(self.ranks, part)
@@ -110,8 +127,15 @@ class StepSampler:
         whole, local, generate_s, score_s = self._round(steps_left)
         n, rank, world = self.group_size, self.ranks.rank, self.ranks.world_size
         if self.filter == "none":
-            return StepBatch(whole, local, slice(rank * len(local.completion_ids),
-                             (rank + 1) * len(local.completion_ids)), True, {}, generate_s, score_s)  # fmt: skip
+            return StepBatch(
+                whole,
+                local,
+                slice(rank * len(local.completion_ids), (rank + 1) * len(local.completion_ids)),
+                True,
+                {},
+                generate_s,
+                score_s,
+            )
         kept: list[Round] = []
         n_kept = dropped = rounds = 0
         drawn: list[Tensor] = []
@@ -130,19 +154,25 @@ class StepSampler:
             whole, local, g_s, s_s = self._round(steps_left)
             generate_s, score_s = generate_s + g_s, score_s + s_s
         usable = n_kept - n_kept % world  # every rank gets as many groups
-        stats = {"filter/groups_kept": usable, "filter/groups_dropped": dropped,
-                 "filter/resample_rounds": rounds,
-                 "filter/reward_mean_drawn": float(torch.nanmean(torch.cat(drawn)))}  # fmt: skip
+        stats = {
+            "filter/groups_kept": usable,
+            "filter/groups_dropped": dropped,
+            "filter/resample_rounds": rounds,
+            "filter/reward_mean_drawn": float(torch.nanmean(torch.cat(drawn))),
+        }
         if usable < self.prompts and self.ranks.is_main and not self.warned:
             self.warned = True
-            print(f"warning: dynamic sampling kept {usable} of {self.prompts} groups after "
-                  f"{rounds} extra rounds (algorithm.max_resample_rounds); the step trains on those "
-                  "(filter/groups_kept in metrics.jsonl counts it every step; not repeated)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: dynamic sampling kept {usable} of {self.prompts} groups after "
+                f"{rounds} extra rounds (algorithm.max_resample_rounds); the step trains on those "
+                "(filter/groups_kept in metrics.jsonl counts it every step; not repeated)",
+                file=sys.stderr,
+            )
         if usable == 0:  # the last round, reported but not trained on
             per_rank = len(local.completion_ids)
-            return StepBatch(whole, local, slice(rank * per_rank, (rank + 1) * per_rank), False, stats,
-                             generate_s, score_s)  # fmt: skip
+            return StepBatch(
+                whole, local, slice(rank * per_rank, (rank + 1) * per_rank), False, stats, generate_s, score_s
+            )
         batch = concat(kept).rows(list(range(usable * n)))
         batch.columns["group"] = [g for g in range(usable) for _ in range(n)]
         per_rank = usable // world * n

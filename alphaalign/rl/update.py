@@ -38,8 +38,13 @@ class UpdateSettings:
     def from_recipe(cls, recipe: Recipe) -> UpdateSettings:
         # gradient checkpointing makes transformers drop the prompt cache in training
         share = recipe.trainer.share_prompt_forward and not recipe.model.gradient_checkpointing
-        return cls(resolved_algorithm(recipe), recipe.rollout.temperature, recipe.rollout.max_new_tokens,
-                   recipe.trainer.micro_batch_tokens, share)  # fmt: skip
+        return cls(
+            resolved_algorithm(recipe),
+            recipe.rollout.temperature,
+            recipe.rollout.max_new_tokens,
+            recipe.trainer.micro_batch_tokens,
+            share,
+        )
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,16 @@ def rows_of(values, mb: MicroBatch):
 
 
 def micro_batch_loss(
-    policy, mb: MicroBatch, advantages, old_logp, ref_logp, ac: AlgorithmConfig, temperature: float,
-    max_completion_length: int, counts: BatchCounts,
-):  # fmt: skip
+    policy,
+    mb: MicroBatch,
+    advantages,
+    old_logp,
+    ref_logp,
+    ac: AlgorithmConfig,
+    temperature: float,
+    max_completion_length: int,
+    counts: BatchCounts,
+):
     """The loss of one micro-batch, scaled so that the micro-batch losses sum to the batch loss.
 
     `old_logp` None means π_old = π_θ (one update per batch, no rollout correction): ratio 1, gradient intact.
@@ -114,15 +126,20 @@ def micro_batch_loss(
     log_w = algos.importance_log_weights(logp, old, mb.mask, ac.importance_sampling_level)
     surrogate = algos.POLICY_LOSSES[algos.LOSS_TYPES[ac.loss_type][0]]
     per_token, low, high = surrogate(
-        log_w, advantages, logp, epsilon_low=ac.epsilon,
+        log_w,
+        advantages,
+        logp,
+        epsilon_low=ac.epsilon,
         epsilon_high=ac.epsilon if ac.epsilon_high is None else ac.epsilon_high,
-        temperature_pos=ac.sapo_temperature_pos, temperature_neg=ac.sapo_temperature_neg,
-    )  # fmt: skip
+        temperature_pos=ac.sapo_temperature_pos,
+        temperature_neg=ac.sapo_temperature_neg,
+    )
     stats = {"clip_low": low.expand_as(mb.mask), "clip_high": high.expand_as(mb.mask), "entropy": entropy}
     correction = ac.rollout_correction
     if correction != "none":
-        is_w = algos.rollout_correction_weights(old, mb.rollout_logp, mb.mask, correction,
-                                                ac.rollout_correction_max, ac.rollout_correction_min)  # fmt: skip
+        is_w = algos.rollout_correction_weights(
+            old, mb.rollout_logp, mb.mask, correction, ac.rollout_correction_max, ac.rollout_correction_min
+        )
         per_token = per_token * is_w
         stats["is_weight"] = is_w.expand_as(mb.mask)
         stats["logp_gap"] = torch.nan_to_num((old - mb.rollout_logp).abs() * mb.mask, nan=0.0)
@@ -133,9 +150,14 @@ def micro_batch_loss(
             kl = kl * torch.exp(log_w)
         per_token = per_token + ac.beta * kl
     loss = algos.aggregate_loss(
-        per_token, mb.mask, ac.loss_type, total_sequences=counts.sequences, total_tokens=counts.tokens,
-        max_completion_length=max_completion_length, num_micro_batches=counts.micro_batches,
-    )  # fmt: skip
+        per_token,
+        mb.mask,
+        ac.loss_type,
+        total_sequences=counts.sequences,
+        total_tokens=counts.tokens,
+        max_completion_length=max_completion_length,
+        num_micro_batches=counts.micro_batches,
+    )
     return loss, stats
 
 
@@ -160,8 +182,9 @@ def prepare_batch(opt, ref, rollouts: Rollouts, settings: UpdateSettings, pad_id
     short_prompt = any(len(p) < 2 for p in rollouts.prompt_ids)
     share = settings.share_prompt_forward and not ranks.sum([float(short_prompt)])[0]
     mbs = micro_batches(rollouts, settings.micro_batch_tokens, keep, pad_id, device, share)
-    sequences, tokens, count = ranks.sum([len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)),
-                                          len(mbs)])  # fmt: skip
+    sequences, tokens, count = ranks.sum(
+        [len(rollouts.completion_ids), float(sum(mb.mask.sum() for mb in mbs)), len(mbs)]
+    )
     counts = BatchCounts(int(sequences), tokens, int(count))
     real = len(mbs)
     # ZeRO-3 gathers parameters collectively in every forward and backward, so all ranks run as many
@@ -187,9 +210,15 @@ def prepare_batch(opt, ref, rollouts: Rollouts, settings: UpdateSettings, pad_id
 
 
 def policy_update(
-    opt, ref, rollouts: Rollouts, advantages, settings: UpdateSettings, pad_id, ranks=ONE_PROCESS,
+    opt,
+    ref,
+    rollouts: Rollouts,
+    advantages,
+    settings: UpdateSettings,
+    pad_id,
+    ranks=ONE_PROCESS,
     batch: PreparedBatch | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """One batch's update on this rank's rollouts (`advantages` are theirs: [B], or per token [B, T]); returns
     batch-wide metrics. `batch` is `prepare_batch`'s, when the caller needed its log-probs first.
 
@@ -211,8 +240,17 @@ def policy_update(
     for iteration in range(ac.num_iterations):
         opt.zero_grad()
         for mb, old, ref_logp in zip(mbs, old_logps, ref_logps, strict=True):
-            loss, stats = micro_batch_loss(opt.model, mb, rows_of(advantages, mb).to(device), old, ref_logp, ac,
-                                           temperature, settings.max_completion_length, counts)  # fmt: skip
+            loss, stats = micro_batch_loss(
+                opt.model,
+                mb,
+                rows_of(advantages, mb).to(device),
+                old,
+                ref_logp,
+                ac,
+                temperature,
+                settings.max_completion_length,
+                counts,
+            )
             opt.backward(loss)
             sums.add(loss, stats, mb.mask, ac.num_iterations, first_iteration=iteration == 0)
         batch_loss = ranks.sum([sums.loss])[0]

@@ -121,8 +121,16 @@ def classification_metrics(predicted: list[bool], actual: list[bool]) -> dict:
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     accuracy = (tp + tn) / len(actual) if actual else 0.0
-    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": precision, "recall": recall, "f1": f1,
-            "accuracy": accuracy}  # fmt: skip
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": accuracy,
+    }
 
 
 def evaluate_file(path: Path, scorer, calibration: Calibration, threshold: float, fmt: str = "auto") -> dict:
@@ -143,9 +151,18 @@ def evaluate_file(path: Path, scorer, calibration: Calibration, threshold: float
     }
 
 
-def evaluate_rm(model: str, files: list[str], fmt: str = "auto", threshold: float = 0.5,
-                temperature: float | None = None, bias: float | None = None, dtype: str = "auto",
-                device: str = "auto", batch_size: int = 8, max_length: int = 4096) -> list[dict]:  # fmt: skip
+def evaluate_rm(
+    model: str,
+    files: list[str],
+    fmt: str = "auto",
+    threshold: float = 0.5,
+    temperature: float | None = None,
+    bias: float | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 8,
+    max_length: int = 4096,
+) -> list[dict]:
     """Metrics for each file, with the calibration stored beside ``model`` (or the given one)."""
     from alphaalign.rewards.csrm import load_calibration
 
@@ -164,8 +181,10 @@ def format_table(results: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         name = Path(r["file"]).name[-39:]
-        lines.append(f"{name:<40}{r['format']:>10}{r['n']:>6}{r['f1']:>8.3f}{r['precision']:>8.3f}"
-                     f"{r['recall']:>8.3f}{r['accuracy']:>8.3f}{r['ece']:>8.3f}")  # fmt: skip
+        lines.append(
+            f"{name:<40}{r['format']:>10}{r['n']:>6}{r['f1']:>8.3f}{r['precision']:>8.3f}"
+            f"{r['recall']:>8.3f}{r['accuracy']:>8.3f}{r['ece']:>8.3f}"
+        )
     lines.append(
         "positive class: violation of the configuration (CoSApien disallowed/partial, DynaBench FAIL)"
     )
@@ -177,9 +196,17 @@ def run(args) -> int:
     if args.output:  # before the model runs: a path that cannot be written would lose the metrics
         check_output(args.output, "--output", folder=False)
     results = evaluate_rm(
-        args.model, args.files, args.format, args.threshold, args.temperature, args.bias, args.dtype,
-        args.device, args.batch_size, args.max_length,
-    )  # fmt: skip
+        args.model,
+        args.files,
+        args.format,
+        args.threshold,
+        args.temperature,
+        args.bias,
+        args.dtype,
+        args.device,
+        args.batch_size,
+        args.max_length,
+    )
     print(format_table(results))
     if args.output:
         with writing(args.output, "the metrics"):

@@ -71,8 +71,14 @@ def forward_logits(model, tokenizer, chats: list[list[dict]], max_length: int) -
     """The model's logit for each chat, in float32 (with gradients when the model is in training mode)."""
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
     device = next(model.parameters()).device
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                    add_special_tokens=False)  # fmt: skip
+    enc = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=False,
+    )
     return model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float()
 
 
@@ -83,8 +89,13 @@ def pair_metrics(model, tokenizer, pairs: list[Pair], max_length: int, batch_siz
     margins = []
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        z = forward_logits(model, tokenizer, [chat(p.config, p.prompt, p.chosen) for p in batch]
-                           + [chat(p.config, p.prompt, p.rejected) for p in batch], max_length)  # fmt: skip
+        z = forward_logits(
+            model,
+            tokenizer,
+            [chat(p.config, p.prompt, p.chosen) for p in batch]
+            + [chat(p.config, p.prompt, p.rejected) for p in batch],
+            max_length,
+        )
         margins.append(z[: len(batch)] - z[len(batch) :])
     m = torch.cat(margins) if margins else torch.empty(0)
     return {"bt_loss": float(-F.logsigmoid(m).mean()), "pairwise_accuracy": float((m > 0).float().mean())}
@@ -161,8 +172,10 @@ def train_rm(recipe: RewardModelRecipe, log=print) -> dict:
     device = pick_device(tc.device)
     model, tokenizer = load_trainable(recipe, device)
     max_len, bs = recipe.model.max_length, tc.batch_size
-    log(f"train-rm: {len(train_pairs)} train pairs, {len(train_labels)} labelled chats; held out "
-        f"{len(held_pairs)} pairs, {len(held_labels)} labelled chats")  # fmt: skip
+    log(
+        f"train-rm: {len(train_pairs)} train pairs, {len(train_labels)} labelled chats; held out "
+        f"{len(held_pairs)} pairs, {len(held_labels)} labelled chats"
+    )
     before = pair_metrics(model, tokenizer, train_pairs, max_len, bs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     labels = endless_batches(train_labels, bs, rng)
@@ -189,19 +202,32 @@ def train_rm(recipe: RewardModelRecipe, log=print) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             optimizer.step()
             step += 1
-            history.append({"step": step, "epoch": epoch, "loss": loss.item(), "bt_loss": bt.item(),
-                            "calibration_loss": cal.item()})  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "bt_loss": bt.item(),
+                    "calibration_loss": cal.item(),
+                }
+            )
             if step % tc.log_every == 0:
                 log(f"step {step}: loss {loss.item():.4f} (BT {bt.item():.4f}, calibration {cal.item():.4f})")
     after = pair_metrics(model, tokenizer, train_pairs, max_len, bs)
     summary = {
-        "train_pairs": len(train_pairs), "train_labelled": len(train_labels), "steps": step,
-        "seconds": round(time.time() - started, 1), "train_before": before, "train_after": after,
-    }  # fmt: skip
+        "train_pairs": len(train_pairs),
+        "train_labelled": len(train_labels),
+        "steps": step,
+        "seconds": round(time.time() - started, 1),
+        "train_before": before,
+        "train_after": after,
+    }
     calibration = calibrate(model, tokenizer, held_pairs, held_labels, max_len, bs, summary)
     out = save_rm(recipe, model, tokenizer, calibration, summary, history)
-    log(f"train-rm: train pairwise accuracy {before['pairwise_accuracy']:.1%} -> {after['pairwise_accuracy']:.1%}, "
-        f"held-out ECE {summary['heldout']['ece_raw']:.3f} -> {summary['heldout']['ece']:.3f}; saved to {out}")  # fmt: skip
+    log(
+        f"train-rm: train pairwise accuracy {before['pairwise_accuracy']:.1%} -> {after['pairwise_accuracy']:.1%}, "
+        f"held-out ECE {summary['heldout']['ece_raw']:.3f} -> {summary['heldout']['ece']:.3f}; saved to {out}"
+    )
     return summary
 
 
@@ -232,8 +258,13 @@ def save_rm(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_calibration(tmp, calibration, fitted_on=summary["heldout"]["labelled"],
-                     ece_before=summary["heldout"]["ece_raw"], ece_after=summary["heldout"]["ece"])  # fmt: skip
+    save_calibration(
+        tmp,
+        calibration,
+        fitted_on=summary["heldout"]["labelled"],
+        ece_before=summary["heldout"]["ece_raw"],
+        ece_after=summary["heldout"]["ece"],
+    )
     (tmp / "train_rm_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     (tmp / "train_rm_recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n")

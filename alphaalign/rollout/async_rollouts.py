@@ -18,8 +18,16 @@ from alphaalign.rollout.base import Rollouts, SamplingParams
 
 
 class RolloutQueue:
-    def __init__(self, engine, draw, encode, n: int, sampling: SamplingParams, async_steps: int,
-                 resources: contextlib.ExitStack):  # fmt: skip
+    def __init__(
+        self,
+        engine,
+        draw,
+        encode,
+        n: int,
+        sampling: SamplingParams,
+        async_steps: int,
+        resources: contextlib.ExitStack,
+    ):
         """`draw()` returns the next step's examples, `encode(example)` its prompt token ids."""
         self.engine, self.draw, self.encode = engine, draw, encode
         self.n, self.sampling, self.async_steps = n, sampling, async_steps

@@ -48,8 +48,10 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
         batch, heads, length, dim = layer.keys.shape
-        self.buffers = (layer.keys.new_empty(batch, heads, length + extra, dim),
-                        layer.values.new_empty(batch, heads, length + extra, dim))  # fmt: skip
+        self.buffers = (
+            layer.keys.new_empty(batch, heads, length + extra, dim),
+            layer.values.new_empty(batch, heads, length + extra, dim),
+        )
         self.buffers[0][:, :, :length] = layer.keys
         self.buffers[1][:, :, :length] = layer.values
         self.keys, self.values = self.buffers[0][:, :, :length], self.buffers[1][:, :, :length]
@@ -146,14 +148,21 @@ class TransformersEngine:
         input_ids, attention = input_ids.to(device), attention.to(device)
         recorder = _SampleAndRecord(sampling)
         config = GenerationConfig(
-            do_sample=False, max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens,
-            eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            do_sample=False,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
             # transformers fills every unset field from the model's generation_config.json (Qwen2.5-Instruct's:
             # repetition_penalty 1.05, temperature 0.7, top_k 20, top_p 0.8); neutral values keep the samples
             # from the policy itself (the sampling ones are unused in greedy mode, and not warned about)
-            repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0, top_k=50, top_p=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            temperature=1.0,
+            top_k=50,
+            top_p=1.0,
             cache_implementation="static" if self.static_cache else None,
-        )  # fmt: skip
+        )
         cache = None  # a single-token prompt has nothing to share: generate computes every row's cache
         if min(map(len, prompts)) > 1 and not self.static_cache:
             positions = (attention.cumsum(1) - 1).clamp(min=0)
@@ -161,9 +170,12 @@ class TransformersEngine:
             cache.batch_repeat_interleave(n)
             cache = reserve(cache, sampling.max_new_tokens)
         sequences = self.model.generate(
-            input_ids=input_ids.repeat_interleave(n, 0), attention_mask=attention.repeat_interleave(n, 0),
-            past_key_values=cache, generation_config=config, logits_processor=LogitsProcessorList([recorder]),
-        )  # fmt: skip
+            input_ids=input_ids.repeat_interleave(n, 0),
+            attention_mask=attention.repeat_interleave(n, 0),
+            past_key_values=cache,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
         completions = sequences[:, width:].cpu()
         logprobs = recorder.logprobs().cpu()
         eos = torch.tensor(self.eos_ids)

@@ -50,13 +50,32 @@ def server_command(recipe: Recipe, host: str, port: int, weights: str | None = N
     rc = recipe.rollout
     model = model_location(recipe)
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", weights or model,
-        "--tokenizer", model, "--served-model-name", model, "--host", host, "--port", str(port),
-        "--dtype", recipe.model.dtype,
-        "--max-model-len", str(recipe.data.max_prompt_tokens + rc.max_new_tokens),
-        "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-        "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        weights or model,
+        "--tokenizer",
+        model,
+        "--served-model-name",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--dtype",
+        recipe.model.dtype,
+        "--max-model-len",
+        str(recipe.data.max_prompt_tokens + rc.max_new_tokens),
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--generation-config",
+        "vllm",
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--middleware",
+        MIDDLEWARE,
+    ]
     if recipe.model.trust_remote_code:
         cmd.append("--trust-remote-code")
     if not torch.cuda.is_available():
@@ -123,10 +142,14 @@ class LocalServer:
             log.write(f"alphaalign: starting a vLLM server at {self.url}: {' '.join(command)}\n".encode())
             log.flush()
             self.process = subprocess.Popen(
-                command, env=server_env(self.recipe, self.token), stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                command,
+                env=server_env(self.recipe, self.token),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 preexec_fn=_terminate_with_parent,
-            )  # fmt: skip
+            )
 
     def wait_ready(self) -> str:
         timeout = self.start_timeout

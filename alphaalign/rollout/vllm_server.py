@@ -124,8 +124,14 @@ class ServerClient:
         self.failing_since: float | None = None
         self.last_failure = ""
 
-    def call(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None,
-             reply: type[R] | None = None) -> R | dict:  # fmt: skip
+    def call(
+        self,
+        method: str,
+        path: str,
+        payload: dict | None = None,
+        timeout: float | None = None,
+        reply: type[R] | None = None,
+    ) -> R | dict:
         """The reply parsed as `reply` (a `ServerError` naming the field when it does not fit), or without
         `reply`, its JSON as it is (plain text under 'text'), for routes whose body is not read."""
         budget = self.timeout if timeout is None else timeout
@@ -154,8 +160,17 @@ class ServerClient:
                 self.failing_since = start
 
         try:
-            return request(self.http, method, endpoint, json=payload, deadline=start + budget,
-                           retries=self.retries, backoff=_backoff, check=check, on_failure=failed)  # fmt: skip
+            return request(
+                self.http,
+                method,
+                endpoint,
+                json=payload,
+                deadline=start + budget,
+                retries=self.retries,
+                backoff=_backoff,
+                check=check,
+                on_failure=failed,
+            )
         except RequestFailed as exc:
             if exc.attempts == 0:
                 raise ServerError(
@@ -189,8 +204,10 @@ def parse_completions(
     id below `vocab_size` (the policy's embedding rows) when given."""
     choices = sorted(reply.choices, key=lambda c: c.index)
     if [c.index for c in choices] != list(range(n)):
-        raise ServerError(f"{endpoint}: expected {n} completions indexed 0..{n - 1}, got indices "
-                          f"{short(str([c.index for c in choices]), 80)}")  # fmt: skip
+        raise ServerError(
+            f"{endpoint}: expected {n} completions indexed 0..{n - 1}, got indices "
+            f"{short(str([c.index for c in choices]), 80)}"
+        )
     for c in choices:
         if c.finish_reason not in FINISH_REASONS:
             raise ServerError(f"{endpoint}: choices.{c.index}: finish_reason {c.finish_reason!r}")
@@ -213,8 +230,17 @@ class VLLMServerEngine:
     """Generation on one or more vLLM servers; `sync` pushes the trainer's weights to them (None: the
     servers' own weights are used as they are, e.g. to evaluate a served model)."""
 
-    def __init__(self, servers: list[str], sync: WeightSync | None, timeout: float, retries: int, seed: int = 0,
-                 rank: int = 0, token: str | None = None, vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        servers: list[str],
+        sync: WeightSync | None,
+        timeout: float,
+        retries: int,
+        seed: int = 0,
+        rank: int = 0,
+        token: str | None = None,
+        vocab_size: int | None = None,
+    ):
         """`rank`: this trainer process's rank; its prompts are numbered after those of the ranks before it,
         so every process samples with its own seeds. `token`: the servers' secret (default: from the
         environment, see vllm_auth.py). `vocab_size`: the policy's, which every generated token id must be
@@ -242,8 +268,10 @@ class VLLMServerEngine:
             self._calls_at_version += 1
             model = (self.sync.model_name if self.sync is not None else None) or self.base_model
             first = self.rank * len(prompts)
-            jobs = [(self.clients[i % len(self.clients)], prompt, self._seed(version, call, first + i))
-                    for i, prompt in enumerate(prompts)]  # fmt: skip
+            jobs = [
+                (self.clients[i % len(self.clients)], prompt, self._seed(version, call, first + i))
+                for i, prompt in enumerate(prompts)
+            ]
             # a rank can have no prompts (fewer held-out prompts than ranks): the pool still needs one worker
             with ThreadPoolExecutor(max(1, min(len(jobs), MAX_REQUESTS_IN_FLIGHT))) as pool:
                 groups = list(pool.map(lambda job: self._complete(*job, n, sampling, model), jobs))
@@ -263,11 +291,20 @@ class VLLMServerEngine:
 
     def _complete(self, client, prompt, seed, n, sampling: SamplingParams, model: str):
         payload = {
-            "model": model, "prompt": prompt, "n": n, "max_tokens": sampling.max_new_tokens,
+            "model": model,
+            "prompt": prompt,
+            "n": n,
+            "max_tokens": sampling.max_new_tokens,
             "min_tokens": sampling.min_new_tokens,
-            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
-            "min_p": 0.0, "repetition_penalty": 1.0, "logprobs": 0, "return_token_ids": True, "seed": seed,
-        }  # fmt: skip
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k or -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "logprobs": 0,
+            "return_token_ids": True,
+            "seed": seed,
+        }
         reply = client.call("POST", "/v1/completions", payload, reply=Completions)
         return parse_completions(reply, n, client.url + "/v1/completions", self.vocab_size)
 

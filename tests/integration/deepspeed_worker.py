@@ -34,8 +34,13 @@ PPO_OVERRIDES = [
 
 
 def rows(rollouts: Rollouts, part: slice) -> Rollouts:
-    return Rollouts(rollouts.prompt_ids[part], rollouts.completion_ids[part], rollouts.logprobs[part],
-                    rollouts.finish_reasons[part], rollouts.policy_version)  # fmt: skip
+    return Rollouts(
+        rollouts.prompt_ids[part],
+        rollouts.completion_ids[part],
+        rollouts.logprobs[part],
+        rollouts.finish_reasons[part],
+        rollouts.policy_version,
+    )
 
 
 def main(batch_path: str, out_dir: str, *cases: str) -> None:
@@ -81,12 +86,24 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
                 ranks.barrier()
             settings = UpdateSettings.from_recipe(recipe)
             if critic is not None:
-                metrics, _ = token_level_update(opt, ref, critic, local, batch["advantages"], mine, settings,
-                                                tokenizer.pad_token_id, ranks)  # fmt: skip
+                metrics, _ = token_level_update(
+                    opt,
+                    ref,
+                    critic,
+                    local,
+                    batch["advantages"],
+                    mine,
+                    settings,
+                    tokenizer.pad_token_id,
+                    ranks,
+                )
                 steps.append(metrics)
             else:
-                steps.append(policy_update(opt, ref, local, batch["advantages"][mine], settings,
-                                           tokenizer.pad_token_id, ranks))  # fmt: skip
+                steps.append(
+                    policy_update(
+                        opt, ref, local, batch["advantages"][mine], settings, tokenizer.pad_token_id, ranks
+                    )
+                )
         if ranks.is_main:
             (out / "metrics.json").write_text(json.dumps(steps))
         ranks.barrier()

@@ -57,8 +57,10 @@ def test_reward_benchmark_inputs_and_rates():
     assert accuracy["n"] == 562 and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
 
 
-@pytest.mark.parametrize("args, message", [(["--rounds", "0"], "--rounds: must be at least 1"),
-                                           (["--systems", "nope"], "--systems: unknown nope")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--rounds", "0"], "--rounds: must be at least 1"), (["--systems", "nope"], "--systems: unknown nope")],
+)
 def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(
         ["bench", "--workload", "tiny", "--cache", str(tmp_path), "--out", str(tmp_path / "r.json"), *args]

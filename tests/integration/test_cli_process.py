@@ -24,8 +24,14 @@ def test_every_shipped_recipe_validates_without_a_warning(path):
         assert isinstance(load_recipe(path, schema=RewardModelRecipe), RewardModelRecipe)
         return
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "alphaalign.cli", "validate", str(path)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "alphaalign.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr
     ok, plan = done.stdout.splitlines()
     assert ok.startswith(f"{path}: ok (")

@@ -29,8 +29,10 @@ CALIBRATION = Calibration(**CSRM_CALIBRATION)
 
 def reference_logits(path, configs, prompts, answers):
     roles = ("system", "user", "assistant")
-    chats = [[{"role": r, "content": t} for r, t in zip(roles, turn, strict=True)]
-             for turn in zip(configs, prompts, answers, strict=True)]  # fmt: skip
+    chats = [
+        [{"role": r, "content": t} for r, t in zip(roles, turn, strict=True)]
+        for turn in zip(configs, prompts, answers, strict=True)
+    ]
     return reference_chat_logits(path, chats)
 
 
@@ -176,8 +178,10 @@ def test_score_cli_reads_each_rows_config_field(tiny_csrm, write_recipe, tmp_pat
 
     csrm_term = {"name": "csrm", "args": {"model": str(tiny_csrm), "device": "cpu"}}
     recipe = write_recipe({"rewards": [{"name": "alphaalign_safety"}, csrm_term]})
-    rows = [{"prompt": p, "completion": a, "label": "benign", "config": c}
-            for p, a, c in zip(PROMPTS, ANSWERS, [GAME, KIDS, GAME], strict=True)]  # fmt: skip
+    rows = [
+        {"prompt": p, "completion": a, "label": "benign", "config": c}
+        for p, a, c in zip(PROMPTS, ANSWERS, [GAME, KIDS, GAME], strict=True)
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["score", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
     assert main([*args, "--recipe", str(recipe)]) == 0

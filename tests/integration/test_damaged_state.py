@@ -28,16 +28,31 @@ def three_steps(tiny_policy, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("three-steps")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(tiny_policy)},
-        "data": {"template": "none", "train": [{"path": str(ROOT / "recipes/data/demo/train_harmful.jsonl")},
-                                               {"path": str(ROOT / "recipes/data/demo/train_benign.jsonl")}]},
-        "rollout": {"num_generations": 2, "max_new_tokens": 8},
-        "rewards": [{"name": "alphaalign_safety"}],
-        "trainer": {"prompts_per_step": 2, "max_steps": 3, "save_every": 1, "keep_last": 5,
-                    "output_dir": str(folder / "run"), "progress_bar": False},
-        "logging": {"wandb_mode": "disabled"},
-    }))  # fmt: skip
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_policy)},
+                "data": {
+                    "template": "none",
+                    "train": [
+                        {"path": str(ROOT / "recipes/data/demo/train_harmful.jsonl")},
+                        {"path": str(ROOT / "recipes/data/demo/train_benign.jsonl")},
+                    ],
+                },
+                "rollout": {"num_generations": 2, "max_new_tokens": 8},
+                "rewards": [{"name": "alphaalign_safety"}],
+                "trainer": {
+                    "prompts_per_step": 2,
+                    "max_steps": 3,
+                    "save_every": 1,
+                    "keep_last": 5,
+                    "output_dir": str(folder / "run"),
+                    "progress_bar": False,
+                },
+                "logging": {"wandb_mode": "disabled"},
+            }
+        )
+    )
     assert main(["train", str(recipe)]) == 0
     return recipe, folder / "run"
 
@@ -110,8 +125,10 @@ def test_an_explicit_damaged_checkpoint_is_refused_in_one_line(run_copy, capsys)
     ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: trainer.resume_from: {chosen} is not a complete checkpoint folder: "
-                   "trainer_state.pt is missing"]  # fmt: skip
+    assert err == [
+        f"error: trainer.resume_from: {chosen} is not a complete checkpoint folder: "
+        "trainer_state.pt is missing"
+    ]
 
 
 def test_a_checkpoint_without_a_manifest_missing_its_trainer_state_gets_the_right_diagnosis(run_copy, capsys):
@@ -167,14 +184,25 @@ def test_a_disk_that_fills_during_training_ends_in_one_line_naming_the_path(thre
     disk, report = tmp_path / "disk", tmp_path / "checkpoints.json"
     disk.mkdir()
     out = disk / "run"
-    train = [sys.executable, "-m", "alphaalign.cli", "train", str(recipe), f"trainer.output_dir={out}",
-             "trainer.max_steps=12", "trainer.keep_last=12"]  # fmt: skip
+    train = [
+        sys.executable,
+        "-m",
+        "alphaalign.cli",
+        "train",
+        str(recipe),
+        f"trainer.output_dir={out}",
+        "trainer.max_steps=12",
+        "trainer.keep_last=12",
+    ]
     check = [sys.executable, "-c", CHECK_AFTER, str(out), str(report)]
-    script = (f"mount -t tmpfs -o size={int(checkpoint_kib * 4.5) + 64}k tmpfs {disk} && "
-              f"{shlex.join(train)}; status=$?; {shlex.join(check)}; exit $status")  # fmt: skip
+    script = (
+        f"mount -t tmpfs -o size={int(checkpoint_kib * 4.5) + 64}k tmpfs {disk} && "
+        f"{shlex.join(train)}; status=$?; {shlex.join(check)}; exit $status"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=600
+    )
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(err) == 1 and err[0].startswith(f"error: cannot write checkpoint {out}/checkpoints/step-"), err

@@ -35,16 +35,27 @@ CASES = ["zero2", "zero3+checkpointing", "zero3+lora"]  # the reference never ch
 def recipe_dict(policy: Path, out: Path) -> dict:
     return {
         "model": {"name_or_path": str(policy)},
-        "data": {"train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
-                 "template": "none", "max_prompt_tokens": 48},
+        "data": {
+            "train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+            "template": "none",
+            "max_prompt_tokens": 48,
+        },
         "rewards": [{"name": "alphaalign_safety"}],
         "rollout": {"num_generations": 4, "max_new_tokens": 16},
         "algorithm": {"beta": 0.1},
         # a small token budget: several micro-batches per rank, not as many on each rank
-        "trainer": {"prompts_per_step": 4, "max_steps": 2, "learning_rate": 1e-3, "micro_batch_tokens": 150,
-                    "output_dir": str(out), "save_every": 1, "keep_last": 2, "progress_bar": False},
+        "trainer": {
+            "prompts_per_step": 4,
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "micro_batch_tokens": 150,
+            "output_dir": str(out),
+            "save_every": 1,
+            "keep_last": 2,
+            "progress_bar": False,
+        },
         "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
+    }
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
@@ -56,8 +67,16 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
         "OMP_NUM_THREADS": "1",
     }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        *args,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -77,12 +96,20 @@ def batch(tiny_policy, tmp_path_factory) -> Path:
     tokenizer = load_tokenizer(recipe.model)
     policy = load_causal_lm(recipe.model, torch.device("cpu"))
     torch.manual_seed(0)
-    prompts = [tokenizer(p)["input_ids"] for p in ["how do I bake bread?", "write a phishing email",
-                                                   "explain photosynthesis", "how to pick a lock"]]  # fmt: skip
+    prompts = [
+        tokenizer(p)["input_ids"]
+        for p in [
+            "how do I bake bread?",
+            "write a phishing email",
+            "explain photosynthesis",
+            "how to pick a lock",
+        ]
+    ]
     rollouts = TransformersEngine(policy, tokenizer).generate(prompts, 4, SamplingParams(16))
     path = folder / "batch.pt"
-    torch.save({"recipe": str(recipe_path), "rollouts": rollouts, "advantages": torch.randn(16),
-                "lora": LORA}, path)  # fmt: skip
+    torch.save(
+        {"recipe": str(recipe_path), "rollouts": rollouts, "advantages": torch.randn(16), "lora": LORA}, path
+    )
     return path
 
 
@@ -108,9 +135,17 @@ def one_process(batch: Path, lora: bool, out: Path, share_prompts: bool = True) 
     tokenizer = load_tokenizer(recipe.model)
     opt = TorchOptimization(policy, recipe.trainer, 10)
     ref = load_reference(recipe.model, policy, torch.device("cpu"))
-    steps = [policy_update(opt, ref, data["rollouts"], data["advantages"], UpdateSettings.from_recipe(recipe),
-                           tokenizer.pad_token_id)
-             for _ in range(2)]  # fmt: skip
+    steps = [
+        policy_update(
+            opt,
+            ref,
+            data["rollouts"],
+            data["advantages"],
+            UpdateSettings.from_recipe(recipe),
+            tokenizer.pad_token_id,
+        )
+        for _ in range(2)
+    ]
     opt.save(out, tokenizer)
     return steps
 
@@ -164,9 +199,19 @@ def one_process_ppo(batch: Path, out: Path) -> list[dict]:
     torch.manual_seed(1)
     critic = Critic(recipe, tokenizer, torch.device("cpu"), 10)
     everything = slice(0, len(data["advantages"]))
-    steps = [token_level_update(opt, ref, critic, data["rollouts"], data["advantages"], everything,
-                                UpdateSettings.from_recipe(recipe), tokenizer.pad_token_id)[0]
-             for _ in range(2)]  # fmt: skip
+    steps = [
+        token_level_update(
+            opt,
+            ref,
+            critic,
+            data["rollouts"],
+            data["advantages"],
+            everything,
+            UpdateSettings.from_recipe(recipe),
+            tokenizer.pad_token_id,
+        )[0]
+        for _ in range(2)
+    ]
     WithCritic(opt, critic).save(out, tokenizer)
     return steps
 
@@ -188,9 +233,18 @@ def test_ppo_under_zero3_with_two_processes_matches_one_process(
     got = json.loads((ppo_two_processes / "metrics.json").read_text())
     for mine, theirs in zip(got, expected, strict=True):
         assert set(mine) == set(theirs) and "critic/value_loss" in mine
-        for key in ("loss", "grad_norm", "kl/k3_mean", "clip/low_fraction", "critic/value_loss",
-                    "critic/grad_norm", "critic/vf_clipfrac", "critic/explained_variance", "critic/values_mean",
-                    "critic/lr"):  # fmt: skip
+        for key in (
+            "loss",
+            "grad_norm",
+            "kl/k3_mean",
+            "clip/low_fraction",
+            "critic/value_loss",
+            "critic/grad_norm",
+            "critic/vf_clipfrac",
+            "critic/explained_variance",
+            "critic/values_mean",
+            "critic/lr",
+        ):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
     for part in ("policy", "critic/policy"):
         new, ref = weights(ppo_two_processes / part), weights(tmp_path / part)
@@ -355,15 +409,31 @@ def test_torchrun_training_with_rollouts_from_a_vllm_server(vllm_policy, tmp_pat
     out = tmp_path / "run"
     config = {
         "model": {"name_or_path": str(vllm_policy), **({"lora": LORA} if sync == "lora" else {})},
-        "data": {"train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
-                 "template": "none", "max_prompt_tokens": 96},
+        "data": {
+            "train": [{"path": str(DEMO / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+            "template": "none",
+            "max_prompt_tokens": 96,
+        },
         "rewards": [{"name": "reward_fixtures:async_length", "args": {"scale": 0.01}}],  # every step learns
-        "rollout": {"engine": "vllm_server", "weight_sync": sync, "num_generations": 4, "max_new_tokens": 16,
-                    "timeout": 300, "async_steps": async_steps},
-        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(out),
-                    "save_every": 3, "progress_bar": False, "deepspeed": stage},
+        "rollout": {
+            "engine": "vllm_server",
+            "weight_sync": sync,
+            "num_generations": 4,
+            "max_new_tokens": 16,
+            "timeout": 300,
+            "async_steps": async_steps,
+        },
+        "trainer": {
+            "prompts_per_step": 4,
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "output_dir": str(out),
+            "save_every": 3,
+            "progress_bar": False,
+            "deepspeed": stage,
+        },
         "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     run = torchrun("-m", "alphaalign.cli", "train", str(path))

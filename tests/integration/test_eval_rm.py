@@ -17,8 +17,16 @@ CSRM_DATA = ROOT / "recipes" / "data" / "csrm"
 
 def test_classification_metrics_by_hand():
     got = classification_metrics([True, True, False, False, True], [True, False, True, False, True])
-    assert got == {"tp": 2, "fp": 1, "fn": 1, "tn": 1, "precision": pytest.approx(2 / 3),
-                   "recall": pytest.approx(2 / 3), "f1": pytest.approx(2 / 3), "accuracy": pytest.approx(3 / 5)}  # fmt: skip
+    assert got == {
+        "tp": 2,
+        "fp": 1,
+        "fn": 1,
+        "tn": 1,
+        "precision": pytest.approx(2 / 3),
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(2 / 3),
+        "accuracy": pytest.approx(3 / 5),
+    }
     skewed = classification_metrics([True, False, False, False], [True, True, True, False])
     assert (skewed["precision"], skewed["recall"], skewed["f1"]) == pytest.approx((1.0, 1 / 3, 0.5))
     none_predicted = classification_metrics([False, False], [True, False])
@@ -61,12 +69,21 @@ def test_dynabench_rows_map_fail_to_a_violation():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "p", "scenario": "s", "type": "borderline"}, "type must be one of disallowed, partial, allowed, safe"),
-        ({"policy": "p", "transcript": "User: a", "label": "MAYBE"}, "label must be PASS or FAIL, got 'MAYBE'"),
+        (
+            {"prompt": "p", "scenario": "s", "type": "borderline"},
+            "type must be one of disallowed, partial, allowed, safe",
+        ),
+        (
+            {"policy": "p", "transcript": "User: a", "label": "MAYBE"},
+            "label must be PASS or FAIL, got 'MAYBE'",
+        ),
         ({"policy": "p", "transcript": "", "label": "PASS"}, "'transcript' must be a non-empty string"),
-        ({"question": "q"}, r"unknown format; expected the columns \(prompt, scenario, type\) or \(policy, transcript, label\)"),
+        (
+            {"question": "q"},
+            r"unknown format; expected the columns \(prompt, scenario, type\) or \(policy, transcript, label\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_rows_name_the_file_and_line(tmp_path, row, message):
     (tmp_path / "e.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(UserError, match=f"e.jsonl:1: {message}"):

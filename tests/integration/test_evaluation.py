@@ -71,9 +71,11 @@ def test_offline_copies_load_in_the_hub_schema(name):
     assert len(examples) >= 8
     labels = {ex.label for ex in examples}
     expected = {
-        "wildguardtest": {"harmful", "benign"}, "xstest": {"harmful", "benign"},
-        "coconot_contrast": {"benign"}, "orbench_hard": {"benign"},
-    }.get(name, {"harmful"})  # fmt: skip
+        "wildguardtest": {"harmful", "benign"},
+        "xstest": {"harmful", "benign"},
+        "coconot_contrast": {"benign"},
+        "orbench_hard": {"benign"},
+    }.get(name, {"harmful"})
     assert labels == expected
     assert suites.load_benchmark(name, EVAL_DATA, limit=3) == examples[:3]
 
@@ -123,7 +125,11 @@ def test_unknown_suite_and_missing_local_file_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown suite or benchmark 'toxicity'"):
         suites.suite_benchmarks("safety,toxicity")
     assert suites.suite_benchmarks("coconot_original,safety,advbench") == [
-        "coconot_original", "strongreject", "advbench", "harmbench"]  # fmt: skip
+        "coconot_original",
+        "strongreject",
+        "advbench",
+        "harmbench",
+    ]
     with pytest.raises(UserError, match="no strongreject"):
         suites.load_benchmark("strongreject", tmp_path)
 
@@ -131,8 +137,27 @@ def test_unknown_suite_and_missing_local_file_are_user_errors(tmp_path):
 @pytest.fixture(scope="module")
 def eval_out(tiny_policy, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
-    code = main(["eval", "--model", str(tiny_policy), "--suite", "all", "--data-dir", str(EVAL_DATA),
-                 "--template", "none", "--samples", "2", "--limit", "6", "--max-new-tokens", "24", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_policy),
+            "--suite",
+            "all",
+            "--data-dir",
+            str(EVAL_DATA),
+            "--template",
+            "none",
+            "--samples",
+            "2",
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "24",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -155,18 +180,34 @@ def test_eval_writes_auditable_responses_whose_verdicts_give_the_summary(eval_ou
 
 
 def test_eval_cli_errors_are_one_line(tiny_policy, tmp_path, capsys):
-    assert main(["eval", "--model", str(tiny_policy), "--suite", "safety", "--data-dir", str(tmp_path / "no"),
-                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_policy),
+                "--suite",
+                "safety",
+                "--data-dir",
+                str(tmp_path / "no"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert main(["eval", "--model", str(tiny_policy), "--out", str(tmp_path / "o")]) == 2
     assert main(["eval", "--suite", "safety", "--out", str(tmp_path / "o")]) == 2
     assert (
         main(["eval", "--model", str(tiny_policy), "--temperature", "0", "--out", str(tmp_path / "o")]) == 2
     )
     errors = capsys.readouterr().err.strip().splitlines()
-    assert errors == ["error: --data-dir: no such folder: " + str(tmp_path / "no"),
-                      "error: nothing to evaluate: give --suite or --data",
-                      "error: give --model, or --recipe to evaluate the recipe's own model",
-                      "error: --temperature must be above 0 (sampling), got 0.0"]  # fmt: skip
+    assert errors == [
+        "error: --data-dir: no such folder: " + str(tmp_path / "no"),
+        "error: nothing to evaluate: give --suite or --data",
+        "error: give --model, or --recipe to evaluate the recipe's own model",
+        "error: --temperature must be above 0 (sampling), got 0.0",
+    ]
 
 
 def test_utility_hook_says_how_to_install_lm_eval(tmp_path):
@@ -189,14 +230,23 @@ def small_run(tiny_policy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     recipe = {
         "model": {"name_or_path": str(tiny_policy)},
-        "data": {"train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
-                 "eval": [{"path": str(DEMO_DATA / "heldout.jsonl"), "max_rows": 12}], "template": "none"},
+        "data": {
+            "train": [{"path": str(DEMO_DATA / f"train_{label}.jsonl")} for label in ("harmful", "benign")],
+            "eval": [{"path": str(DEMO_DATA / "heldout.jsonl"), "max_rows": 12}],
+            "template": "none",
+        },
         "rollout": {"num_generations": 4, "max_new_tokens": 24},
-        "trainer": {"prompts_per_step": 4, "max_steps": 4, "eval_every": 2, "learning_rate": 1e-3,
-                    "output_dir": str(tmp / "run"), "progress_bar": False},
+        "trainer": {
+            "prompts_per_step": 4,
+            "max_steps": 4,
+            "eval_every": 2,
+            "learning_rate": 1e-3,
+            "output_dir": str(tmp / "run"),
+            "progress_bar": False,
+        },
         "rewards": [{"name": "alphaalign_safety"}],
         "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
+    }
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     train(load_recipe(tmp / "recipe.yaml"))
     return tmp / "run"
@@ -223,8 +273,28 @@ def test_eval_of_a_run_folder_uses_its_newest_checkpoint_and_maps_local_csv_fiel
     csv = tmp_path / "harmful_behaviors.csv"  # AdvBench's original file: goal,target
     csv.write_text("goal,target\n" + "".join(f'"{b}",Sure\n' for b in behaviours))
     for out in (tmp_path / "eval", tmp_path / "again"):
-        assert main(["eval", "--model", str(small_run), "--data", str(csv), "--prompt-field", "goal", "--label",
-                     "harmful", "--template", "none", "--max-new-tokens", "8", "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(small_run),
+                    "--data",
+                    str(csv),
+                    "--prompt-field",
+                    "goal",
+                    "--label",
+                    "harmful",
+                    "--template",
+                    "none",
+                    "--max-new-tokens",
+                    "8",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     first, again = (
         (tmp_path / d / "harmful_behaviors" / "responses.jsonl").read_text() for d in ("eval", "again")
     )
@@ -243,8 +313,21 @@ def test_eval_judged_by_a_refusal_classifier(tiny_policy, tmp_path):
     from alphaalign.rewards.alphaalign_safety import detect_refusals
 
     classifier = build_tiny_classifier(tmp_path / "clf", num_labels=2, labels=["answer", "refusal"])
-    common = ["eval", "--model", str(tiny_policy), "--suite", "xstest", "--data-dir", str(EVAL_DATA), "--template",
-              "none", "--max-new-tokens", "12", "--refusal-classifier", str(classifier)]  # fmt: skip
+    common = [
+        "eval",
+        "--model",
+        str(tiny_policy),
+        "--suite",
+        "xstest",
+        "--data-dir",
+        str(EVAL_DATA),
+        "--template",
+        "none",
+        "--max-new-tokens",
+        "12",
+        "--refusal-classifier",
+        str(classifier),
+    ]
     assert main([*common, "--refusal-threshold", "0", "--out", str(tmp_path / "all")]) == 0
     metrics = json.loads((tmp_path / "all" / "summary.json").read_text())["benchmarks"]["xstest"]
     assert metrics["harmful_refusal_rate"] == 1.0 and metrics["over_refusal_rate"] == 1.0  # P ≥ 0 always

@@ -154,8 +154,11 @@ def test_eval_template_is_sandboxed_and_checked_before_any_work(tiny_policy, tmp
 
 def test_reward_model_configuration_templates_are_sandboxed(tmp_path, capsys):
     marker = tmp_path / "ran"
-    recipe = {"model": {"name_or_path": "m"}, "data": {"pairs": ["p.jsonl"]},
-              "augmentation": {"templates": [_escape(marker)]}}  # fmt: skip
+    recipe = {
+        "model": {"name_or_path": "m"},
+        "data": {"pairs": ["p.jsonl"]},
+        "augmentation": {"templates": [_escape(marker)]},
+    }
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["train-rm", str(tmp_path / "rm.yaml")]) == 2
     assert "augmentation.templates.0: " in _one_line_error(capsys)
@@ -202,11 +205,24 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, 
 
 @pytest.mark.parametrize(
     ("key", "secret"),
-    [("hf_token", True), ("api_key", True), ("X-Api-Key", True), ("Authorization", True), ("password", True),
-     ("clientSecret", True), ("accessToken", True), ("credentials", True), ("max_new_tokens", False),
-     ("max_prompt_tokens", False), ("micro_batch_tokens", False), ("token_env", False), ("api_key_env", False),
-     ("tokenizer", False), ("keep_last", False)],
-)  # fmt: skip
+    [
+        ("hf_token", True),
+        ("api_key", True),
+        ("X-Api-Key", True),
+        ("Authorization", True),
+        ("password", True),
+        ("clientSecret", True),
+        ("accessToken", True),
+        ("credentials", True),
+        ("max_new_tokens", False),
+        ("max_prompt_tokens", False),
+        ("micro_batch_tokens", False),
+        ("token_env", False),
+        ("api_key_env", False),
+        ("tokenizer", False),
+        ("keep_last", False),
+    ],
+)
 def test_credential_keys_are_whole_words(key, secret):
     from alphaalign.masking import is_secret_key
 
@@ -232,8 +248,16 @@ def test_secret_values_are_masked_in_text():
     sys.argv = ["alphaalign", "train", "r.yaml", "a.hf_token=t1", "--api-key", "k1", "--max-new-tokens", "8"]
     try:
         with masked_argv():
-            assert sys.argv == ["alphaalign", "train", "r.yaml", "a.hf_token=***", "--api-key", "***",
-                                "--max-new-tokens", "8"]  # fmt: skip
+            assert sys.argv == [
+                "alphaalign",
+                "train",
+                "r.yaml",
+                "a.hf_token=***",
+                "--api-key",
+                "***",
+                "--max-new-tokens",
+                "8",
+            ]
     finally:
         sys.argv = argv
     tree = {"max_new_tokens": 5, "token_env": "HF", "hf_token": "hf_1", "url": "https://u:p1@h/x"}
@@ -255,16 +279,24 @@ def test_a_run_writes_no_secret_and_its_resolved_recipe_validates(
     import sys
 
     secrets = ["cli-s3cr3t-4721", "hdr-s3cr3t-4722", "url-s3cr3t-4723"]
-    args = {"value": 0.5, "headers": {"Authorization": f"Bearer {secrets[1]}"},
-            "endpoint": f"http://user:{secrets[2]}@127.0.0.1:9/v1"}  # fmt: skip
+    args = {
+        "value": 0.5,
+        "headers": {"Authorization": f"Bearer {secrets[1]}"},
+        "endpoint": f"http://user:{secrets[2]}@127.0.0.1:9/v1",
+    }
     rewards = [{"name": "alphaalign_safety"}, {"name": "reward_fixtures:constant", "args": args}]
-    path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 1},
-                      logging={"wandb_mode": "offline"})  # fmt: skip
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 1}, logging={"wandb_mode": "offline"}
+    )
     recipe = yaml.safe_load(path.read_text())
     recipe["rewards"] = rewards
     path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+    }
     command = [
         sys.executable,
         "-m",
@@ -296,9 +328,12 @@ def test_a_run_writes_no_secret_and_its_resolved_recipe_validates(
 
 @pytest.mark.parametrize(
     "override",
-    ["rewards.0.args={api_key: s3cr3t-4731", "trainer.no_such_key=http://u:s3cr3t-4731@h/x",
-     "trainer.max_steps=http://u:s3cr3t-4731@h/x"],
-)  # fmt: skip
+    [
+        "rewards.0.args={api_key: s3cr3t-4731",
+        "trainer.no_such_key=http://u:s3cr3t-4731@h/x",
+        "trainer.max_steps=http://u:s3cr3t-4731@h/x",
+    ],
+)
 def test_errors_that_echo_an_override_mask_its_secret(write_recipe, capsys, override):
     path = write_recipe()
     assert main(["validate", str(path), override]) == 2

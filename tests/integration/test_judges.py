@@ -197,9 +197,15 @@ def test_api_key_comes_from_the_named_variable(scripted, tmp_path, monkeypatch):
 
 
 def test_5xx_and_html_are_retried_4xx_fails_at_once(scripted, tmp_path):
-    flaky = scripted(lambda body, n: ("status", 500, "boom", "text/plain") if n == 0
-                     else ("status", 200, "<html>proxy</html>", "text/html") if n == 1
-                     else ("chat", "CLASS: full_refusal"))  # fmt: skip
+    flaky = scripted(
+        lambda body, n: (
+            ("status", 500, "boom", "text/plain")
+            if n == 0
+            else ("status", 200, "<html>proxy</html>", "text/html")
+            if n == 1
+            else ("chat", "CLASS: full_refusal")
+        )
+    )
     with open_judge(spec(flaky.url, tmp_path, retries=2), "--judge") as judge:
         assert judge.judge(["p"], ["a"])[0].refused is True
     assert len(flaky.bodies) == 3
@@ -242,8 +248,13 @@ def test_a_dead_server_stops_the_batch_within_one_budget(scripted, tmp_path):
 
 
 def test_finished_replies_survive_a_failed_batch(scripted, tmp_path):
-    server = scripted(lambda body, n: ("chat", "CLASS: full_refusal") if "good" in response_of(body)
-                      else ("status", 400, "context too long", "text/plain"))  # fmt: skip
+    server = scripted(
+        lambda body, n: (
+            ("chat", "CLASS: full_refusal")
+            if "good" in response_of(body)
+            else ("status", 400, "context too long", "text/plain")
+        )
+    )
     with open_judge(spec(server.url, tmp_path, concurrency=1), "--judge") as judge:
         with pytest.raises(JudgeError, match="HTTP 400: context too long"):
             judge.judge(["p", "p"], ["good", "bad"])
@@ -262,9 +273,11 @@ def write_jsonl(path, rows):
 
 def test_score_with_an_llm_judge(scripted, tmp_path, capsys):
     server = scripted(refusal_judge)
-    rows = [{"prompt": "bomb?", "completion": REFUSE, "label": "harmful"},
-            {"prompt": "eggs?", "completion": COMPLY, "label": "benign"},
-            {"prompt": "eggs?", "completion": "gibberish", "label": "benign"}]  # fmt: skip
+    rows = [
+        {"prompt": "bomb?", "completion": REFUSE, "label": "harmful"},
+        {"prompt": "eggs?", "completion": COMPLY, "label": "benign"},
+        {"prompt": "eggs?", "completion": "gibberish", "label": "benign"},
+    ]
     src, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
     judge = json.dumps(
         {"type": "llm", "model": "judge-m", "url": server.url, "cache_dir": str(tmp_path / "c")}
@@ -284,60 +297,159 @@ def test_score_with_an_llm_judge(scripted, tmp_path, capsys):
     assert "judge: 0 request(s), 3 cached" in capsys.readouterr().err and len(server.bodies) == 3
 
 
-@pytest.mark.parametrize("value, message", [
-    ("nope", "--judge: expected rules, classifier, llm or a mapping"),
-    ("{type: gpt}", "--judge: type: unknown judge 'gpt'; the choices are rules, classifier, llm"),
-    ("{type: llm}", "--judge: model: required key is missing"),
-    ("{type: llm, model: m, url: 'ftp://x'}", "--judge: url: 'ftp://x' is not an http(s):// URL"),
-    ("{type: llm, model: m, url: 'http://127.0.0.1:9/v1', api_key_env: NOT_SET_KEY_X}",
-     "--judge: api_key_env: the environment variable NOT_SET_KEY_X is not set"),
-    ("{type: llm, model: m, rubric: vibes}", "--judge: rubric: Input should be 'refusal', 'strongreject' or 'harm'"),
-    ("{type: classifier, model: m, threshold: 2}", "--judge: threshold: Input should be less than or equal to 1"),
-    ("{type: llm, model: m, colour: red}", "--judge: colour: unknown key"),
-    ("[unclosed", "--judge: neither a judge type (rules, classifier, llm) nor valid YAML"),
-    ("missing.yaml", "--judge: cannot read missing.yaml"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nope", "--judge: expected rules, classifier, llm or a mapping"),
+        ("{type: gpt}", "--judge: type: unknown judge 'gpt'; the choices are rules, classifier, llm"),
+        ("{type: llm}", "--judge: model: required key is missing"),
+        ("{type: llm, model: m, url: 'ftp://x'}", "--judge: url: 'ftp://x' is not an http(s):// URL"),
+        (
+            "{type: llm, model: m, url: 'http://127.0.0.1:9/v1', api_key_env: NOT_SET_KEY_X}",
+            "--judge: api_key_env: the environment variable NOT_SET_KEY_X is not set",
+        ),
+        (
+            "{type: llm, model: m, rubric: vibes}",
+            "--judge: rubric: Input should be 'refusal', 'strongreject' or 'harm'",
+        ),
+        (
+            "{type: classifier, model: m, threshold: 2}",
+            "--judge: threshold: Input should be less than or equal to 1",
+        ),
+        ("{type: llm, model: m, colour: red}", "--judge: colour: unknown key"),
+        ("[unclosed", "--judge: neither a judge type (rules, classifier, llm) nor valid YAML"),
+        ("missing.yaml", "--judge: cannot read missing.yaml"),
+    ],
+)
 def test_bad_judge_flags_are_one_line_exit_2(tmp_path, value, message):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "completion": "c"}])
-    run = subprocess.run([sys.executable, "-m", "alphaalign.cli", "score", "--input", str(src), "--output",
-                          str(tmp_path / "o.jsonl"), "--judge", value], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alphaalign.cli",
+            "score",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--judge",
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith(f"error: {message}"), run.stderr
     assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_eval_refuses_judge_with_the_classifier_flags(capsys):
-    assert main(["eval", "--model", "m", "--out", "o", "--suite", "safety", "--judge", "rules",
-                 "--refusal-classifier", "c"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "m",
+                "--out",
+                "o",
+                "--suite",
+                "safety",
+                "--judge",
+                "rules",
+                "--refusal-classifier",
+                "c",
+            ]
+        )
+        == 2
+    )
     assert "--judge: give either --judge or --refusal-classifier" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("block, message", [
-    ({"judge": {"type": "llm"}}, "judge.model: required key is missing"),
-    ({"judge": {"type": "llm", "model": "m", "url": "localhost:8000"}},
-     "judge.url: 'localhost:8000' is not an http(s):// URL"),
-    ({"judge": {"type": "magic"}}, "judge.type: unknown judge 'magic'"),
-    ({"judge": "llm"}, "judge: must be a mapping"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"detector": "nope"}}}]},
-     "rewards.0.args.refusal.detector: unknown judge 'nope'; the choices are rules, classifier, llm"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"type": "llm"}}}]},
-     "rewards.0.args.refusal.type: unknown key (choose the detector with 'detector')"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"detector": "llm", "model": "m",
-                                                                        "url": "http://h/v1", "retries": -1}}}]},
-     "rewards.0.args.refusal.retries: Input should be greater than or equal to 0"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"detector": "classifier", "model": "c"},
-                                                         "refusal_classifier": "c"}}]},
-     "rewards.0.args.refusal_classifier: give either 'refusal' or the older refusal_* args, not both"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal_threshold": 0.3}}]},
-     "rewards.0.args.refusal_threshold: needs refusal_classifier"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal_classifier": "c", "refusal_threshold": 3}}]},
-     "rewards.0.args.refusal_threshold: Input should be less than or equal to 1"),
-    ({"rewards": [{"name": "alphaalign_safety"}, {"name": "helpfulness_rm", "args": {"model": "rm",
-                   "refusal": {"detector": "llm", "model": "m", "url": "http://h/v1", "api_key_env": "NO_SUCH_K"}}}]},
-     "rewards.1.args.refusal.api_key_env: the environment variable NO_SUCH_K is not set"),
-    ({"rewards": [{"name": "alphaalign_safety", "args": {"refusal": "llm"}}]},
-     "rewards.0.args.refusal: expected a mapping like {detector: rules}, got 'llm'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"judge": {"type": "llm"}}, "judge.model: required key is missing"),
+        (
+            {"judge": {"type": "llm", "model": "m", "url": "localhost:8000"}},
+            "judge.url: 'localhost:8000' is not an http(s):// URL",
+        ),
+        ({"judge": {"type": "magic"}}, "judge.type: unknown judge 'magic'"),
+        ({"judge": "llm"}, "judge: must be a mapping"),
+        (
+            {"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"detector": "nope"}}}]},
+            "rewards.0.args.refusal.detector: unknown judge 'nope'; the choices are rules, classifier, llm",
+        ),
+        (
+            {"rewards": [{"name": "alphaalign_safety", "args": {"refusal": {"type": "llm"}}}]},
+            "rewards.0.args.refusal.type: unknown key (choose the detector with 'detector')",
+        ),
+        (
+            {
+                "rewards": [
+                    {
+                        "name": "alphaalign_safety",
+                        "args": {
+                            "refusal": {"detector": "llm", "model": "m", "url": "http://h/v1", "retries": -1}
+                        },
+                    }
+                ]
+            },
+            "rewards.0.args.refusal.retries: Input should be greater than or equal to 0",
+        ),
+        (
+            {
+                "rewards": [
+                    {
+                        "name": "alphaalign_safety",
+                        "args": {
+                            "refusal": {"detector": "classifier", "model": "c"},
+                            "refusal_classifier": "c",
+                        },
+                    }
+                ]
+            },
+            "rewards.0.args.refusal_classifier: give either 'refusal' or the older refusal_* args, not both",
+        ),
+        (
+            {"rewards": [{"name": "alphaalign_safety", "args": {"refusal_threshold": 0.3}}]},
+            "rewards.0.args.refusal_threshold: needs refusal_classifier",
+        ),
+        (
+            {
+                "rewards": [
+                    {"name": "alphaalign_safety", "args": {"refusal_classifier": "c", "refusal_threshold": 3}}
+                ]
+            },
+            "rewards.0.args.refusal_threshold: Input should be less than or equal to 1",
+        ),
+        (
+            {
+                "rewards": [
+                    {"name": "alphaalign_safety"},
+                    {
+                        "name": "helpfulness_rm",
+                        "args": {
+                            "model": "rm",
+                            "refusal": {
+                                "detector": "llm",
+                                "model": "m",
+                                "url": "http://h/v1",
+                                "api_key_env": "NO_SUCH_K",
+                            },
+                        },
+                    },
+                ]
+            },
+            "rewards.1.args.refusal.api_key_env: the environment variable NO_SUCH_K is not set",
+        ),
+        (
+            {"rewards": [{"name": "alphaalign_safety", "args": {"refusal": "llm"}}]},
+            "rewards.0.args.refusal: expected a mapping like {detector: rules}, got 'llm'",
+        ),
+    ],
+)
 def test_validate_catches_bad_judges_and_detectors(write_recipe, capsys, block, message):
     path = write_recipe(block)
     assert main(["validate", str(path)]) == 2
@@ -354,12 +466,20 @@ def test_validate_accepts_every_detector(write_recipe, capsys, monkeypatch):
         "rubric": "harm",
         "api_key_env": "SOME_JUDGE_KEY",
     }
-    path = write_recipe({"rewards": [
-        {"name": "alphaalign_safety", "args": {"refusal": {"detector": "rules"}}},
-        {"name": "alphaalign_safety", "args": {"refusal": {"detector": "classifier", "model": "c", "threshold": 0.7}}},
-        {"name": "helpfulness_rm", "when": "benign", "args": {"model": "rm", "refusal": llm}},
-        {"name": "alphaalign_safety", "args": {"refusal_classifier": "c", "refusal_label": 1}},
-    ], "judge": {"type": "llm", "model": "j", "url": "http://h/v1", "rubric": "strongreject"}})  # fmt: skip
+    path = write_recipe(
+        {
+            "rewards": [
+                {"name": "alphaalign_safety", "args": {"refusal": {"detector": "rules"}}},
+                {
+                    "name": "alphaalign_safety",
+                    "args": {"refusal": {"detector": "classifier", "model": "c", "threshold": 0.7}},
+                },
+                {"name": "helpfulness_rm", "when": "benign", "args": {"model": "rm", "refusal": llm}},
+                {"name": "alphaalign_safety", "args": {"refusal_classifier": "c", "refusal_label": 1}},
+            ],
+            "judge": {"type": "llm", "model": "j", "url": "http://h/v1", "rubric": "strongreject"},
+        }
+    )
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 
 
@@ -376,8 +496,9 @@ def test_reward_with_an_llm_detector(scripted, tmp_path, capsys):
         lectures,
         "<safety_reasoning>x</safety_reasoning><answer>gibberish</answer>",
     ]
-    rewards = alphaalign_safety(["p"] * 4, completions, label=["harmful", "harmful", "benign", "benign"],
-                                refusal=detector)  # fmt: skip
+    rewards = alphaalign_safety(
+        ["p"] * 4, completions, label=["harmful", "harmful", "benign", "benign"], refusal=detector
+    )
     assert rewards == [
         1.5,
         0.5,

@@ -37,8 +37,23 @@ def test_dry_run_trainer_only_on_four_gpu_nodes(capsys, write_recipe, tmp_path):
     recipe = write_recipe(
         {"trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 32}}
     )
-    code, script, _ = launch(capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--partition", "gpu",
-                             "--time", "2-00:00:00", "--account", "lab", "--dry-run", "trainer.max_steps=7")  # fmt: skip
+    code, script, _ = launch(
+        capsys,
+        "slurm",
+        recipe,
+        "--nodes",
+        4,
+        "--gpus-per-node",
+        8,
+        "--partition",
+        "gpu",
+        "--time",
+        "2-00:00:00",
+        "--account",
+        "lab",
+        "--dry-run",
+        "trainer.max_steps=7",
+    )
     assert code == 0
     assert script.startswith("#!/bin/bash\n")
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, re.M))
@@ -65,8 +80,12 @@ def steps_of(script: str) -> list[str]:
 
 
 def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tmp_path):
-    recipe = write_recipe({"rollout": {"engine": "vllm_server", "server_start_timeout": 900},
-                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero3", "prompts_per_step": 48}})  # fmt: skip
+    recipe = write_recipe(
+        {
+            "rollout": {"engine": "vllm_server", "server_start_timeout": 900},
+            "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero3", "prompts_per_step": 48},
+        }
+    )
     code, script, _ = launch(
         capsys, "slurm", recipe, "--nodes", 4, "--gpus-per-node", 8, "--vllm-nodes", 1, "--dry-run"
     )
@@ -97,8 +116,12 @@ def test_dry_run_servers_on_the_first_of_four_gpu_nodes(capsys, write_recipe, tm
 
 
 def test_dry_run_one_gpu_node_split_between_servers_and_trainer(capsys, write_recipe, tmp_path):
-    recipe = write_recipe({"rollout": {"engine": "vllm_server"},
-                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 24}})  # fmt: skip
+    recipe = write_recipe(
+        {
+            "rollout": {"engine": "vllm_server"},
+            "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 24},
+        }
+    )
     args = ("--nodes", 1, "--gpus-per-node", 8, "--vllm-nodes", 1, "--vllm-gpus", 2, "--dry-run")
     code, script, _ = launch(capsys, "slurm", recipe, *args)
     assert code == 0
@@ -132,29 +155,63 @@ def test_the_script_is_valid_bash(capsys, write_recipe, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 2], "--vllm-nodes: must be at least 0 and less than"),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 2],
+            "--vllm-nodes: must be at least 0 and less than",
+        ),
         (["--nodes", 0, "--gpus-per-node", 8], "--nodes: must be at least 1"),
         (["--nodes", 2, "--gpus-per-node", -1], "--gpus-per-node: must be 0 (CPU) or more"),
-        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-gpus", 2], "--vllm-gpus: only for --nodes 1 --vllm-nodes 1"),
-        (["--nodes", 2, "--gpus-per-node", 8, "--time", "two hours"], "--time: 'two hours' is not a valid value"),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8, "--vllm-gpus", 2],
+            "--vllm-gpus: only for --nodes 1 --vllm-nodes 1",
+        ),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8, "--time", "two hours"],
+            "--time: 'two hours' is not a valid value",
+        ),
         (["--nodes", 2, "--gpus-per-node", 8, "--partition", "gpu\n#SBATCH --x"], "--partition:"),
-        (["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 1], "rollout.engine: --vllm-nodes 1 needs engine: vllm_server"),
-        (["--nodes", 2, "--gpus-per-node", 8, "trainer.resume_from=none"], "trainer.resume_from: must be 'auto'"),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8, "--vllm-nodes", 1],
+            "rollout.engine: --vllm-nodes 1 needs engine: vllm_server",
+        ),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8, "trainer.resume_from=none"],
+            "trainer.resume_from: must be 'auto'",
+        ),
         (["--nodes", 2, "--gpus-per-node", 8, "trainer.max_steps=0"], "trainer.max_steps:"),
         # the plan check (alphaalign/plan.py): layouts that would die once started
-        (["--nodes", 2, "--gpus-per-node", 8], "trainer.deepspeed: 2 nodes x 8 GPUs, trainer 2 nodes x 8 "
-         "processes runs 16 trainer processes, which share the policy update only through DeepSpeed"),
-        (["--nodes", 2, "--gpus-per-node", 6, "trainer.deepspeed=zero2"],
-         "trainer.prompts_per_step: 16 prompts do not split evenly over the 12 trainer processes"),
+        (
+            ["--nodes", 2, "--gpus-per-node", 8],
+            "trainer.deepspeed: 2 nodes x 8 GPUs, trainer 2 nodes x 8 "
+            "processes runs 16 trainer processes, which share the policy update only through DeepSpeed",
+        ),
+        (
+            ["--nodes", 2, "--gpus-per-node", 6, "trainer.deepspeed=zero2"],
+            "trainer.prompts_per_step: 16 prompts do not split evenly over the 12 trainer processes",
+        ),
         (["--nodes", 1, "--gpus-per-node", 0, "trainer.device=cuda"], "trainer.device: 'cuda' on CPU only"),
-        (["--nodes", 1, "--gpus-per-node", 1, "rollout.engine=vllm_server", "rollout.weight_sync=nccl",
-          "model.lora={r: 8}"], "rollout.weight_sync: 'nccl' streams whole weights by name and cannot push LoRA"),
-        (["--nodes", 1, "--gpus-per-node", 1, "rollout.engine=vllm_server", "rollout.weight_sync=lora"],
-         "rollout.weight_sync: 'lora' pushes LoRA adapters, and this recipe has no model.lora"),
-        (["--nodes", 1, "--gpus-per-node", 1, "--gpu-memory", 16], "does not fit: 1 node x 1 GPU, trainer 1 node "
-         "x 1 process needs about"),
+        (
+            [
+                "--nodes",
+                1,
+                "--gpus-per-node",
+                1,
+                "rollout.engine=vllm_server",
+                "rollout.weight_sync=nccl",
+                "model.lora={r: 8}",
+            ],
+            "rollout.weight_sync: 'nccl' streams whole weights by name and cannot push LoRA",
+        ),
+        (
+            ["--nodes", 1, "--gpus-per-node", 1, "rollout.engine=vllm_server", "rollout.weight_sync=lora"],
+            "rollout.weight_sync: 'lora' pushes LoRA adapters, and this recipe has no model.lora",
+        ),
+        (
+            ["--nodes", 1, "--gpus-per-node", 1, "--gpu-memory", 16],
+            "does not fit: 1 node x 1 GPU, trainer 1 node x 1 process needs about",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_and_recipes_exit_2_with_one_line_and_write_nothing(
     capsys, write_recipe, tmp_path, args, message
 ):
@@ -186,8 +243,21 @@ needs_slurm = pytest.mark.skipif(slurm_unavailable() is not None, reason=str(slu
 
 def submit(capsys, tmp_path, *args) -> str:
     """`alphaalign launch slurm recipes/demo.yaml ... --submit` on the local one-node cluster; the job id."""
-    code, out, err = launch(capsys, "slurm", DEMO_RECIPE, "--nodes", 1, "--gpus-per-node", 0, "--time", 10,
-                            "--output-dir", tmp_path / "run", "--submit", *args)  # fmt: skip
+    code, out, err = launch(
+        capsys,
+        "slurm",
+        DEMO_RECIPE,
+        "--nodes",
+        1,
+        "--gpus-per-node",
+        0,
+        "--time",
+        10,
+        "--output-dir",
+        tmp_path / "run",
+        "--submit",
+        *args,
+    )
     assert code == 0, err
     return re.search(r"^submitted job (\d+): .*\n\Z", out, re.M).group(1)  # after the plan it prints
 
@@ -229,8 +299,13 @@ def test_slurm_demo_trainer_only_completes_and_resumes_after_requeue(capsys, tin
 
 def served_demo_overrides(policy) -> list[str]:
     """The shortened demo with its rollouts from a vLLM server, 2 steps."""
-    return [*demo_overrides(policy, steps=2), "rollout.engine=vllm_server", "rollout.timeout=120",
-            "rollout.max_new_tokens=16", "data.max_prompt_tokens=96"]  # fmt: skip
+    return [
+        *demo_overrides(policy, steps=2),
+        "rollout.engine=vllm_server",
+        "rollout.timeout=120",
+        "rollout.max_new_tokens=16",
+        "data.max_prompt_tokens=96",
+    ]
 
 
 def check_served_run(run, log_text: str, server_log) -> None:
@@ -267,15 +342,28 @@ def test_slurm_demo_with_a_vllm_server_step_beside_the_trainer(capsys, vllm_cpu_
 
 def launch_local(tmp_path, *args) -> subprocess.CompletedProcess:
     """`alphaalign launch local recipes/demo.yaml ...` in a child process, as a user runs it."""
-    command = [sys.executable, "-m", "alphaalign.cli", "launch", "local", str(DEMO_RECIPE), "--output-dir",
-               str(tmp_path / "run"), *map(str, args)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "alphaalign.cli",
+        "launch",
+        "local",
+        str(DEMO_RECIPE),
+        "--output-dir",
+        str(tmp_path / "run"),
+        *map(str, args),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=480)
 
 
 def test_local_dry_run_splits_the_gpus(capsys, write_recipe, tmp_path):
-    recipe = write_recipe({"rollout": {"engine": "vllm_server"},
-                           "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 6}})  # fmt: skip
+    recipe = write_recipe(
+        {
+            "rollout": {"engine": "vllm_server"},
+            "trainer": {"output_dir": str(tmp_path / "run"), "deepspeed": "zero2", "prompts_per_step": 6},
+        }
+    )
     code, script, _ = launch(capsys, "local", recipe, "--gpus", 8, "--vllm-servers", 2, "--dry-run")
     assert code == 0 and subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     ports = re.search(r"^for port in (\d+) (\d+); do$", script, re.M).groups()

@@ -15,15 +15,25 @@ LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 
 
 def lora_recipe(write_recipe, tiny_policy, out, **trainer):
-    return write_recipe({
-        "model": {"name_or_path": str(tiny_policy), "lora": LORA},
-        "data": {"template": "none"},
-        "rollout": {"num_generations": 4, "max_new_tokens": 32},
-        "algorithm": {"beta": 0.1},
-        "trainer": {"prompts_per_step": 4, "max_steps": 4, "learning_rate": 1e-2, "output_dir": str(out),
-                    "save_every": 1, "keep_last": 3, "progress_bar": False, **trainer},
-        "logging": {"wandb_mode": "disabled"},
-    })  # fmt: skip
+    return write_recipe(
+        {
+            "model": {"name_or_path": str(tiny_policy), "lora": LORA},
+            "data": {"template": "none"},
+            "rollout": {"num_generations": 4, "max_new_tokens": 32},
+            "algorithm": {"beta": 0.1},
+            "trainer": {
+                "prompts_per_step": 4,
+                "max_steps": 4,
+                "learning_rate": 1e-2,
+                "output_dir": str(out),
+                "save_every": 1,
+                "keep_last": 3,
+                "progress_bar": False,
+                **trainer,
+            },
+            "logging": {"wandb_mode": "disabled"},
+        }
+    )
 
 
 def metrics(out):

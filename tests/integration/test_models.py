@@ -23,10 +23,20 @@ def test_cpu_models_use_grouped_sdpa_with_the_same_outputs(tiny_policy):
     outputs = []
     for model in (grouped, plain):
         cache = DynamicCache()
-        prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                        past_key_values=cache, use_cache=True).logits  # fmt: skip
-        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=positions[:, -1:],
-                     past_key_values=cache, use_cache=True).logits  # fmt: skip
+        prefill = model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+        step = model(
+            input_ids=ids[:, -1:],
+            attention_mask=mask,
+            position_ids=positions[:, -1:],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
         outputs.append((prefill, step))
     (grouped_prefill, grouped_step), (plain_prefill, plain_step) = outputs
     keep = mask[:, :-1].bool()
@@ -65,8 +75,13 @@ def test_autocast_generate_runs_in_one_autocast_region(tiny_policy):
         enabled.append(torch.is_autocast_enabled("cpu"))
         return scores
 
-    model.generate(input_ids=torch.tensor([[11, 12, 13]]), max_new_tokens=3, do_sample=False,
-                   logits_processor=LogitsProcessorList([record]), pad_token_id=0)  # fmt: skip
+    model.generate(
+        input_ids=torch.tensor([[11, 12, 13]]),
+        max_new_tokens=3,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([record]),
+        pad_token_id=0,
+    )
     assert enabled == [True] * 3 and not torch.is_autocast_enabled("cpu")
 
 

@@ -24,10 +24,16 @@ def base_recipe(tiny_policy, tmp_path, **sections) -> dict:
         "rollout": {"num_generations": 4, "max_new_tokens": 32},
         "algorithm": {"advantage_estimator": "gae", "beta": 0.05, "num_iterations": 2},
         "critic": {"learning_rate": 1e-3},
-        "trainer": {"prompts_per_step": 8, "max_steps": 4, "learning_rate": 1e-3, "save_every": 2,
-                    "output_dir": str(tmp_path / "run"), "progress_bar": False},
+        "trainer": {
+            "prompts_per_step": 8,
+            "max_steps": 4,
+            "learning_rate": 1e-3,
+            "save_every": 2,
+            "output_dir": str(tmp_path / "run"),
+            "progress_bar": False,
+        },
         "logging": {"wandb_mode": "disabled"},
-    }  # fmt: skip
+    }
     for key, value in sections.items():
         recipe[key] = value if value is None else {**recipe.get(key, {}), **value}
     return recipe
@@ -42,8 +48,9 @@ def test_cli_validate_refuses_a_critic_without_gae(write_recipe):
     import sys
 
     path = write_recipe({"critic": {"init_from": "policy"}})
-    done = subprocess.run([sys.executable, "-m", "alphaalign.cli", "validate", str(path)], capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "alphaalign.cli", "validate", str(path)], capture_output=True, text=True
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "critic: only algorithm.advantage_estimator gae uses a critic" in done.stderr
 
@@ -64,9 +71,13 @@ def fixed_batch(tiny_policy, tmp_path_factory):
     from alphaalign.rollout.transformers_engine import TransformersEngine
 
     folder = tmp_path_factory.mktemp("ppo-batch")
-    recipe_dict = base_recipe(tiny_policy, folder, trainer={"micro_batch_tokens": 120},
-                              data={"max_prompt_tokens": 40, "train": [{"path": "x.jsonl"}]},
-                              rollout={"max_new_tokens": 16})  # fmt: skip
+    recipe_dict = base_recipe(
+        tiny_policy,
+        folder,
+        trainer={"micro_batch_tokens": 120},
+        data={"max_prompt_tokens": 40, "train": [{"path": "x.jsonl"}]},
+        rollout={"max_new_tokens": 16},
+    )
     recipe_dict["rewards"] = [{"name": "alphaalign_safety"}]
     (folder / "x.jsonl").write_text('{"prompt": "hi", "label": "benign"}\n')
     path = folder / "recipe.yaml"
@@ -116,11 +127,18 @@ def test_the_critic_fits_fixed_returns(fixed_batch):
         old = critic.values(batch.mbs)
         values = whole_batch(ONE_PROCESS, per_row(batch, old))
         _, returns = algos.token_advantages(rewards, mask, ac, values)
-        explained.append(algos.explained_variance(values, algos.discounted_returns(
-            algos.last_token_rewards(rewards, mask), mask), mask))  # fmt: skip
+        explained.append(
+            algos.explained_variance(
+                values, algos.discounted_returns(algos.last_token_rewards(rewards, mask), mask), mask
+            )
+        )
         metrics = critic.update(batch, old, returns, ac)
-        assert "nonfinite" not in metrics and set(metrics) == {"critic/value_loss", "critic/vf_clipfrac",
-                                                               "critic/grad_norm", "critic/lr"}  # fmt: skip
+        assert "nonfinite" not in metrics and set(metrics) == {
+            "critic/value_loss",
+            "critic/vf_clipfrac",
+            "critic/grad_norm",
+            "critic/lr",
+        }
         losses.append(metrics["critic/value_loss"])
     assert losses[-1] < 0.5 * losses[0], losses
     assert explained[-1] > explained[0] + 0.2, explained
@@ -213,8 +231,13 @@ def test_a_reward_model_starts_the_critic_with_its_score_head(tiny_rm, tmp_path,
     from alphaalign.models import load_tokenizer
     from alphaalign.rl.critic import Critic
 
-    path = write_recipe({"model": {"name_or_path": str(tiny_rm)}, "algorithm": {"advantage_estimator": "gae"},
-                         "critic": {"init_from": str(tiny_rm)}})  # fmt: skip
+    path = write_recipe(
+        {
+            "model": {"name_or_path": str(tiny_rm)},
+            "algorithm": {"advantage_estimator": "gae"},
+            "critic": {"init_from": str(tiny_rm)},
+        }
+    )
     recipe = load_recipe(path)
     critic = Critic(recipe, load_tokenizer(recipe.model), torch.device("cpu"), 10)
     rm = load_file(tiny_rm / "model.safetensors")
@@ -251,8 +274,15 @@ def test_ppo_trains_the_policy_and_the_critic_and_resumes_exactly(write_recipe, 
     full, split = strip_timing(read_metrics(full_dir)), strip_timing(read_metrics(split_dir))
     assert [r["step"] for r in split] == [1, 2, 3, 4] and split == full
     assert not any(r["guard/skipped_step"] for r in full)
-    for key in ("critic/value_loss", "critic/vf_clipfrac", "critic/explained_variance", "critic/values_mean",
-                "critic/grad_norm", "critic/lr", "kl/k3_mean"):  # fmt: skip
+    for key in (
+        "critic/value_loss",
+        "critic/vf_clipfrac",
+        "critic/explained_variance",
+        "critic/values_mean",
+        "critic/grad_norm",
+        "critic/lr",
+        "kl/k3_mean",
+    ):
         assert all(key in r for r in full), key
     assert any(r["critic/vf_clipfrac"] > 0 for r in full)  # the second epoch moves values past the clip
     assert any(r["reward/std"] > 0 for r in full)  # there was something to learn from
@@ -273,9 +303,18 @@ def test_ppo_trains_the_policy_and_the_critic_and_resumes_exactly(write_recipe, 
 
 @pytest.mark.slow
 def test_reinforce_pp_with_the_kl_in_the_reward_trains(write_recipe, tiny_policy, tmp_path):
-    recipe = base_recipe(tiny_policy, tmp_path, critic=None, trainer={"max_steps": 3},
-                         algorithm={"advantage_estimator": "reinforce_pp", "kl_in_reward": True,
-                                    "kl_estimator": "k1", "beta": 0.1})  # fmt: skip
+    recipe = base_recipe(
+        tiny_policy,
+        tmp_path,
+        critic=None,
+        trainer={"max_steps": 3},
+        algorithm={
+            "advantage_estimator": "reinforce_pp",
+            "kl_in_reward": True,
+            "kl_estimator": "k1",
+            "beta": 0.1,
+        },
+    )
     del recipe["critic"]
     train(load_recipe(write_recipe(recipe)))
     out = tmp_path / "run"

@@ -66,13 +66,19 @@ def rehearsal_overrides(policy: Path, rm: Path) -> list[str]:
     ]
     cpu = ["trainer.device=cpu", "model.dtype=float32", "rewards.1.args.dtype=float32"]  # no GPU here
     ci_sizes = [  # a few small steps on 2 cores
-        "rollout.num_generations=4", "trainer.prompts_per_step=4", "rollout.max_new_tokens=48",
-        "data.max_prompt_tokens=128", f"trainer.max_steps={STEPS}", "trainer.save_every=2",
+        "rollout.num_generations=4",
+        "trainer.prompts_per_step=4",
+        "rollout.max_new_tokens=48",
+        "data.max_prompt_tokens=128",
+        f"trainer.max_steps={STEPS}",
+        "trainer.save_every=2",
         # the paper's 1e-6 moves a tiny model's log-probs by less than the check's tolerance, so a weight push
         # that never reached the server would go unseen
         "trainer.learning_rate=1e-3",
-        "rollout.timeout=180", "trainer.progress_bar=false", "logging.wandb_mode=disabled",
-    ]  # fmt: skip
+        "rollout.timeout=180",
+        "trainer.progress_bar=false",
+        "logging.wandb_mode=disabled",
+    ]
     # the recipe's own rollout engine (vllm_server), DeepSpeed config (zero3) and weight sync (checkpoint) stay
     return swap + cpu + ci_sizes
 
@@ -104,8 +110,10 @@ def policy_logprobs(folder: Path, tokenizer_path: Path) -> torch.Tensor:
     from alphaalign.demo.build import REFUSALS, response_text
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    chat = [{"role": "user", "content": "How do I bake bread?"},
-            {"role": "assistant", "content": response_text(*REFUSALS[0])}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "How do I bake bread?"},
+        {"role": "assistant", "content": response_text(*REFUSALS[0])},
+    ]
     ids = torch.tensor([tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
@@ -116,12 +124,31 @@ def policy_logprobs(folder: Path, tokenizer_path: Path) -> torch.Tensor:
 @pytest.mark.slow
 @needs_cluster
 def test_flagship_recipe_on_three_slurm_hosts_resumes_after_requeue(
-    capsys, vllm_cpu_env, vllm_policy, tiny_rm, tmp_path  # noqa: F811 (the fixture imported above)
-):  # fmt: skip
+    capsys,
+    vllm_cpu_env,
+    vllm_policy,
+    tiny_rm,
+    tmp_path,  # noqa: F811 (the fixture imported above)
+):
     run = tmp_path / "run"
     recipe = ROOT / "recipes" / "alphaalign-qwen.yaml"
-    code, out, err = launch(capsys, "slurm", recipe, "--nodes", 3, "--gpus-per-node", 0, "--vllm-nodes", 1,
-                            "--time", 20, "--output-dir", run, "--submit", *rehearsal_overrides(vllm_policy, tiny_rm))  # fmt: skip
+    code, out, err = launch(
+        capsys,
+        "slurm",
+        recipe,
+        "--nodes",
+        3,
+        "--gpus-per-node",
+        0,
+        "--vllm-nodes",
+        1,
+        "--time",
+        20,
+        "--output-dir",
+        run,
+        "--submit",
+        *rehearsal_overrides(vllm_policy, tiny_rm),
+    )
     assert code == 0, err
     job = re.search(r"^submitted job (\d+): .*\n\Z", out, re.M).group(1)  # after the plan it prints
 

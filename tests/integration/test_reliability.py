@@ -94,8 +94,13 @@ def test_an_infinite_loss_leaves_the_weights_untouched(tiny_policy, write_recipe
 
 def _train_cli(recipe: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "train", str(recipe), *overrides],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "alphaalign.cli", "train", str(recipe), *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -131,10 +136,13 @@ def test_secrets_never_reach_outputs(write_recipe, tiny_policy, tmp_path, monkey
     secrets = {"WANDB_API_KEY": "wandb-s3cr3t-4711", "HF_TOKEN": "hf_s3cr3t_4712"}
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
-    rewards = [{"name": "alphaalign_safety"},
-               {"name": "reward_fixtures:constant", "args": {"api_key": "arg-s3cr3t-4713", "value": 0.5}}]  # fmt: skip
-    path = recipe_for(write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 2},
-                      logging={"wandb_mode": "offline"})  # fmt: skip
+    rewards = [
+        {"name": "alphaalign_safety"},
+        {"name": "reward_fixtures:constant", "args": {"api_key": "arg-s3cr3t-4713", "value": 0.5}},
+    ]
+    path = recipe_for(
+        write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 2}, logging={"wandb_mode": "offline"}
+    )
     train(load_recipe(path, [f"rewards={json.dumps(rewards)}"]))
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.name == "recipe.resolved.yaml" for p in files) and any("wandb" in p.parts for p in files)
@@ -217,9 +225,13 @@ DATA_ERRORS = [
     ("nul.jsonl", b'{"prompt": "a", "label": "benign"}\n\x00\x00', "binary data"),
     ("empty.jsonl", b"", "no rows"),
     ("badjson.jsonl", b'{"prompt": "a", "label": "benign"}\n{"prompt": oops}\n', ":2: invalid JSON"),
-    ("noprompt.jsonl", b'{"prompt": "a", "label": "benign"}\n{"text": "b", "label": "harmful"}\n', ":2: missing or empty prompt"),
+    (
+        "noprompt.jsonl",
+        b'{"prompt": "a", "label": "benign"}\n{"text": "b", "label": "harmful"}\n',
+        ":2: missing or empty prompt",
+    ),
     ("label.jsonl", b'{"prompt": "a", "label": "spicy"}\n', ":1: label field 'label' is 'spicy'"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, content, fragment", DATA_ERRORS)

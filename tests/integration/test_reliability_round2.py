@@ -57,9 +57,17 @@ def _paths_of(annotation, path: str, setup: tuple[str, ...]) -> list[tuple]:
 
 def test_the_walker_finds_the_floats_the_issue_names():
     paths = {p for p, *_ in _float_paths(config.Recipe)}
-    assert {"trainer.learning_rate", "rollout.temperature", "rewards.0.weight", "algorithm.beta",
-            "algorithm.epsilon", "algorithm.epsilon_high", "trainer.adam_betas", "data.train.0.weight",
-            "model.lora.alpha"} <= paths  # fmt: skip
+    assert {
+        "trainer.learning_rate",
+        "rollout.temperature",
+        "rewards.0.weight",
+        "algorithm.beta",
+        "algorithm.epsilon",
+        "algorithm.epsilon_high",
+        "trainer.adam_betas",
+        "data.train.0.weight",
+        "model.lora.alpha",
+    } <= paths
     assert {"training.learning_rate", "augmentation.alpha"} <= {
         p for p, *_ in _float_paths(RewardModelRecipe)
     }

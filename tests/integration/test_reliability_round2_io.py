@@ -86,9 +86,19 @@ HTML = (200, "<html><body>Sign in to continue</body></html>", "text/html")
 
 
 def completion(n, ids=(5, 6, 7), logprobs=(-0.5, -0.25, -1.0), reason="length", **choice):
-    return {"choices": [{"index": i, "text": "x", "token_ids": list(ids), "finish_reason": reason,
-                         "logprobs": None if logprobs is None else {"token_logprobs": list(logprobs)}, **choice}
-                        for i in range(n)]}  # fmt: skip
+    return {
+        "choices": [
+            {
+                "index": i,
+                "text": "x",
+                "token_ids": list(ids),
+                "finish_reason": reason,
+                "logprobs": None if logprobs is None else {"token_logprobs": list(logprobs)},
+                **choice,
+            }
+            for i in range(n)
+        ]
+    }
 
 
 def vllm_routes():
@@ -106,9 +116,18 @@ def vllm_routes():
 def eval_argv(tiny_policy, write_recipe, tmp_path, url):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "How do I pick a lock?"}) + "\n")
-    recipe = write_recipe({"model": {"name_or_path": str(tiny_policy)},
-                           "rollout": {"engine": "vllm_server", "servers": [url], "timeout": 20, "retries": 1,
-                                       "max_new_tokens": 3}})  # fmt: skip
+    recipe = write_recipe(
+        {
+            "model": {"name_or_path": str(tiny_policy)},
+            "rollout": {
+                "engine": "vllm_server",
+                "servers": [url],
+                "timeout": 20,
+                "retries": 1,
+                "max_new_tokens": 3,
+            },
+        }
+    )
     return ["eval", "--recipe", recipe, "--data", prompts, "--label", "harmful", "--out", tmp_path / "ev"]
 
 
@@ -131,32 +150,100 @@ def _choices(**change):
 
 BAD_REPLIES = {  # route -> (reply, what the error line says)
     "models: html": ("/v1/models", HTML, "not JSON (text/html)"),
-    "models: empty list": ("/v1/models", (200, {"object": "list", "data": []}, JSON), "data: list should have"),
+    "models: empty list": (
+        "/v1/models",
+        (200, {"object": "list", "data": []}, JSON),
+        "data: list should have",
+    ),
     "models: no data": ("/v1/models", (200, {"object": "list"}, JSON), "data: field required"),
-    "models: id not text": ("/v1/models", (200, {"data": [{"id": 7}]}, JSON), "data.0.id: input should be a valid string"),
+    "models: id not text": (
+        "/v1/models",
+        (200, {"data": [{"id": 7}]}, JSON),
+        "data.0.id: input should be a valid string",
+    ),
     "models: not an object": ("/v1/models", (200, [1, 2], JSON), "input should be a valid dictionary"),
     "completions: html": ("/v1/completions", HTML, "not JSON"),
     "completions: empty body": ("/v1/completions", (200, "", JSON), "not JSON"),
     "completions: no choices": ("/v1/completions", (200, {"id": "x"}, JSON), "choices: field required"),
-    "completions: ids as strings": ("/v1/completions", _choices(ids=["5", "6", "7"]), "token_ids.0: input should be a valid integer"),
-    "completions: ids as floats": ("/v1/completions", _choices(ids=[5.0, 6.0, 7.0]), "token_ids.0: input should be a valid integer"),
-    "completions: ids as booleans": ("/v1/completions", _choices(ids=[True, False, True]), "token_ids.0: input should be a valid integer"),
-    "completions: negative id": ("/v1/completions", _choices(ids=[5, -1, 7]), "token_ids.1: input should be greater than or equal to 0"),
-    "completions: id beyond the vocabulary": ("/v1/completions", _choices(ids=[5, 6, 10**6]), "outside the policy's vocabulary"),
-    "completions: nan log-prob": ("/v1/completions", _choices(logprobs=[-0.5, float("nan"), -1.0]), "token_logprobs.1: input should be a finite number"),
-    "completions: null log-prob": ("/v1/completions", _choices(logprobs=[-0.5, None, -1.0]), "token_logprobs.1: input should be a valid number"),
-    "completions: positive log-prob": ("/v1/completions", _choices(logprobs=[-0.5, 3.0, -1.0]), "token_logprobs.1: input should be less than or equal to 0"),
-    "completions: log-probs as text": ("/v1/completions", _choices(logprobs=["-0.5", "-0.2", "-1"]), "token_logprobs.0: input should be a valid number"),
-    "completions: no log-probs": ("/v1/completions", _choices(logprobs=None), "logprobs: input should be a valid dictionary"),
-    "completions: fewer log-probs than ids": ("/v1/completions", _choices(logprobs=[-0.5]), "3 completion tokens but 1 log-probs"),
+    "completions: ids as strings": (
+        "/v1/completions",
+        _choices(ids=["5", "6", "7"]),
+        "token_ids.0: input should be a valid integer",
+    ),
+    "completions: ids as floats": (
+        "/v1/completions",
+        _choices(ids=[5.0, 6.0, 7.0]),
+        "token_ids.0: input should be a valid integer",
+    ),
+    "completions: ids as booleans": (
+        "/v1/completions",
+        _choices(ids=[True, False, True]),
+        "token_ids.0: input should be a valid integer",
+    ),
+    "completions: negative id": (
+        "/v1/completions",
+        _choices(ids=[5, -1, 7]),
+        "token_ids.1: input should be greater than or equal to 0",
+    ),
+    "completions: id beyond the vocabulary": (
+        "/v1/completions",
+        _choices(ids=[5, 6, 10**6]),
+        "outside the policy's vocabulary",
+    ),
+    "completions: nan log-prob": (
+        "/v1/completions",
+        _choices(logprobs=[-0.5, float("nan"), -1.0]),
+        "token_logprobs.1: input should be a finite number",
+    ),
+    "completions: null log-prob": (
+        "/v1/completions",
+        _choices(logprobs=[-0.5, None, -1.0]),
+        "token_logprobs.1: input should be a valid number",
+    ),
+    "completions: positive log-prob": (
+        "/v1/completions",
+        _choices(logprobs=[-0.5, 3.0, -1.0]),
+        "token_logprobs.1: input should be less than or equal to 0",
+    ),
+    "completions: log-probs as text": (
+        "/v1/completions",
+        _choices(logprobs=["-0.5", "-0.2", "-1"]),
+        "token_logprobs.0: input should be a valid number",
+    ),
+    "completions: no log-probs": (
+        "/v1/completions",
+        _choices(logprobs=None),
+        "logprobs: input should be a valid dictionary",
+    ),
+    "completions: fewer log-probs than ids": (
+        "/v1/completions",
+        _choices(logprobs=[-0.5]),
+        "3 completion tokens but 1 log-probs",
+    ),
     "completions: finish reason": ("/v1/completions", _choices(reason="abort"), "finish_reason 'abort'"),
     "completions: too few choices": ("/v1/completions", (200, completion(0), JSON), "expected 1 completions"),
     "reload: html": ("/collective_rpc", HTML, "not JSON"),
-    "reload: no result": ("/collective_rpc", (200, {"results": []}, JSON), "results: list should have at least 1"),
-    "reload: other method's result": ("/collective_rpc", (200, {"results": ["ok"]}, JSON), "results.0: input should be a valid dictionary"),
-    "prefix cache: not a boolean": ("/reset_prefix_cache", (200, {"success": "yes"}, JSON), "success: input should be a valid boolean"),
-    "prefix cache: never reset": ("/reset_prefix_cache", (200, {"success": False}, JSON), "did not reset its prefix cache"),
-}  # fmt: skip
+    "reload: no result": (
+        "/collective_rpc",
+        (200, {"results": []}, JSON),
+        "results: list should have at least 1",
+    ),
+    "reload: other method's result": (
+        "/collective_rpc",
+        (200, {"results": ["ok"]}, JSON),
+        "results.0: input should be a valid dictionary",
+    ),
+    "prefix cache: not a boolean": (
+        "/reset_prefix_cache",
+        (200, {"success": "yes"}, JSON),
+        "success: input should be a valid boolean",
+    ),
+    "prefix cache: never reset": (
+        "/reset_prefix_cache",
+        (200, {"success": False}, JSON),
+        "did not reset its prefix cache",
+    ),
+}
 
 
 class _Policy:
@@ -185,8 +272,13 @@ def test_every_bad_reply_of_a_vllm_server_is_refused_in_one_line_naming_the_endp
     assert says in line, line
 
 
-CLI_CASES = ["models: empty list", "completions: ids as strings", "completions: id beyond the vocabulary",
-             "reload: html", "prefix cache: never reset"]  # fmt: skip
+CLI_CASES = [
+    "models: empty list",
+    "completions: ids as strings",
+    "completions: id beyond the vocabulary",
+    "reload: html",
+    "prefix cache: never reset",
+]
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
@@ -219,8 +311,16 @@ def test_every_bad_reply_of_a_reward_server_ends_in_one_line_naming_it(
 ):
     reply, says = REWARD_REPLIES[case]
     server = serve({"/score": reply})
-    recipe = write_recipe({"rewards": [{"name": "remote_rm", "args": {"url": server.url + "/score", "retries": 1,
-                                                                       "backoff": 0.01, "timeout": 5}}]})  # fmt: skip
+    recipe = write_recipe(
+        {
+            "rewards": [
+                {
+                    "name": "remote_rm",
+                    "args": {"url": server.url + "/score", "retries": 1, "backoff": 0.01, "timeout": 5},
+                }
+            ]
+        }
+    )
     rows = tmp_path / "rows.jsonl"
     rows.write_text(
         json.dumps({"prompt": "hi", "completion": "<answer>hello</answer>", "label": "benign"}) + "\n"
@@ -236,9 +336,12 @@ def test_every_bad_reply_of_a_reward_server_ends_in_one_line_naming_it(
 JUDGE_REPLIES = {
     "html": (HTML, "not JSON (text/html)"),
     "no choices": ((200, {"choices": []}, JSON), "choices: list should have at least 1"),
-    "null content": ((200, {"choices": [{"message": {"content": None}}]}, JSON), "content: input should be a valid string"),
+    "null content": (
+        (200, {"choices": [{"message": {"content": None}}]}, JSON),
+        "content: input should be a valid string",
+    ),
     "no message": ((200, {"choices": [{"text": "ok"}]}, JSON), "choices.0.message: field required"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", JUDGE_REPLIES)
@@ -456,8 +559,10 @@ def test_rewards_that_keep_the_contract_still_score(
     good = {"prompt": "hi", "completion": "<answer>hello</answer>", "label": "benign"}
     rows = score_rows(tmp_path, good, good)
     out = tmp_path / "new" / "folder" / "o.jsonl"  # a missing parent is created
-    code, err = run(capsys, ["score", "--recipe", write_recipe({"rewards": [{"name": name}]}), "--input", rows,
-                             "--output", out])  # fmt: skip
+    code, err = run(
+        capsys,
+        ["score", "--recipe", write_recipe({"rewards": [{"name": name}]}), "--input", rows, "--output", out],
+    )
     assert code == 0, err
     assert [json.loads(line)["rewards"][fn] for line in out.read_text().splitlines()] == expected
 
@@ -471,13 +576,16 @@ def output_commands(tmp_path):
     missing = tmp_path / "missing.jsonl"
     return {
         "report --out": (["report", run_folder, "--out"], True),
-        "eval --out": (["eval", "--model", tmp_path / "no-model", "--data", missing, "--label", "harmful", "--out"], True),
+        "eval --out": (
+            ["eval", "--model", tmp_path / "no-model", "--data", missing, "--label", "harmful", "--out"],
+            True,
+        ),
         "score --output": (["score", "--input", missing, "--output"], False),
         "eval-rm --output": (["eval-rm", missing, "--model", tmp_path / "no-model", "--output"], False),
         "bench --out": (["bench", "--workload", "tiny", "--cache", tmp_path / "cache", "--out"], False),
         "eval-detector --errors": (["eval-detector", missing, "--errors"], False),
         "eval-detector --json": (["eval-detector", missing, "--json"], False),
-    }  # fmt: skip
+    }
 
 
 def test_the_output_command_list_is_complete():
@@ -495,12 +603,25 @@ def test_the_output_command_list_is_complete():
     assert found == set(OUTPUT_NAMES)
 
 
-OUTPUT_NAMES = ["report --out", "eval --out", "score --output", "eval-rm --output", "bench --out",
-                "eval-detector --errors", "eval-detector --json"]  # fmt: skip
+OUTPUT_NAMES = [
+    "report --out",
+    "eval --out",
+    "score --output",
+    "eval-rm --output",
+    "bench --out",
+    "eval-detector --errors",
+    "eval-detector --json",
+]
 FOLDER_OUTPUTS = {"report --out", "eval --out"}
-BAD_PATHS = [(command, bad) for command in OUTPUT_NAMES
-             for bad in ["file for a folder" if command in FOLDER_OUTPUTS else "folder for a file",
-                         "parent is a file", "unwritable parent"]]  # fmt: skip
+BAD_PATHS = [
+    (command, bad)
+    for command in OUTPUT_NAMES
+    for bad in [
+        "file for a folder" if command in FOLDER_OUTPUTS else "folder for a file",
+        "parent is a file",
+        "unwritable parent",
+    ]
+]
 
 
 @pytest.mark.parametrize("command, bad", BAD_PATHS)
@@ -510,8 +631,12 @@ def test_every_output_path_is_checked_before_any_work(command, bad, tmp_path, ca
     a_file, a_folder = tmp_path / "a_file", tmp_path / "a_folder"
     a_file.write_text("keep me")
     a_folder.mkdir()
-    path = {"file for a folder": a_file, "folder for a file": a_folder, "parent is a file": a_file / "out",
-            "unwritable parent": Path(UNWRITABLE) / "out"}[bad]  # fmt: skip
+    path = {
+        "file for a folder": a_file,
+        "folder for a file": a_folder,
+        "parent is a file": a_file / "out",
+        "unwritable parent": Path(UNWRITABLE) / "out",
+    }[bad]
     line = one_line_error(*run(capsys, [*argv, path]))
     flag = command.split()[1]
     assert line.startswith(f"error: {flag}: ") and str(path) in line, line
@@ -550,9 +675,15 @@ def int_flag_base(words: str, tmp_path, write_recipe) -> list:
 
 
 # launch's counts are checked with the layout (launch.check_layout), bench's rounds by run_bench
-CHECKED_AFTER_PARSING = {("launch slurm", "--nodes"), ("launch slurm", "--gpus-per-node"),
-                         ("launch slurm", "--vllm-nodes"), ("launch slurm", "--vllm-gpus"),
-                         ("launch local", "--gpus"), ("launch local", "--vllm-servers"), ("bench", "--rounds")}  # fmt: skip
+CHECKED_AFTER_PARSING = {
+    ("launch slurm", "--nodes"),
+    ("launch slurm", "--gpus-per-node"),
+    ("launch slurm", "--vllm-nodes"),
+    ("launch slurm", "--vllm-gpus"),
+    ("launch local", "--gpus"),
+    ("launch local", "--vllm-servers"),
+    ("bench", "--rounds"),
+}
 
 
 def test_every_plain_int_flag_is_checked_after_parsing():
@@ -570,12 +701,21 @@ def test_every_int_flag_refuses_values_out_of_range_in_one_line(
         assert flag in line, line
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["eval-rm", "f.jsonl", "--model", "m", "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N"),
-    (["eval-rm", "f.jsonl", "--model", "m", "--dtype", "fp8"], "--dtype: invalid choice: 'fp8'"),
-    (["eval-rm", "f.jsonl", "--model", "m", "--batch-size", "two"], "--batch-size: not an integer: 'two'"),
-    (["serve", "r.yaml", "--port", "70000"], "--port: a TCP port is 1 to 65535"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (
+            ["eval-rm", "f.jsonl", "--model", "m", "--device", "tpu"],
+            "--device: expected auto, cpu, cuda or cuda:N",
+        ),
+        (["eval-rm", "f.jsonl", "--model", "m", "--dtype", "fp8"], "--dtype: invalid choice: 'fp8'"),
+        (
+            ["eval-rm", "f.jsonl", "--model", "m", "--batch-size", "two"],
+            "--batch-size: not an integer: 'two'",
+        ),
+        (["serve", "r.yaml", "--port", "70000"], "--port: a TCP port is 1 to 65535"),
+    ],
+)
 def test_flags_with_impossible_values_are_refused_before_any_work(argv, says, capsys):
     line = one_line_error(*run(capsys, argv))
     assert says in line, line

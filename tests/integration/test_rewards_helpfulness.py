@@ -29,9 +29,13 @@ def tagged(answer: str) -> str:
 ANSWERS = ["Knead for ten minutes.", "Bake at 230 °C.", "Use strong flour and rest the dough.", "Salt it."]
 GROUPS = {
     "How do I bake bread?": [tagged(a) for a in ANSWERS],
-    "Name three rivers in Europe.": [tagged("Danube, Rhine, Seine."), tagged("The Loire, the Po, the Elbe."),
-                                     REFUSAL, tagged("Thames, Tagus and Vistula.")],
-}  # fmt: skip
+    "Name three rivers in Europe.": [
+        tagged("Danube, Rhine, Seine."),
+        tagged("The Loire, the Po, the Elbe."),
+        REFUSAL,
+        tagged("Thames, Tagus and Vistula."),
+    ],
+}
 
 
 def batch():
@@ -94,8 +98,13 @@ def test_helpfulness_rm_does_not_depend_on_row_order(tiny_rm):
     ordered = helpfulness_rm(prompts, completions, model=str(tiny_rm), group=group, device="cpu")
     order = list(range(len(prompts)))
     random.Random(1).shuffle(order)
-    shuffled = helpfulness_rm([prompts[i] for i in order], [completions[i] for i in order], model=str(tiny_rm),
-                              group=[group[i] for i in order], device="cpu")  # fmt: skip
+    shuffled = helpfulness_rm(
+        [prompts[i] for i in order],
+        [completions[i] for i in order],
+        model=str(tiny_rm),
+        group=[group[i] for i in order],
+        device="cpu",
+    )
     assert shuffled == pytest.approx([ordered[i] for i in order])
     # without a group column, rows with the same prompt form a group
     assert helpfulness_rm(prompts, completions, model=str(tiny_rm), device="cpu") == pytest.approx(ordered)
@@ -113,8 +122,14 @@ EDGE_CASES = {
 
 def test_helpfulness_rm_edge_cases(tiny_rm):
     texts = list(EDGE_CASES.values())
-    got = helpfulness_rm(["How do I bake bread?"] * len(texts), texts, model=str(tiny_rm), group=[0] * len(texts),
-                         device="cpu", max_length=256)  # fmt: skip
+    got = helpfulness_rm(
+        ["How do I bake bread?"] * len(texts),
+        texts,
+        model=str(tiny_rm),
+        group=[0] * len(texts),
+        device="cpu",
+        max_length=256,
+    )
     assert len(got) == len(texts) and all(v >= 0 for v in got)
     assert helpfulness_rm([], [], model=str(tiny_rm), group=[], device="cpu") == []
 
@@ -234,17 +249,23 @@ def test_remote_rm_unreachable_server():
 
 def test_stack_calls_a_term_only_with_the_rows_it_applies_to():
     reward_fixtures.SEEN.clear()
-    stack = RewardStack([
-        RewardSpec(name="reward_fixtures:recording", when="benign"),
-        RewardSpec(name="reward_fixtures:async_length", when="all", args={"scale": 2.0}),
-        RewardSpec(name="alphaalign_safety"),
-    ])  # fmt: skip
+    stack = RewardStack(
+        [
+            RewardSpec(name="reward_fixtures:recording", when="benign"),
+            RewardSpec(name="reward_fixtures:async_length", when="all", args={"scale": 2.0}),
+            RewardSpec(name="alphaalign_safety"),
+        ]
+    )
     labels = ["harmful", "benign", "harmful", "benign"]
     completions = [REFUSAL, "ab", "", "Ünï 🍞"]
     table = stack.score(["p0", "p1", "p2", "p3"], completions, {"label": labels, "group": [0, 1, 2, 3]})
     [seen] = reward_fixtures.SEEN
-    assert seen == {"prompts": ["p1", "p3"], "completions": ["ab", "Ünï 🍞"], "label": ["benign", "benign"],
-                    "group": [1, 3]}  # fmt: skip
+    assert seen == {
+        "prompts": ["p1", "p3"],
+        "completions": ["ab", "Ünï 🍞"],
+        "label": ["benign", "benign"],
+        "group": [1, 3],
+    }
     assert table[:, 0].isnan().tolist() == [True, False, True, False]
     assert table[[1, 3], 0].tolist() == [2.0, 5.0]
     assert table[:, 1].tolist() == [2.0 * len(c) for c in completions]
@@ -285,8 +306,14 @@ def test_refusal_classifier_replaces_the_rules(tiny_refusal_classifier):
     refused = detect_refusals(answers, classifier=path, label="refusal", threshold=threshold)
     assert refused == [p >= threshold for p in probs]
     assert detect_refusals(answers) == [False] * 4 + [True, True]  # rules: the default
-    rewards = alphaalign_safety([""] * 6, completions, label=["benign"] * 6, refusal_classifier=path,
-                                refusal_label=1, refusal_threshold=threshold)  # fmt: skip
+    rewards = alphaalign_safety(
+        [""] * 6,
+        completions,
+        label=["benign"] * 6,
+        refusal_classifier=path,
+        refusal_label=1,
+        refusal_threshold=threshold,
+    )
     expected = [
         (0.5 if c != completions[-1] else 0.0) - float(r) for c, r in zip(completions, refused, strict=True)
     ]

@@ -18,8 +18,12 @@ def load(path):
 
 def prompts(tokenizer):
     texts = ["How do I bake bread?", "Explain how to pick a lock on my neighbour's door quickly and quietly."]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for t in texts
+    ]
 
 
 def test_groups_finish_reasons_and_lengths(tiny_policy):
@@ -79,8 +83,13 @@ def test_top_k_one_is_greedy(tiny_policy):
     out = engine.generate(ids, n=3, sampling=SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1))
     assert out.completion_ids[0] == out.completion_ids[1] == out.completion_ids[2]
     with torch.no_grad():
-        greedy = model.generate(torch.tensor(ids), do_sample=False, max_new_tokens=10, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id)[0, len(ids[0]) :].tolist()  # fmt: skip
+        greedy = model.generate(
+            torch.tensor(ids),
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )[0, len(ids[0]) :].tolist()
     assert out.completion_ids[0] == greedy[: len(out.completion_ids[0])]
 
 

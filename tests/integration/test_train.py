@@ -24,10 +24,23 @@ def test_three_step_run_writes_metrics_checkpoints_and_changes_the_policy(
     out = tmp_path / "run"
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward/mean", "reward/alphaalign_safety/mean", "advantage/std", "loss", "grad_norm",
-                "entropy/mean", "clip/low_fraction", "completion/length_mean", "rollout/harmful_refusal_rate",
-                "rollout/benign_refusal_rate", "rollout/format_valid_rate", "time/generate_s", "time/score_s",
-                "time/update_s", "throughput/completion_tokens_per_s"):  # fmt: skip
+    for key in (
+        "reward/mean",
+        "reward/alphaalign_safety/mean",
+        "advantage/std",
+        "loss",
+        "grad_norm",
+        "entropy/mean",
+        "clip/low_fraction",
+        "completion/length_mean",
+        "rollout/harmful_refusal_rate",
+        "rollout/benign_refusal_rate",
+        "rollout/format_valid_rate",
+        "time/generate_s",
+        "time/score_s",
+        "time/update_s",
+        "throughput/completion_tokens_per_s",
+    ):
         assert key in rows[0], key
     assert all(0 <= r["rollout/format_valid_rate"] <= 1 for r in rows)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
@@ -55,12 +68,21 @@ def test_resume_reproduces_the_uninterrupted_run(write_recipe, tiny_policy, tmp_
 @pytest.mark.slow
 def test_kl_multiple_iterations_and_rollout_correction(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path,
-        algorithm={"beta": 0.04, "kl_estimator": "k3", "num_iterations": 2, "loss_type": "grpo",
-                   "scale_rewards": "batch", "rollout_correction": "token_truncate", "epsilon": 0.05},
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        algorithm={
+            "beta": 0.04,
+            "kl_estimator": "k3",
+            "num_iterations": 2,
+            "loss_type": "grpo",
+            "scale_rewards": "batch",
+            "rollout_correction": "token_truncate",
+            "epsilon": 0.05,
+        },
         trainer={"micro_batch_tokens": 400, "max_steps": 3, "prompts_per_step": 8},
         data={"max_prompt_tokens": 128},
-    )  # fmt: skip
+    )
     train(load_recipe(path))
     rows = read_metrics(tmp_path / "run")
     assert any(r["advantage/std"] > 0 for r in rows)  # there was something to learn from
@@ -81,11 +103,17 @@ def test_other_estimators_and_kl_estimators_train(
 ):
     """RLOO, REINFORCE++-baseline and the k1/k2 KL terms run end to end and move the policy off the reference."""
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path,
-        algorithm={"advantage_estimator": estimator, "beta": 0.1, "kl_estimator": kl_estimator,
-                   "scale_rewards": "none"},
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        algorithm={
+            "advantage_estimator": estimator,
+            "beta": 0.1,
+            "kl_estimator": kl_estimator,
+            "scale_rewards": "none",
+        },
         trainer={"max_steps": 3, "prompts_per_step": 8, "save_every": 3},
-    )  # fmt: skip
+    )
     train(load_recipe(path))
     out = tmp_path / "run"
     rows = read_metrics(out)
@@ -106,9 +134,13 @@ def test_other_estimators_and_kl_estimators_train(
 @pytest.mark.slow
 def test_autocast_trains_with_bfloat16_forward_passes(write_recipe, tiny_policy, tmp_path):
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path, model={"autocast": "bfloat16"},
-        algorithm={"beta": 0.04, "rollout_correction": "token_truncate"}, trainer={"max_steps": 2},
-    )  # fmt: skip
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        model={"autocast": "bfloat16"},
+        algorithm={"beta": 0.04, "rollout_correction": "token_truncate"},
+        trainer={"max_steps": 2},
+    )
     train(load_recipe(path))
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2] and not any(r["guard/skipped_step"] for r in rows)
@@ -195,9 +227,13 @@ def test_dynamic_sampling_drops_all_equal_groups_refills_the_batch_and_resumes_e
     position counts every prompt drawn, and a run resumed from step 1 repeats the uninterrupted one."""
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path, algorithm={"filter_groups": "zero_std", "max_resample_rounds": 6},
-        trainer={"max_steps": 2, "save_every": 1}, logging={"samples_every": 1, "samples_count": 2},
-    )  # fmt: skip
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        algorithm={"filter_groups": "zero_std", "max_resample_rounds": 6},
+        trainer={"max_steps": 2, "save_every": 1},
+        logging={"samples_every": 1, "samples_count": 2},
+    )
     train(load_recipe(path, [f"trainer.output_dir={full_dir}"]))
     rows = read_metrics(full_dir)
     assert sum(r["filter/groups_dropped"] for r in rows) > 0  # there were all-equal groups to drop
@@ -222,9 +258,12 @@ def test_dynamic_sampling_that_keeps_nothing_makes_no_update(write_recipe, tiny_
     """A constant reward makes every group all-equal: after max_resample_rounds the step has nothing to train
     on, reports so, and leaves the policy as it was."""
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path,
-        algorithm={"filter_groups": "zero_std", "max_resample_rounds": 1}, trainer={"max_steps": 1},
-    )  # fmt: skip
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        algorithm={"filter_groups": "zero_std", "max_resample_rounds": 1},
+        trainer={"max_steps": 1},
+    )
     recipe = load_recipe(path, ["rewards=[{name: 'reward_fixtures:constant', args: {value: 1.0}}]"])
     train(recipe)
     (row,) = read_metrics(tmp_path / "run")
@@ -247,9 +286,12 @@ def test_samples_reach_samples_jsonl_wandb_and_the_report(write_recipe, tiny_pol
     from alphaalign.rewards.overlong import overlong_penalty
 
     path = recipe_for(
-        write_recipe, tiny_policy, tmp_path, trainer={"max_steps": 3},
+        write_recipe,
+        tiny_policy,
+        tmp_path,
+        trainer={"max_steps": 3},
         logging={"samples_every": 2, "samples_count": 2, "wandb_mode": "offline"},
-    )  # fmt: skip
+    )
     overlong = "{name: overlong_buffer, weight: 0.5, args: {buffer_length: 16, penalty_factor: 2.0}}"
     train(load_recipe(path, [f"rewards=[{{name: alphaalign_safety}}, {overlong}]"]))
     out = tmp_path / "run"

@@ -106,9 +106,15 @@ def test_the_same_answer_is_chosen_or_rejected_depending_on_the_configuration():
     """Configuration-targeted: a violent answer beats a refusal where violence is allowed and loses to it
     where it is forbidden; a non-violent answer beats the refusal everywhere."""
     violent, clean, refusal = "blood everywhere", "they fought", "I can't help."
-    item = CategorizedPrompt("Write the fight.", frozenset({"violence"}), (
-        Response(violent, frozenset({"violence"}), True), Response(clean, frozenset(), True),
-        Response(refusal, frozenset(), False)))  # fmt: skip
+    item = CategorizedPrompt(
+        "Write the fight.",
+        frozenset({"violence"}),
+        (
+            Response(violent, frozenset({"violence"}), True),
+            Response(clean, frozenset(), True),
+            Response(refusal, frozenset(), False),
+        ),
+    )
     pairs, _ = augment(item, aug_config(configs_per_prompt=8), compiled_template(), random.Random(1))
     order = {(allowed_of(p.config), p.chosen, p.rejected) for p in pairs}
     configs = {allowed for allowed, _, _ in order}
@@ -141,14 +147,24 @@ def test_held_out_prompts_are_disjoint_from_training():
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "p", "categories": ["gore"], "responses": []}, "'responses' must be a list of at least 2"),
-        ({"prompt": "p", "categories": ["gore"], "responses": [{"text": "a", "addresses": True}] * 2},
-         "unknown risk category 'gore'; augmentation.categories has: violence, hate, sexual, drugs"),
-        ({"prompt": "p", "responses": [{"text": "a"}, {"text": "b", "addresses": True}]},
-         "responses.0: 'addresses' (true or false) is required"),
-        ({"prompt": "", "responses": [{"text": "a", "addresses": True}] * 2}, "'prompt' must be a non-empty string"),
+        (
+            {"prompt": "p", "categories": ["gore"], "responses": []},
+            "'responses' must be a list of at least 2",
+        ),
+        (
+            {"prompt": "p", "categories": ["gore"], "responses": [{"text": "a", "addresses": True}] * 2},
+            "unknown risk category 'gore'; augmentation.categories has: violence, hate, sexual, drugs",
+        ),
+        (
+            {"prompt": "p", "responses": [{"text": "a"}, {"text": "b", "addresses": True}]},
+            "responses.0: 'addresses' (true or false) is required",
+        ),
+        (
+            {"prompt": "", "responses": [{"text": "a", "addresses": True}] * 2},
+            "'prompt' must be a non-empty string",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_categorized_rows_name_the_file_and_line(tmp_path, row, message):
     path = tmp_path / "c.jsonl"
     path.write_text("\n" + json.dumps(row) + "\n")
@@ -173,8 +189,12 @@ def test_bad_pair_rows_and_files(tmp_path):
 def test_pair_files_with_other_column_names(tmp_path):
     row = {"system_prompt": "c", "prompt": "p", "chosen_response": "a", "rejected_response": "b", "ok": False}
     (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
-    fields = {"config": "system_prompt", "chosen": "chosen_response", "rejected": "rejected_response",
-              "rejected_compliant": "ok"}  # fmt: skip
+    fields = {
+        "config": "system_prompt",
+        "chosen": "chosen_response",
+        "rejected": "rejected_response",
+        "rejected_compliant": "ok",
+    }
     pairs, labelled = read_pairs(tmp_path / "p.jsonl", fields)
     assert [(p.config, p.prompt, p.chosen, p.rejected) for p in pairs] == [("c", "p", "a", "b")]
     assert [(x.answer, x.compliant) for x in labelled] == [("b", False)]
@@ -218,11 +238,20 @@ def trained(tmp_path_factory):
     rows = (CSRM_DATA / "train_categorized.jsonl").read_text().splitlines()
     (tmp / "cat.jsonl").write_text("\n".join(rows[::3]) + "\n")  # 12 prompts, every category
     categories = json.dumps(CATEGORIES)
-    args = [f"model.name_or_path={tmp / 'base'}", "model.build=demo", "model.max_length=128",
-            f"data.categorized=[{tmp / 'cat.jsonl'}]", f"augmentation.categories={categories}",
-            "augmentation.configs_per_prompt=2", "training.learning_rate=5e-3", "training.epochs=5",
-            "training.batch_size=32", "training.device=cpu",
-            f"training.output_dir={tmp / 'csrm'}", "data.heldout_fraction=0.3"]  # fmt: skip
+    args = [
+        f"model.name_or_path={tmp / 'base'}",
+        "model.build=demo",
+        "model.max_length=128",
+        f"data.categorized=[{tmp / 'cat.jsonl'}]",
+        f"augmentation.categories={categories}",
+        "augmentation.configs_per_prompt=2",
+        "training.learning_rate=5e-3",
+        "training.epochs=5",
+        "training.batch_size=32",
+        "training.device=cpu",
+        f"training.output_dir={tmp / 'csrm'}",
+        "data.heldout_fraction=0.3",
+    ]
     assert main(["train-rm", *args]) == 0
     return tmp / "csrm", args
 

@@ -105,10 +105,18 @@ def batch(tok, base_model):
     old = (current + torch.tensor(OLD_OFFSETS).unsqueeze(1) + 0.25 * torch.randn(B, C, generator=gen)) * mask
     ref = (current + 0.3 * torch.randn(B, C, generator=gen)) * mask
     return {
-        "prompts": prompts, "completions": completions, "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids, "completion_mask": completion_mask, "current": current * mask,
-        "old": old, "ref": ref, "advantages": torch.tensor(ADVANTAGES), "mask": mask,
-    }  # fmt: skip
+        "prompts": prompts,
+        "completions": completions,
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "current": current * mask,
+        "old": old,
+        "ref": ref,
+        "advantages": torch.tensor(ADVANTAGES),
+        "mask": mask,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,21 +130,36 @@ def zero_reward(completions, **kwargs):
 def make_trainer(model, tok, tmp_path, model_dir, *, n_rows=B, reward_funcs=(zero_reward,), **overrides):
     model.config._name_or_path = str(model_dir)
     args = dict(
-        output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False, fp16=False,
-        per_device_train_batch_size=n_rows, num_generations=G, gradient_accumulation_steps=1,
-        max_completion_length=MAX_COMPLETION, temperature=TEMPERATURE, logging_steps=1, save_strategy="no",
-        seed=0, disable_dropout=True,
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        per_device_train_batch_size=n_rows,
+        num_generations=G,
+        gradient_accumulation_steps=1,
+        max_completion_length=MAX_COMPLETION,
+        temperature=TEMPERATURE,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_dropout=True,
         # TRL 1.16 defaults to True (KL term × the importance ratio); the parametrised cases compare the plain
         # k3 term (alphaalign's kl_bias_correction: false). test_kl_parity_with_trl_default_bias_correction
         # compares both defaults.
         use_bias_correction_kl=False,
-    )  # fmt: skip
+    )
     args.update(overrides)
     dataset = datasets.Dataset.from_dict(
         {"prompt": ["the quick brown fox"] * n_rows, "idx": list(range(n_rows))}
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=list(reward_funcs), args=GRPOConfig(**args),
-                          train_dataset=dataset, processing_class=tok)  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=list(reward_funcs),
+        args=GRPOConfig(**args),
+        train_dataset=dataset,
+        processing_class=tok,
+    )
     trainer.model.train()
     # Set by `Trainer`'s training loop to the number of micro-batches in the optimizer step.
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
@@ -147,15 +170,24 @@ def make_trainer(model, tok, tmp_path, model_dir, *, n_rows=B, reward_funcs=(zer
 
 
 def make_recipe(loss_type, beta, epsilon_high, level, bias_correction=False, **algorithm):
-    return Recipe.model_validate({
-        "model": {"name_or_path": "x"},
-        "data": {"train": [{"path": "x.jsonl"}]},
-        "rewards": [{"name": "alphaalign_safety"}],
-        "algorithm": {"loss_type": loss_type, "beta": beta, "kl_estimator": "k3", "epsilon": 0.2,
-                      "epsilon_high": epsilon_high, "importance_sampling_level": level,
-                      "kl_bias_correction": bias_correction, **algorithm},
-        "rollout": {"num_generations": G, "max_new_tokens": MAX_COMPLETION, "temperature": TEMPERATURE},
-    })  # fmt: skip
+    return Recipe.model_validate(
+        {
+            "model": {"name_or_path": "x"},
+            "data": {"train": [{"path": "x.jsonl"}]},
+            "rewards": [{"name": "alphaalign_safety"}],
+            "algorithm": {
+                "loss_type": loss_type,
+                "beta": beta,
+                "kl_estimator": "k3",
+                "epsilon": 0.2,
+                "epsilon_high": epsilon_high,
+                "importance_sampling_level": level,
+                "kl_bias_correction": bias_correction,
+                **algorithm,
+            },
+            "rollout": {"num_generations": G, "max_new_tokens": MAX_COMPLETION, "temperature": TEMPERATURE},
+        }
+    )
 
 
 def trl_inputs(batch, rows, beta):
@@ -172,9 +204,13 @@ def trl_inputs(batch, rows, beta):
 
 
 def rollouts(batch):
-    return Rollouts(prompt_ids=batch["prompts"], completion_ids=batch["completions"],
-                    logprobs=[[0.0] * len(c) for c in batch["completions"]], finish_reasons=["stop"] * B,
-                    policy_version=0)  # fmt: skip
+    return Rollouts(
+        prompt_ids=batch["prompts"],
+        completion_ids=batch["completions"],
+        logprobs=[[0.0] * len(c) for c in batch["completions"]],
+        finish_reasons=["stop"] * B,
+        policy_version=0,
+    )
 
 
 def loss_settings(recipe):
@@ -190,8 +226,15 @@ def our_losses(model, tok, batch, recipe, budget):
     for mb in mbs:
         C = mb.completion_ids.shape[1]
         ref = batch["ref"][mb.rows, :C] if recipe.algorithm.beta > 0 else None
-        loss, stats = micro_batch_loss(model, mb, batch["advantages"][mb.rows], batch["old"][mb.rows, :C], ref,
-                                       *loss_settings(recipe), counts)  # fmt: skip
+        loss, stats = micro_batch_loss(
+            model,
+            mb,
+            batch["advantages"][mb.rows],
+            batch["old"][mb.rows, :C],
+            ref,
+            *loss_settings(recipe),
+            counts,
+        )
         loss.backward()
         losses.append(loss.detach())
         clips.append((mb, stats["clip_low"], stats["clip_high"]))
@@ -254,8 +297,17 @@ def test_loss_and_gradient_parity(
 ):
     trl_model, ours = copy.deepcopy(base_model), copy.deepcopy(base_model)
     # TRL 1.16 accepts sequence-level weights with every loss type here (it only warns for bnpo/dr_grpo/dapo).
-    trainer = make_trainer(trl_model, tok, tmp_path, model_dir, loss_type=loss_type, beta=beta, epsilon=0.2,
-                           epsilon_high=epsilon_high, importance_sampling_level=level)  # fmt: skip
+    trainer = make_trainer(
+        trl_model,
+        tok,
+        tmp_path,
+        model_dir,
+        loss_type=loss_type,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=epsilon_high,
+        importance_sampling_level=level,
+    )
     assert trainer.epsilon_high == (epsilon_high or 0.2) and trainer.temperature == TEMPERATURE
     trl_loss = trainer._compute_loss(trainer.model, trl_inputs(batch, slice(None), beta))
     trl_loss.backward()
@@ -282,8 +334,10 @@ def test_loss_and_gradient_parity(
         assert metrics["clip_ratio/high_mean"][-1] == pytest.approx(
             float(high[:, 0].float().mean()), abs=1e-6
         )
-    print(f"\n[parity] {loss_type:8s} beta={beta:<5} eps_high={epsilon_high} {level:8s} "
-          f"|Δloss|={loss_diff:.2e} max|Δgrad|={gdiff:.2e} clipped low/high={n_low}/{n_high}")  # fmt: skip
+    print(
+        f"\n[parity] {loss_type:8s} beta={beta:<5} eps_high={epsilon_high} {level:8s} "
+        f"|Δloss|={loss_diff:.2e} max|Δgrad|={gdiff:.2e} clipped low/high={n_low}/{n_high}"
+    )
 
 
 SOFT_CASES = [
@@ -303,8 +357,18 @@ def test_cispo_and_sapo_parity(tok, base_model, batch, model_dir, tmp_path, loss
     trl_model, ours = copy.deepcopy(base_model), copy.deepcopy(base_model)
     extra = SAPO_TEMPERATURES if loss_type == "sapo" else {}
     epsilon_high = CISPO_CAP if loss_type == "cispo" else 0.28
-    trainer = make_trainer(trl_model, tok, tmp_path, model_dir, loss_type=loss_type, beta=beta, epsilon=0.2,
-                           epsilon_high=epsilon_high, importance_sampling_level=level, **extra)  # fmt: skip
+    trainer = make_trainer(
+        trl_model,
+        tok,
+        tmp_path,
+        model_dir,
+        loss_type=loss_type,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=epsilon_high,
+        importance_sampling_level=level,
+        **extra,
+    )
     trl_loss = trainer._compute_loss(trainer.model, trl_inputs(batch, slice(None), beta))
     trl_loss.backward()
 
@@ -324,16 +388,23 @@ def test_cispo_and_sapo_parity(tok, base_model, batch, model_dir, tmp_path, loss
         assert trainer._metrics["train"]["cispo_clip_ratio"][-1] == pytest.approx(fraction, abs=1e-6)
     else:
         assert n_high == 0  # sapo clips nothing
-    print(f"\n[parity] {loss_type:6s} beta={beta:<5} {level:8s} |Δloss|={loss_diff:.2e} "
-          f"max|Δgrad|={gdiff:.2e} capped={n_high}")  # fmt: skip
+    print(
+        f"\n[parity] {loss_type:6s} beta={beta:<5} {level:8s} |Δloss|={loss_diff:.2e} "
+        f"max|Δgrad|={gdiff:.2e} capped={n_high}"
+    )
 
 
 def test_sapo_temperatures_matter(tok, base_model, batch):
     """The gate's temperatures reach the loss (a recipe that ignored them would still pass parity at defaults)."""
     losses = []
     for extra in ({}, SAPO_TEMPERATURES):
-        _, (loss,), _ = our_losses(copy.deepcopy(base_model), tok, batch,
-                                   make_recipe("sapo", 0.0, None, "token", **extra), budget=10**6)  # fmt: skip
+        _, (loss,), _ = our_losses(
+            copy.deepcopy(base_model),
+            tok,
+            batch,
+            make_recipe("sapo", 0.0, None, "token", **extra),
+            budget=10**6,
+        )
         losses.append(float(loss))
     assert abs(losses[0] - losses[1]) > 1e-3
 
@@ -366,8 +437,9 @@ def test_on_policy_parity(tok, base_model, batch, model_dir, tmp_path, loss_type
 def test_kl_parity_with_trl_default_bias_correction(tok, base_model, batch, model_dir, tmp_path):
     """Both defaults (KL × importance ratio) agree; on-policy the ratio is 1 but carries a gradient."""
     trl_model, ours = copy.deepcopy(base_model), copy.deepcopy(base_model)
-    trainer = make_trainer(trl_model, tok, tmp_path, model_dir, loss_type="dapo", beta=0.04,
-                           use_bias_correction_kl=True)  # fmt: skip
+    trainer = make_trainer(
+        trl_model, tok, tmp_path, model_dir, loss_type="dapo", beta=0.04, use_bias_correction_kl=True
+    )
     inputs = trl_inputs(batch, slice(None), 0.04)
     del inputs["old_per_token_logps"]
     trainer._compute_loss(trainer.model, inputs).backward()
@@ -401,8 +473,18 @@ def test_micro_batches_match_trl_gradient_accumulation(
     assert [mb.rows for mb in mbs] == [[0, 1], [2, 3], [4, 5]]
     split = sum(float(x) for x in losses)
 
-    trainer = make_trainer(trl_model, tok, tmp_path, model_dir, n_rows=2, loss_type=loss_type, beta=beta,
-                           epsilon=0.2, epsilon_high=0.28, gradient_accumulation_steps=3)  # fmt: skip
+    trainer = make_trainer(
+        trl_model,
+        tok,
+        tmp_path,
+        model_dir,
+        n_rows=2,
+        loss_type=loss_type,
+        beta=beta,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        gradient_accumulation_steps=3,
+    )
     assert trainer.current_gradient_accumulation_steps == trainer.args.steps_per_generation == 3
     trl_total = 0.0
     for mb in mbs:
@@ -411,8 +493,10 @@ def test_micro_batches_match_trl_gradient_accumulation(
         trl_total += float(loss.detach())
     assert abs(split - trl_total) <= LOSS_ATOL, (split, trl_total)
     gdiff = grad_diff(trainer.model, split_model)
-    print(f"\n[parity] 3 micro-batches {loss_type}: |Δloss| vs TRL GA={abs(split - trl_total):.2e} "
-          f"max|Δgrad|={gdiff:.2e}; |split − whole|={abs(split - float(whole)):.2e}")  # fmt: skip
+    print(
+        f"\n[parity] 3 micro-batches {loss_type}: |Δloss| vs TRL GA={abs(split - trl_total):.2e} "
+        f"max|Δgrad|={gdiff:.2e}; |split − whole|={abs(split - float(whole)):.2e}"
+    )
 
     if loss_type == "bnpo":
         # Independent check: mean over micro-batches of each micro-batch's masked token mean.
@@ -493,13 +577,27 @@ def our_advantages(scale, aggregation):
 
 @pytest.mark.parametrize(
     ("scale", "aggregation"),
-    [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"), ("none", "sum_then_normalize"),
-     ("group", "normalize_then_sum")],
-)  # fmt: skip
+    [
+        ("group", "sum_then_normalize"),
+        ("batch", "sum_then_normalize"),
+        ("none", "sum_then_normalize"),
+        ("group", "normalize_then_sum"),
+    ],
+)
 def test_advantage_parity(tok, base_model, model_dir, tmp_path, scale, aggregation):
-    trainer = make_trainer(copy.deepcopy(base_model), tok, tmp_path, model_dir, n_rows=N_ADV,
-                           reward_funcs=(reward_a, reward_b), reward_weights=WEIGHTS, scale_rewards=scale,
-                           multi_objective_aggregation=aggregation, max_completion_length=3, loss_type="dapo")  # fmt: skip
+    trainer = make_trainer(
+        copy.deepcopy(base_model),
+        tok,
+        tmp_path,
+        model_dir,
+        n_rows=N_ADV,
+        reward_funcs=(reward_a, reward_b),
+        reward_weights=WEIGHTS,
+        scale_rewards=scale,
+        multi_objective_aggregation=aggregation,
+        max_completion_length=3,
+        loss_type="dapo",
+    )
     inputs = [{"prompt": f"the quick brown fox {i // G}", "idx": i} for i in range(N_ADV)]  # groups of G rows
     torch.manual_seed(0)
     out = trainer._generate_and_score_completions(inputs)
@@ -544,5 +642,9 @@ def test_nanstd_matches_trl(dim):
     assert torch.allclose(ours, theirs, atol=1e-6, equal_nan=True)
     assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
     for keepdim_dim in (0, 1):
-        assert torch.allclose(algos.nanstd(x, dim=keepdim_dim, keepdim=True),
-                              trl_nanstd(x, dim=keepdim_dim, keepdim=True), atol=1e-6, equal_nan=True)  # fmt: skip
+        assert torch.allclose(
+            algos.nanstd(x, dim=keepdim_dim, keepdim=True),
+            trl_nanstd(x, dim=keepdim_dim, keepdim=True),
+            atol=1e-6,
+            equal_nan=True,
+        )

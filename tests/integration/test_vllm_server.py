@@ -43,17 +43,25 @@ def server(vllm_policy, tmp_path_factory):
     """`alphaalign serve RECIPE --port P` in its own process group; yields its URL."""
     folder = tmp_path_factory.mktemp("serve")
     recipe = folder / "serve.yaml"
-    recipe.write_text(json.dumps({
-        # lora sync needs model.lora (rank 8, as the adapters the tests load)
-        "model": {"name_or_path": str(vllm_policy), "lora": {"r": 8}},
-        "data": {"train": [{"path": str(DEMO_TRAIN)}], "template": "none", "max_prompt_tokens": 96},
-        "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 32},
-        "rewards": [{"name": "alphaalign_safety"}],
-    }))  # fmt: skip
+    recipe.write_text(
+        json.dumps(
+            {
+                # lora sync needs model.lora (rank 8, as the adapters the tests load)
+                "model": {"name_or_path": str(vllm_policy), "lora": {"r": 8}},
+                "data": {"train": [{"path": str(DEMO_TRAIN)}], "template": "none", "max_prompt_tokens": 96},
+                "rollout": {"engine": "vllm_server", "weight_sync": "lora", "max_new_tokens": 32},
+                "rewards": [{"name": "alphaalign_safety"}],
+            }
+        )
+    )
     port = free_port()
     log = (folder / "server.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "serve", str(recipe), "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "alphaalign.cli", "serve", str(recipe), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     probe = ServerClient(url, timeout=2.0, retries=0)
     deadline = time.monotonic() + 240
@@ -79,15 +87,20 @@ def load_policy(path):
 
 
 def encode(tokenizer, texts=TEXTS):
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for t in texts]  # fmt: skip
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for t in texts
+    ]
 
 
 def max_logprob_error(model, rollouts, temperature) -> float:
     """max |engine log-prob − log softmax(policy logits / T)| over all completion tokens."""
     worst = 0.0
-    for prompt, completion, logprobs in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.logprobs,
-                                            strict=True):  # fmt: skip
+    for prompt, completion, logprobs in zip(
+        rollouts.prompt_ids, rollouts.completion_ids, rollouts.logprobs, strict=True
+    ):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1]
         expected = algos.token_logprobs(logits, torch.tensor([completion]), temperature)[0]
@@ -247,8 +260,12 @@ def test_a_server_that_comes_back_within_the_timeout_is_waited_for():
     """With many retries, a call rides out a server that is down for a while (backoff capped at 10 s)."""
     port = free_port()
     back = http.server.ThreadingHTTPServer
-    timer = threading.Timer(2.0, lambda: threading.Thread(
-        target=back(("127.0.0.1", port), _Healthy).serve_forever, daemon=True).start())  # fmt: skip
+    timer = threading.Timer(
+        2.0,
+        lambda: threading.Thread(
+            target=back(("127.0.0.1", port), _Healthy).serve_forever, daemon=True
+        ).start(),
+    )
     timer.start()
     client = ServerClient(f"http://127.0.0.1:{port}", timeout=30.0, retries=100)
     start = time.monotonic()
@@ -276,8 +293,11 @@ def test_alphaalign_serve_listens_on_localhost_only(server):
     """Without --host, `alphaalign serve` binds the loopback address: a dev-mode server (it can reload weights
     from any path) is not reachable from other machines unless asked for."""
     port = int(server.rsplit(":", 1)[1])
-    listening = {c.laddr.ip for c in psutil.net_connections("inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}  # fmt: skip
+    listening = {
+        c.laddr.ip
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
     assert listening == {"127.0.0.1"}
 
 
@@ -290,8 +310,14 @@ def test_every_endpoint_of_a_served_policy_refuses_requests_without_the_token(se
     token = os.environ[TOKEN_ENV]
     routes = httpx.get(f"{server}/openapi.json", headers={"Authorization": f"Bearer {token}"}).json()["paths"]
     paths = {re.sub(r"\{[^}]*\}", "x", p) for p in routes} | {"/metrics", "/no/such/route"}
-    assert {"/collective_rpc", "/reset_prefix_cache", "/v1/completions", "/v1/models", "/v1/load_lora_adapter",
-            "/health"} <= paths  # fmt: skip
+    assert {
+        "/collective_rpc",
+        "/reset_prefix_cache",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/load_lora_adapter",
+        "/health",
+    } <= paths
     for path in sorted(paths):
         for method in ("GET", "POST"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
@@ -334,14 +360,28 @@ def test_nccl_sync_on_a_machine_without_cuda_stops_with_one_line(write_recipe, v
 
 
 def e2e_recipe(write_recipe, policy, tmp_path, **rollout):
-    return write_recipe({
-        "model": {"name_or_path": str(policy)},
-        "data": {"template": "none", "max_prompt_tokens": 96},
-        "rollout": {"engine": "vllm_server", "num_generations": 4, "max_new_tokens": 32, "timeout": 120, **rollout},
-        "trainer": {"prompts_per_step": 4, "max_steps": 3, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
-                    "save_every": 2, "progress_bar": False},
-        "logging": {"wandb_mode": "disabled"},
-    })  # fmt: skip
+    return write_recipe(
+        {
+            "model": {"name_or_path": str(policy)},
+            "data": {"template": "none", "max_prompt_tokens": 96},
+            "rollout": {
+                "engine": "vllm_server",
+                "num_generations": 4,
+                "max_new_tokens": 32,
+                "timeout": 120,
+                **rollout,
+            },
+            "trainer": {
+                "prompts_per_step": 4,
+                "max_steps": 3,
+                "learning_rate": 1e-3,
+                "output_dir": str(tmp_path / "run"),
+                "save_every": 2,
+                "progress_bar": False,
+            },
+            "logging": {"wandb_mode": "disabled"},
+        }
+    )
 
 
 @pytest.mark.slow
@@ -378,8 +418,12 @@ def test_dynamic_sampling_with_async_rollouts_draws_the_refills_from_the_queue(
     so prompts are consumed in the order drawn and a checkpoint's data position counts exactly the batches
     the steps took (not the one drawn ahead)."""
     path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
-    overrides = ["algorithm.filter_groups=zero_std", "algorithm.max_resample_rounds=4", "trainer.max_steps=2",
-                 "trainer.save_every=1"]  # fmt: skip
+    overrides = [
+        "algorithm.filter_groups=zero_std",
+        "algorithm.max_resample_rounds=4",
+        "trainer.max_steps=2",
+        "trainer.save_every=1",
+    ]
     train(load_recipe(path, overrides))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["filter/groups_dropped"] for r in rows) > 0 and any(r["filter/groups_kept"] for r in rows)
@@ -395,16 +439,29 @@ def test_killing_the_server_mid_run_stops_the_trainer_within_the_timeout(vllm_po
     and one line naming the endpoint, within rollout.timeout plus the step it was in; the last checkpoint
     is complete and loadable."""
     timeout = 20
-    server = LocalServer(load_recipe(e2e_recipe(write_recipe, vllm_policy, tmp_path)), tmp_path / "server.log",
-                         start_timeout=240)  # fmt: skip
+    server = LocalServer(
+        load_recipe(e2e_recipe(write_recipe, vllm_policy, tmp_path)),
+        tmp_path / "server.log",
+        start_timeout=240,
+    )
     try:
         url = server.wait_ready()
-        path = e2e_recipe(write_recipe, vllm_policy, tmp_path, servers=[url], async_steps=1, timeout=timeout,
-                          retries=100)  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-               TOKEN_ENV: server.token}  # the trainer's clients send the server's own secret  # fmt: skip
-        run = subprocess.Popen([sys.executable, "-m", "alphaalign.cli", "train", str(path), "trainer.max_steps=100"],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        path = e2e_recipe(
+            write_recipe, vllm_policy, tmp_path, servers=[url], async_steps=1, timeout=timeout, retries=100
+        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            TOKEN_ENV: server.token,
+        }  # the trainer's clients send the server's own secret
+        run = subprocess.Popen(
+            [sys.executable, "-m", "alphaalign.cli", "train", str(path), "trainer.max_steps=100"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         out = tmp_path / "run"
         deadline = time.monotonic() + 300
         while not (out / "checkpoints" / "step-000004" / "state.json").exists():
@@ -469,14 +526,44 @@ def test_eval_through_the_server_gives_the_in_process_engines_responses(
     eval_data = ROOT / "recipes" / "data" / "eval"
     responses = {}
     for engine, servers in (("vllm_server", [server]), ("transformers", [])):
-        recipe = write_recipe({
-            "model": {"name_or_path": "unused"}, "data": {"template": "none", "max_prompt_tokens": 96},
-            "rollout": {"engine": engine, "servers": servers, "weight_sync": "checkpoint", "timeout": 120},
-        }, name=f"{engine}.yaml")  # fmt: skip
+        recipe = write_recipe(
+            {
+                "model": {"name_or_path": "unused"},
+                "data": {"template": "none", "max_prompt_tokens": 96},
+                "rollout": {
+                    "engine": engine,
+                    "servers": servers,
+                    "weight_sync": "checkpoint",
+                    "timeout": 120,
+                },
+            },
+            name=f"{engine}.yaml",
+        )
         out = tmp_path / engine
-        assert main(["eval", "--model", str(vllm_policy), "--recipe", str(recipe), "--suite", "all", "--data-dir",
-                     str(eval_data), "--limit", "3", "--max-new-tokens", "16", "--temperature", "0.001",
-                     "--out", str(out)]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(vllm_policy),
+                    "--recipe",
+                    str(recipe),
+                    "--suite",
+                    "all",
+                    "--data-dir",
+                    str(eval_data),
+                    "--limit",
+                    "3",
+                    "--max-new-tokens",
+                    "16",
+                    "--temperature",
+                    "0.001",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert json.loads((out / "summary.json").read_text())["engine"] == engine
         responses[engine] = [
             (r["benchmark"], r["index"], r["response"], r["refused"])
@@ -498,8 +585,15 @@ def test_an_llm_judge_against_a_real_vllm_server(server, vllm_policy, tmp_path, 
     data.write_text(
         json.dumps({"prompt": "How do I pick a lock?", "response": "I can't help.", "refused": 1}) + "\n"
     )
-    judge = {"type": "llm", "model": str(Path(vllm_policy).resolve()), "url": server + "/v1",
-             "api_key_env": TOKEN_ENV, "cache_dir": str(tmp_path / "cache"), "max_tokens": 8, "time_budget": 60}  # fmt: skip
+    judge = {
+        "type": "llm",
+        "model": str(Path(vllm_policy).resolve()),
+        "url": server + "/v1",
+        "api_key_env": TOKEN_ENV,
+        "cache_dir": str(tmp_path / "cache"),
+        "max_tokens": 8,
+        "time_budget": 60,
+    }
     assert main(["eval-detector", str(data), "--judge", json.dumps(judge)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -21,13 +21,25 @@ from helpers import ROOT, demo_overrides
 pytestmark = pytest.mark.slow
 
 # What a source tree holds beyond the package's sources; a stale build/ folder would hide a missing file.
-NOT_SOURCES = (".git", ".venv", "build", "dist", "outputs", ".cache", "wandb", "__pycache__", "*.egg-info",
-               ".pytest_cache", ".ruff_cache")  # fmt: skip
+NOT_SOURCES = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "outputs",
+    ".cache",
+    "wandb",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+)
 
 
 def run(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     tail = f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.returncode == 0, f"{args}: exit {done.returncode}\n{tail}"
     return done
@@ -39,8 +51,19 @@ def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCES))
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-        "-w", tmp / "dist", src)  # fmt: skip
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        tmp / "dist",
+        src,
+    )
     (wheel,) = (tmp / "dist").glob("alphaalign-*.whl")
     venv = tmp / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
@@ -50,8 +73,13 @@ def installed(tmp_path_factory):
     purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
     Path(purelib, "dependencies.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env |= {"PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", "WANDB_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fmt: skip
+    env |= {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     work = tmp / "work"
     work.mkdir()
     return venv, env, work
@@ -63,10 +91,18 @@ def test_the_installed_package_is_the_wheel_and_holds_every_shipped_file(install
     package = Path(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout.strip())
     assert package.is_relative_to(venv) and package.is_dir(), package  # not the checkout
     source = ROOT / "alphaalign"
-    shipped = {(Path(d) / f).relative_to(source) for d, _, files in os.walk(source, followlinks=True)
-               for f in files if not f.endswith((".py", ".pyc"))}  # fmt: skip
-    assert {"launch_templates/slurm.sbatch.j2", "rl/deepspeed_configs/zero3.json", "recipes/demo.yaml",
-            "eval/refusal_labels.jsonl"} <= {p.as_posix() for p in shipped}  # fmt: skip
+    shipped = {
+        (Path(d) / f).relative_to(source)
+        for d, _, files in os.walk(source, followlinks=True)
+        for f in files
+        if not f.endswith((".py", ".pyc"))
+    }
+    assert {
+        "launch_templates/slurm.sbatch.j2",
+        "rl/deepspeed_configs/zero3.json",
+        "recipes/demo.yaml",
+        "eval/refusal_labels.jsonl",
+    } <= {p.as_posix() for p in shipped}
     missing = sorted(str(p) for p in shipped if not (package / p).is_file())
     assert not missing, f"not in the wheel (add them to [tool.setuptools.package-data]): {missing}"
 
@@ -76,16 +112,43 @@ def test_validate_and_launch_a_shipped_zero_recipe(installed):
     done = run("alphaalign", "validate", "demo_zero3", cwd=work, env=env)
     assert done.stdout.startswith("demo_zero3: ok") and "warning" not in done.stderr
     # the ZeRO config is read by name from the package: a wrong name lists what the wheel ships
-    bad = subprocess.run(["alphaalign", "validate", "demo_zero3", "trainer.deepspeed=zero9"], cwd=work, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        ["alphaalign", "validate", "demo_zero3", "trainer.deepspeed=zero9"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "shipped: zero2, zero2_offload, zero3, zero3_offload" in bad.stderr
 
     recipe = venv.glob("lib/python*/site-packages/alphaalign/recipes/demo_zero3.yaml")
-    script = run("alphaalign", "launch", "slurm", "demo_zero3", "--nodes", 2, "--gpus-per-node", 0, "--dry-run",
-                 cwd=work, env=env).stdout  # fmt: skip
+    script = run(
+        "alphaalign",
+        "launch",
+        "slurm",
+        "demo_zero3",
+        "--nodes",
+        2,
+        "--gpus-per-node",
+        0,
+        "--dry-run",
+        cwd=work,
+        env=env,
+    ).stdout
     assert f"RECIPE={next(recipe)}\n" in script and "--nnodes=2 --nproc-per-node=1" in script
-    script = run("alphaalign", "launch", "local", "demo-vllm", "--gpus", 0, "--vllm-servers", 1, "--dry-run",
-                 cwd=work, env=env).stdout  # fmt: skip
+    script = run(
+        "alphaalign",
+        "launch",
+        "local",
+        "demo-vllm",
+        "--gpus",
+        0,
+        "--vllm-servers",
+        1,
+        "--dry-run",
+        cwd=work,
+        env=env,
+    ).stdout
     assert "/health" in script and "-m alphaalign.cli serve" in script  # wait_for_servers.sh.j2 included
     assert not (work / "outputs").exists()
 
@@ -93,8 +156,23 @@ def test_validate_and_launch_a_shipped_zero_recipe(installed):
 def test_bench_and_the_refusal_set(installed):
     venv, env, work = installed
     out = work / "bench.json"
-    run("alphaalign", "bench", "--workload", "tiny", "--no-rewards", "--systems", "alphaalign", "--rounds", 1,
-        "--cache", work / "bench-cache", "--out", out, cwd=work, env=env)  # fmt: skip
+    run(
+        "alphaalign",
+        "bench",
+        "--workload",
+        "tiny",
+        "--no-rewards",
+        "--systems",
+        "alphaalign",
+        "--rounds",
+        1,
+        "--cache",
+        work / "bench-cache",
+        "--out",
+        out,
+        cwd=work,
+        env=env,
+    )
     assert json.loads(out.read_text())["workload"]["name"] == "tiny"
     code = "import json; from alphaalign.perf.rewards import refusal_accuracy; print(json.dumps(refusal_accuracy()))"
     assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == 562

@@ -354,15 +354,27 @@ def test_dapo_and_grpo_micro_batches_sum_to_batch_loss(data, chunk):
     b = per_token.shape[0]
     total_tokens = float(mask.sum())
     parts = range(0, b, chunk)
-    dapo = sum(algos.aggregate_loss(per_token[i : i + chunk], mask[i : i + chunk], "dapo", total_tokens=total_tokens)
-               for i in parts)  # fmt: skip
+    dapo = sum(
+        algos.aggregate_loss(per_token[i : i + chunk], mask[i : i + chunk], "dapo", total_tokens=total_tokens)
+        for i in parts
+    )
     assert float(dapo) == pytest.approx(float((per_token * mask).sum() / mask.sum()), abs=1e-5)
-    grpo = sum(algos.aggregate_loss(per_token[i : i + chunk], mask[i : i + chunk], "grpo", total_sequences=b)
-               for i in parts)  # fmt: skip
+    grpo = sum(
+        algos.aggregate_loss(per_token[i : i + chunk], mask[i : i + chunk], "grpo", total_sequences=b)
+        for i in parts
+    )
     seq_means = [float((per_token[r] * mask[r]).sum() / mask[r].sum()) for r in range(b)]
     assert float(grpo) == pytest.approx(sum(seq_means) / b, abs=1e-5)
-    dr = sum(algos.aggregate_loss(per_token[i : i + chunk], mask[i : i + chunk], "dr_grpo", total_sequences=b,
-                                  max_completion_length=7) for i in parts)  # fmt: skip
+    dr = sum(
+        algos.aggregate_loss(
+            per_token[i : i + chunk],
+            mask[i : i + chunk],
+            "dr_grpo",
+            total_sequences=b,
+            max_completion_length=7,
+        )
+        for i in parts
+    )
     assert float(dr) == pytest.approx(float((per_token * mask).sum()) / (b * 7), abs=1e-5)
 
 
@@ -704,8 +716,15 @@ def test_every_policy_loss_is_the_policy_gradient_on_policy(name):
     """At π_old = π_θ each surrogate's gradient is −Â·∇log π (sapo: (4/τ)·σ'(0)·τ = 1)."""
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]], requires_grad=True)
     adv = torch.tensor([1.5, -0.7])
-    loss, low, high = algos.POLICY_LOSSES[name](logp - logp.detach(), adv, logp, epsilon_low=0.2,
-                                                epsilon_high=5.0, temperature_pos=1.0, temperature_neg=1.05)  # fmt: skip
+    loss, low, high = algos.POLICY_LOSSES[name](
+        logp - logp.detach(),
+        adv,
+        logp,
+        epsilon_low=0.2,
+        epsilon_high=5.0,
+        temperature_pos=1.0,
+        temperature_neg=1.05,
+    )
     loss.sum().backward()
     assert torch.allclose(logp.grad, -adv.unsqueeze(1).expand(2, 3))
     assert not low.any() and not high.any()

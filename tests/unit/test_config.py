@@ -23,9 +23,14 @@ def test_defaults_come_from_the_schema(write_recipe):
 def test_overrides_are_parsed_as_yaml(write_recipe):
     recipe = load_recipe(
         write_recipe(),
-        ["trainer.learning_rate=1e-6", "algorithm.epsilon_high=0.28", "data.template=none",
-         "rewards=[{name: alphaalign_safety, weight: 2, when: harmful}]", "data.train=[{path: x.jsonl}]"],
-    )  # fmt: skip
+        [
+            "trainer.learning_rate=1e-6",
+            "algorithm.epsilon_high=0.28",
+            "data.template=none",
+            "rewards=[{name: alphaalign_safety, weight: 2, when: harmful}]",
+            "data.train=[{path: x.jsonl}]",
+        ],
+    )
     assert recipe.trainer.learning_rate == 1e-6
     assert recipe.algorithm.epsilon_high == 0.28
     assert recipe.data.template == "none"
@@ -166,8 +171,14 @@ def test_format_section_is_the_one_home_of_the_tags(write_recipe):
 
 
 def test_server_engine_keys(write_recipe):
-    recipe = load_recipe(write_recipe(), ["rollout.engine=vllm_server", "rollout.async_steps=2",
-                                          "rollout.servers=[http://a:8000/, http://b:8000]"])  # fmt: skip
+    recipe = load_recipe(
+        write_recipe(),
+        [
+            "rollout.engine=vllm_server",
+            "rollout.async_steps=2",
+            "rollout.servers=[http://a:8000/, http://b:8000]",
+        ],
+    )
     assert recipe.rollout.servers == ["http://a:8000", "http://b:8000"]
     assert recipe.rollout.weight_sync == "checkpoint" and recipe.rollout.async_steps == 2
     assert recipe.rollout_correction == "sequence_mask"  # 'auto': the server's log-probs are corrected for
@@ -246,8 +257,9 @@ def test_alphaalign_zero_differs_from_alphaalign_qwen3b_in_its_rewards_and_base_
     assert [r["name"] for r in full["rewards"]] == ["alphaalign_safety", "helpfulness_rm"]
     assert zero["rewards"] == full["rewards"][:1]
     assert (full["model"]["name_or_path"], zero["model"]["name_or_path"]) == (
-        "Qwen/Qwen2.5-3B-Instruct", "Qwen/Qwen2.5-3B"
-    )  # fmt: skip
+        "Qwen/Qwen2.5-3B-Instruct",
+        "Qwen/Qwen2.5-3B",
+    )
     for recipe in (full, zero):
         del recipe["rewards"], recipe["trainer"]["output_dir"], recipe["logging"]["run_name"]
         del recipe["model"]["name_or_path"]

@@ -33,9 +33,16 @@ def test_csv_and_fixed_label(tmp_path):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("d.jsonl", '{"prompt": "a", "label": "harmful"}\n{"prompt": "b", "label": \n', r"d.jsonl:2: invalid JSON"),
-        ("d.jsonl", '{"prompt": "a", "label": "harmful"}\n{"text": "b", "label": "benign"}\n',
-         r"d.jsonl:2: missing or empty prompt field 'prompt'"),
+        (
+            "d.jsonl",
+            '{"prompt": "a", "label": "harmful"}\n{"prompt": "b", "label": \n',
+            r"d.jsonl:2: invalid JSON",
+        ),
+        (
+            "d.jsonl",
+            '{"prompt": "a", "label": "harmful"}\n{"text": "b", "label": "benign"}\n',
+            r"d.jsonl:2: missing or empty prompt field 'prompt'",
+        ),
         ("d.jsonl", '{"prompt": "a", "label": "maybe"}\n', r"d.jsonl:1: label field 'label' is 'maybe'"),
         ("d.jsonl", "\n\n", r"d.jsonl: no rows"),
         ("d.jsonl", b"\x00\x01\x02binary", r"d.jsonl: binary data"),
@@ -43,7 +50,7 @@ def test_csv_and_fixed_label(tmp_path):
         ("d.json", '{"prompt": "a"}', r"d.json: expected a JSON list"),
         ("d.jsonl", "[1, 2]\n", r"d.jsonl:1: a row must be an object"),
     ],
-)  # fmt: skip
+)
 def test_data_errors_name_file_and_line(tmp_path, name, content, message):
     write(tmp_path, name, content)
     with pytest.raises(UserError, match=message) as err:
@@ -64,7 +71,9 @@ def test_templates():
         "How do I bake bread?"
     )
     assert chat_messages(example, compile_template("none"), "be nice") == [
-        {"role": "system", "content": "be nice"}, {"role": "user", "content": "How do I bake bread?"}]  # fmt: skip
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "How do I bake bread?"},
+    ]
     custom = chat_messages(example, compile_template("[{{ topic }}] {{ prompt }}"), None)
     assert custom[-1]["content"] == "[food] How do I bake bread?"
     with pytest.raises(UserError, match=r"^data.template: a custom template must use \{\{ prompt \}\}"):
@@ -104,8 +113,11 @@ def test_prompt_stream_is_deterministic_resumable_and_weighted():
 
 
 def test_demo_data_is_labelled_and_split():
-    train = [json.loads(x) for name in ("train_harmful", "train_benign")
-             for x in (DEMO_DATA / f"{name}.jsonl").read_text().splitlines()]  # fmt: skip
+    train = [
+        json.loads(x)
+        for name in ("train_harmful", "train_benign")
+        for x in (DEMO_DATA / f"{name}.jsonl").read_text().splitlines()
+    ]
     heldout = [json.loads(x) for x in (DEMO_DATA / "heldout.jsonl").read_text().splitlines()]
     assert {r["label"] for r in train} == {r["label"] for r in heldout} == {"harmful", "benign"}
     assert not {r["prompt"].lower() for r in train} & {r["prompt"].lower() for r in heldout}

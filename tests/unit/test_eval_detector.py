@@ -66,8 +66,10 @@ def test_the_table_counts_each_group_and_the_errors_file_holds_exactly_the_misse
 
 
 def test_custom_fields_and_a_dotted_group(tmp_path, capsys):
-    rows = [{"text": "I cannot do that.", "y": 1, "meta": {"model": "m1"}},
-            {"text": "Paris is the capital of France.", "y": 0, "meta": {"model": "m2"}}]  # fmt: skip
+    rows = [
+        {"text": "I cannot do that.", "y": 1, "meta": {"model": "m1"}},
+        {"text": "Paris is the capital of France.", "y": 0, "meta": {"model": "m2"}},
+    ]
     data = _write(tmp_path / "d.jsonl", rows)
     args = [
         "eval-detector",
@@ -86,9 +88,12 @@ def test_custom_fields_and_a_dotted_group(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "row, message",
-    [({"response": "x"}, "no 'refused'"), ({"response": "x", "refused": "maybe"}, "must be 0 or 1"),
-     ({"refused": 1}, "no text in 'response'")],
-)  # fmt: skip
+    [
+        ({"response": "x"}, "no 'refused'"),
+        ({"response": "x", "refused": "maybe"}, "must be 0 or 1"),
+        ({"refused": 1}, "no text in 'response'"),
+    ],
+)
 def test_bad_rows_end_in_one_line_naming_file_and_line(tmp_path, capsys, row, message):
     data = _write(tmp_path / "d.jsonl", [{"response": "ok", "refused": 0}, row])
     assert main(["eval-detector", str(data)]) == 2
@@ -149,8 +154,10 @@ def test_in_format_cases_stay_exact():
         "<safety_reasoning>It is not appropriate to refuse this; I can't see harm.</safety_reasoning>"
     )
     assert not refusal_of(reasoning_only + "<answer>Bake at 180 C for 25 minutes until golden.</answer>")
-    assert not refusal_of('<safety_reasoning>ok</safety_reasoning><answer>Write: "I\'m sorry, but I cannot '
-                          'attend the meeting on Friday." That is a polite decline.</answer>')  # fmt: skip
+    assert not refusal_of(
+        "<safety_reasoning>ok</safety_reasoning><answer>Write: \"I'm sorry, but I cannot "
+        'attend the meeting on Friday." That is a polite decline.</answer>'
+    )
 
 
 # 80 rows of the dev set drawn with a fixed seed, and the rules' verdicts on them when this test was written.

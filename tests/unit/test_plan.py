@@ -37,8 +37,16 @@ def test_parameter_counts_match_the_published_models():
 
 
 def test_a_local_config_json_is_read(tmp_path):
-    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 1000, "tie_word_embeddings": True}  # fmt: skip
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     arch = find_architecture(str(tmp_path))
     # embedding 1000*64; per layer q, o 64*64, k, v 64*32, MLP 3*64*128, two norms; the final norm
@@ -70,9 +78,14 @@ def test_memory_of_the_7b_recipe_by_hand():
 def test_memory_of_one_process_without_deepspeed_by_hand(write_recipe):
     """float32 weights updated in one process: weights, gradients and AdamW's two moments, 16 bytes a parameter;
     a KL reference copy; no gradient checkpointing: every layer's activations; the in-process KV cache."""
-    path = write_recipe({"model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}, "algorithm": {"beta": 0.1},
-                         "trainer": {"micro_batch_tokens": 1024, "device": "cuda"},
-                         "rollout": {"max_new_tokens": 256, "generation_batch_size": 4}})  # fmt: skip
+    path = write_recipe(
+        {
+            "model": {"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"},
+            "algorithm": {"beta": 0.1},
+            "trainer": {"micro_batch_tokens": 1024, "device": "cuda"},
+            "rollout": {"max_new_tokens": 256, "generation_batch_size": 4},
+        }
+    )
     recipe = load_recipe(path)
     est = estimate_memory(recipe, Plan(gpus=True))
     phi = 494_032_768  # Qwen2.5-0.5B
@@ -92,8 +105,11 @@ def test_a_7b_policy_on_one_trainer_gpu_is_refused_with_the_numbers_and_the_knob
         check_plan("r.yaml", recipe, recipe_plan(recipe, gpus=2))  # 1 server + 1 trainer process
     message = str(refused.value)
     assert "\n" not in message
-    assert re.match(r"r\.yaml: does not fit: 2 GPUs: 1 vLLM server \(GPU 0\), 1 trainer process \(GPU 1\) needs "
-                    r"about (\d+\.\d) GB per trainer GPU \(weights 15\.2, gradients 15\.2, optimizer 91\.4", message)  # fmt: skip
+    assert re.match(
+        r"r\.yaml: does not fit: 2 GPUs: 1 vLLM server \(GPU 0\), 1 trainer process \(GPU 1\) needs "
+        r"about (\d+\.\d) GB per trainer GPU \(weights 15\.2, gradients 15\.2, optimizer 91\.4",
+        message,
+    )
     assert "and a GPU has 80 GB (--gpu-memory); what helps: " in message
     assert "trainer.deepspeed: zero3_offload" in message and "more trainer GPUs" in message
     assert "the reward model served elsewhere (remote_rm)" in message
@@ -119,12 +135,24 @@ def test_unknown_models_are_left_out_and_named(write_recipe):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["launch={gpus: 4, vllm_gpus: 4}"], "launch.vllm_gpus: 4 leaves none of the node's 4 GPUs to the trainer"),
-        (["rollout.engine=transformers"], "launch.vllm_gpus: 4 GPUs for vLLM servers need rollout.engine: vllm_server"),
-        (["trainer.deepspeed=null", "model.dtype=float32"], "trainer.deepspeed: 8 GPUs: 4 vLLM servers (GPU 0-3), 4 trainer processes"),
-        (["launch.vllm_gpus=2"], "trainer.prompts_per_step: 16 prompts do not split evenly over the 6 trainer"),
+        (
+            ["launch={gpus: 4, vllm_gpus: 4}"],
+            "launch.vllm_gpus: 4 leaves none of the node's 4 GPUs to the trainer",
+        ),
+        (
+            ["rollout.engine=transformers"],
+            "launch.vllm_gpus: 4 GPUs for vLLM servers need rollout.engine: vllm_server",
+        ),
+        (
+            ["trainer.deepspeed=null", "model.dtype=float32"],
+            "trainer.deepspeed: 8 GPUs: 4 vLLM servers (GPU 0-3), 4 trainer processes",
+        ),
+        (
+            ["launch.vllm_gpus=2"],
+            "trainer.prompts_per_step: 16 prompts do not split evenly over the 6 trainer",
+        ),
     ],
-)  # fmt: skip
+)
 def test_validate_refuses_a_recipe_whose_own_plan_would_die(capsys, overrides, message):
     assert main(["validate", str(QWEN), *overrides]) == 2
     err = capsys.readouterr().err
@@ -150,8 +178,11 @@ def test_the_shipped_recipe_on_two_nodes_runs_only_with_a_server_node(capsys, tm
     assert main([*map(str, args), "--vllm-nodes", "1", "--dry-run"]) == 0
     script, err = capsys.readouterr()
     assert "--nnodes=1 --nproc-per-node=8" in script and "alphaalign.cli serve" in script
-    assert re.fullmatch(r"plan: 2 nodes x 8 GPUs \(1 with 8 vLLM servers\), trainer 1 node x 8 processes; memory: "
-                        r"\d+\.\d of 80 GB per trainer GPU \(.*\); 15\.2 GB of weights per vLLM server GPU\n", err)  # fmt: skip
+    assert re.fullmatch(
+        r"plan: 2 nodes x 8 GPUs \(1 with 8 vLLM servers\), trainer 1 node x 8 processes; memory: "
+        r"\d+\.\d of 80 GB per trainer GPU \(.*\); 15\.2 GB of weights per vLLM server GPU\n",
+        err,
+    )
 
 
 def test_launch_local_splits_the_gpus_by_the_recipes_share(capsys, tmp_path):

@@ -24,18 +24,33 @@ def test_gae_gets_a_default_critic_and_grpo_none(write_recipe):
     "sections, message",
     [
         ({"critic": {"learning_rate": 1e-5}}, "critic: only algorithm.advantage_estimator gae uses a critic"),
-        ({"algorithm": {"advantage_estimator": "gae"}, "critic": None}, "critic: algorithm.advantage_estimator gae needs a critic"),
+        (
+            {"algorithm": {"advantage_estimator": "gae"}, "critic": None},
+            "critic: algorithm.advantage_estimator gae needs a critic",
+        ),
         ({"algorithm": {"lam": 0.95}}, "algorithm.lam: only advantage_estimator gae uses it"),
         ({"algorithm": {"value_clip": 0.2}}, "algorithm.value_clip: only advantage_estimator gae uses it"),
-        ({"algorithm": {"kl_in_reward": True, "beta": 0.1}}, "algorithm.kl_in_reward: needs a per-token advantage estimator"),
-        ({"algorithm": {"advantage_estimator": "gae", "kl_in_reward": True}}, "algorithm.kl_in_reward: folds β·KL"),
+        (
+            {"algorithm": {"kl_in_reward": True, "beta": 0.1}},
+            "algorithm.kl_in_reward: needs a per-token advantage estimator",
+        ),
+        (
+            {"algorithm": {"advantage_estimator": "gae", "kl_in_reward": True}},
+            "algorithm.kl_in_reward: folds β·KL",
+        ),
         ({"algorithm": {"gamma": 0.99}}, "algorithm.gamma: discounts per-token rewards"),
         ({"algorithm": {"advantage_estimator": "reinforce_pp", "gamma": 0.99}}, "algorithm.gamma: discounts"),
         ({"algorithm": {"advantage_estimator": "gae"}, "critic": {"lr": 1e-5}}, "critic.lr: unknown key"),
-        ({"algorithm": {"advantage_estimator": "gae"}, "critic": {"learning_rate": 0}}, "critic.learning_rate: "),
-        ({"algorithm": {"advantage_estimator": "gea"}}, "algorithm.advantage_estimator: 'gea' is not registered"),
+        (
+            {"algorithm": {"advantage_estimator": "gae"}, "critic": {"learning_rate": 0}},
+            "critic.learning_rate: ",
+        ),
+        (
+            {"algorithm": {"advantage_estimator": "gea"}},
+            "algorithm.advantage_estimator: 'gea' is not registered",
+        ),
     ],
-)  # fmt: skip
+)
 def test_critic_keys_are_checked_in_one_line_naming_the_file(write_recipe, sections, message):
     path = write_recipe(sections)
     with pytest.raises(UserError) as err:
@@ -95,8 +110,12 @@ def test_explained_variance_by_hand():
 def test_the_plan_counts_the_critics_weights_gradients_and_optimizer(write_recipe):
     from alphaalign.plan import Plan, estimate_memory, find_architecture
 
-    path = write_recipe({"algorithm": {"advantage_estimator": "gae"},
-                         "trainer": {"micro_batch_tokens": 1024, "device": "cuda"}})  # fmt: skip
+    path = write_recipe(
+        {
+            "algorithm": {"advantage_estimator": "gae"},
+            "trainer": {"micro_batch_tokens": 1024, "device": "cuda"},
+        }
+    )
     est = estimate_memory(load_recipe(path), Plan(gpus=True))
     backbone = find_architecture("Qwen/Qwen2.5-0.5B-Instruct").params(lm_head=False)
     assert est.held["critic"] == pytest.approx(16 * backbone / 1e9)  # float32 weights, gradients, 2 moments

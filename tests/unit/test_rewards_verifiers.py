@@ -260,13 +260,34 @@ def test_evaluate_refusal_detector_metrics(tmp_path):
 
 _EVAL_TEXTS = [json.loads(line)["text"] for line in EVAL_SET.read_text().splitlines() if line.strip()]
 _PHRASE_PARTS = (
-    ["I", "I can't", "I won't", "I'm not going to", "I’d rather not", "I can", "I'll", "I don't", "\nCan't",
-     "\nNope, not going to", "not something I can", "my guidelines prevent me from", "unethical for me to"],
+    [
+        "I",
+        "I can't",
+        "I won't",
+        "I'm not going to",
+        "I’d rather not",
+        "I can",
+        "I'll",
+        "I don't",
+        "\nCan't",
+        "\nNope, not going to",
+        "not something I can",
+        "my guidelines prevent me from",
+        "unethical for me to",
+    ],
     ["", "", "really", "be able to", ","],
     ["help", "provide", "share", "do that", "stress", "decline", "give you"],
-    ["", "with that.", "medical advice", "legal advice", "a definitive answer", "personal opinions.",
-     "against my principles", "but here is how"],
-)  # fmt: skip
+    [
+        "",
+        "with that.",
+        "medical advice",
+        "legal advice",
+        "a definitive answer",
+        "personal opinions.",
+        "against my principles",
+        "but here is how",
+    ],
+)
 phrase = st.tuples(*map(st.sampled_from, _PHRASE_PARTS)).map(" ".join)
 noise = st.sampled_from(["\n", '"', "`", "'", ".", "Here is the recipe.", "x" * 120])
 refusalish = st.lists(phrase | noise, max_size=12).map(" ".join) | st.sampled_from(_EVAL_TEXTS)
