@@ -408,6 +408,11 @@ class Recipe(_Section):
                 "algorithm.gamma: discounts per-token rewards: needs advantage_estimator gae, or "
                 "reinforce_pp with kl_in_reward: true"
             )
+        if token_level(ac) and ac.scale_rewards != AlgorithmConfig.model_fields["scale_rewards"].default:
+            raise ValueError(
+                f"algorithm.scale_rewards: {ac.scale_rewards!r} has no effect with per-token advantages "
+                f"({ac.advantage_estimator!r}: whitened over the batch); remove it"
+            )
         if ac.kl_in_reward and ac.beta == 0:
             raise ValueError(
                 "algorithm.kl_in_reward: folds β·KL into the rewards and algorithm.beta is 0; set beta"

@@ -31,6 +31,7 @@ import torch
 from alphaalign.perf.workload import WORKLOADS, Workload
 
 RESULT_MARK = "BENCH_RESULT "
+# what `run_system` can run
 SYSTEMS = (
     "trl",
     "trl_defaults",
@@ -41,7 +42,7 @@ SYSTEMS = (
     "floor",
     "floor_bf16",
     "floor_plain",
-)  # see run_system
+)
 MIXED_PRECISION_SYSTEMS = ("trl_bf16", "alphaalign_bf16", "floor_bf16")
 
 

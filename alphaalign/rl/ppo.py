@@ -46,17 +46,17 @@ def token_level_update(
     settings: UpdateSettings,
     pad_id,
     ranks=ONE_PROCESS,
-) -> tuple[dict, torch.Tensor]:
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """One step's update of the policy (and the critic, when there is one) on this rank's `rollouts`.
 
     `rewards` [B] are the whole batch's scalar rewards and `mine` this rank's rows in it. Returns the
-    batch-wide metrics ({"nonfinite": ...} when the step was skipped) and the advantages of every completion
-    token of the batch, for the advantage/* metrics.
+    batch-wide metrics ({"nonfinite": ...} when the step was skipped), the advantages of every completion
+    token of the batch (for the advantage/* metrics) and each completion's mean advantage [B] (for the samples).
     """
     ac = settings.algorithm
     batch = prepare_batch(opt, ref, rollouts, settings, pad_id, ranks)
     if batch is None:
-        return {"nonfinite": "log-probs"}, torch.zeros_like(rewards)
+        return {"nonfinite": "log-probs"}, torch.zeros_like(rewards), torch.zeros_like(rewards)
     mask = whole_batch(ranks, per_row(batch, [mb.mask for mb in batch.mbs]))
     old_values = values = kl = None
     if critic is not None:
@@ -75,12 +75,13 @@ def token_level_update(
             ),
         )
     if values is not None and first_nonfinite(values=values) is not None:  # the same on every rank
-        return {"nonfinite": "critic values"}, torch.zeros_like(rewards)
+        return {"nonfinite": "critic values"}, torch.zeros_like(rewards), torch.zeros_like(rewards)
     advantages, returns = algos.token_advantages(rewards.float(), mask, ac, values, kl)
     tokens = advantages[mask.bool()]
+    per_completion = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     update = policy_update(opt, ref, rollouts, advantages[mine], settings, pad_id, ranks, batch)
     if "nonfinite" in update:
-        return update, tokens
+        return update, tokens, per_completion
     if kl is not None:
         update[f"kl/{ac.kl_estimator}_mean"] = float(algos.masked_mean(kl, mask))
     if critic is not None:
@@ -88,4 +89,4 @@ def token_level_update(
         update["critic/values_mean"] = float(algos.masked_mean(values, mask))
         update["critic/returns_mean"] = float(algos.masked_mean(returns, mask))
         update.update(critic.update(batch, old_values, returns[mine], ac))
-    return update, tokens
+    return update, tokens, per_completion

@@ -36,8 +36,9 @@ def sample_rows(
     answer_format: FormatConfig,
 ) -> list[dict]:
     """One row per completion of the first `count` prompts of `batch` (rows of one prompt are consecutive):
-    the prompt, the completion, the total reward and each term's (None: not applicable), the advantage, and
-    the refusal and format verdicts (the rule-based ones the rollout/* metrics use)."""
+    the prompt, the completion, the total reward and each term's (None: not applicable), the advantage (for
+    per-token estimators its mean over the completion's tokens), and the refusal and format verdicts (the
+    rule-based ones the rollout/* metrics use)."""
     tags = answer_format.tags
     rows = []
     for i in range(min(count * group_size, len(batch.texts))):

@@ -163,14 +163,14 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         token_level = advantages is None  # PPO's GAE, REINFORCE++ with kl_in_reward: computed with the update
         if token_level:
             advantages = torch.zeros_like(scalar)  # what the metrics show of a step skipped before its update
+        per_completion = advantages  # token-level: each completion's mean advantage, for the samples
 
         t2 = time.perf_counter()
-        problem = first_nonfinite(
-            rewards=per_term[~per_term.isnan()], advantages=advantages
-        )  # NaN: not applicable
+        scored = per_term[~per_term.isnan()]  # NaN: the term does not apply to the row
+        problem = first_nonfinite(rewards=scored, advantages=advantages)
         update = {}
         if problem is None and batch.trainable and token_level:
-            update, advantages = token_level_update(
+            update, advantages, per_completion = token_level_update(
                 opt, ref, critic, local_rollouts, scalar, mine, settings, tokenizer.pad_token_id, ranks
             )
             problem = update.pop("nonfinite", None)
@@ -205,8 +205,6 @@ def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
         if evaluate and tc.eval_every and step % tc.eval_every == 0:
             metrics.update({f"eval/{k}": v for k, v in evaluate().items()})
         if samples and samples.due(step):
-            # per-token estimators have no one advantage per completion: NaN in the samples
-            per_completion = torch.full_like(scalar, float("nan")) if token_level else advantages
             samples.log(step, batch.whole, rewards.names, scalar, per_completion)
         if logger:
             logger.log(metrics)

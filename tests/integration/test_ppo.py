@@ -4,6 +4,7 @@ checkpoints, `validate` from the command line, and end-to-end runs with exact re
 tests/unit/test_ppo_math.py)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -308,6 +309,7 @@ def test_reinforce_pp_with_the_kl_in_the_reward_trains(write_recipe, tiny_policy
         tmp_path,
         critic=None,
         trainer={"max_steps": 3},
+        logging={"samples_every": 1, "samples_count": 8},
         algorithm={
             "advantage_estimator": "reinforce_pp",
             "kl_in_reward": True,
@@ -324,3 +326,8 @@ def test_reinforce_pp_with_the_kl_in_the_reward_trains(write_recipe, tiny_policy
     assert abs(rows[0]["kl/k1_mean"]) < 1e-6 < abs(rows[-1]["kl/k1_mean"])  # measured, in the reward
     assert all(abs(r["advantage/mean"]) < 1e-5 for r in rows)  # whitened over the batch's tokens
     assert not (out / "checkpoints" / "step-000002" / "critic").exists()
+    # the samples carry each completion's mean per-token advantage: finite, and not one value for all
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    advantages = [row["advantage"] for row in samples]
+    assert len(samples) == 3 * 8 * 4 and all(math.isfinite(a) for a in advantages)
+    assert len({round(a, 6) for a in advantages}) > 1

@@ -39,6 +39,10 @@ def test_gae_gets_a_default_critic_and_grpo_none(write_recipe):
             "algorithm.kl_in_reward: folds β·KL",
         ),
         ({"algorithm": {"gamma": 0.99}}, "algorithm.gamma: discounts per-token rewards"),
+        (
+            {"algorithm": {"advantage_estimator": "gae", "scale_rewards": "none"}},
+            "algorithm.scale_rewards: 'none' has no effect with per-token advantages",
+        ),
         ({"algorithm": {"advantage_estimator": "reinforce_pp", "gamma": 0.99}}, "algorithm.gamma: discounts"),
         ({"algorithm": {"advantage_estimator": "gae"}, "critic": {"lr": 1e-5}}, "critic.lr: unknown key"),
         (
