@@ -6,6 +6,7 @@ module; each test first pushes its own weights. Starting a server costs ~25 s on
 
 import http.server
 import json
+import math
 import os
 import re
 import signal
@@ -431,6 +432,23 @@ def test_dynamic_sampling_with_async_rollouts_draws_the_refills_from_the_queue(
     for step in (1, 2):
         state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
         assert state["data_draws"] == 4 * sum(1 + r["filter/resample_rounds"] for r in rows[:step])
+
+
+@pytest.mark.slow
+def test_ppo_with_async_server_rollouts_trains_the_critic_on_the_trainers_values(
+    write_recipe, vllm_policy, tmp_path
+):
+    """PPO (`advantage_estimator: gae`) with a server generating one step ahead: the rollouts come from the
+    server, the critic's values from the trainer; the policy and the critic both step, and the critic is in
+    the checkpoint."""
+    path = e2e_recipe(write_recipe, vllm_policy, tmp_path, weight_sync="checkpoint", async_steps=1)
+    overrides = ["algorithm.advantage_estimator=gae", "critic.learning_rate=1e-3", "trainer.max_steps=2"]
+    train(load_recipe(path, overrides))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and not any(r["guard/skipped_step"] for r in rows)
+    assert rows[1]["rollout/policy_staleness"] == 1  # generated while step 1 updated
+    assert all(r["critic/grad_norm"] > 0 and math.isfinite(r["critic/value_loss"]) for r in rows)
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "critic").is_dir()
 
 
 @pytest.mark.slow
