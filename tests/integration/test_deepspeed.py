@@ -216,18 +216,18 @@ def one_process_ppo(batch: Path, out: Path) -> list[dict]:
     return steps
 
 
-@pytest.fixture(scope="module")
-def ppo_two_processes(batch, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds-ppo")
-    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), "zero3+ppo")
-    return out / "zero3+ppo"
+@pytest.fixture(scope="module", params=["zero3", "zero2"])
+def ppo_two_processes(batch, tmp_path_factory, request) -> Path:
+    out, case = tmp_path_factory.mktemp("ds-ppo"), f"{request.param}+ppo"
+    torchrun(str(Path(__file__).with_name("deepspeed_worker.py")), str(batch), str(out), case)
+    return out / case
 
 
 @pytest.mark.slow
-def test_ppo_under_zero3_with_two_processes_matches_one_process(
+def test_ppo_under_zero_with_two_processes_matches_one_process(
     batch, ppo_two_processes, tiny_policy, tmp_path
 ):
-    """The policy and the critic, each a ZeRO-3 engine sharded over 2 processes, update as the single-process
+    """The policy and the critic, each a ZeRO-3 (or ZeRO-2) engine over 2 processes, update as the single-process
     PPO on the whole batch: the per-token advantages are computed and whitened over both ranks' rows."""
     expected = one_process_ppo(batch, tmp_path)
     got = json.loads((ppo_two_processes / "metrics.json").read_text())
