@@ -391,8 +391,8 @@ class Recipe(_Section):
                 f"critic: only algorithm.advantage_estimator gae uses a critic (got "
                 f"{ac.advantage_estimator!r}); remove the critic section or use gae"
             )
-        for key in ("lam", "value_clip"):
-            if not gae and key in ac.model_fields_set:
+        for key in ("lam", "value_clip"):  # against the default: a resolved recipe writes every key
+            if not gae and getattr(ac, key) != AlgorithmConfig.model_fields[key].default:
                 raise ValueError(
                     f"algorithm.{key}: only advantage_estimator gae uses it (got {ac.advantage_estimator!r})"
                 )

@@ -86,7 +86,7 @@ def main(batch_path: str, out_dir: str, *cases: str) -> None:
                 ranks.barrier()
             settings = UpdateSettings.from_recipe(recipe)
             if critic is not None:
-                metrics, _ = token_level_update(
+                metrics, *_ = token_level_update(
                     opt,
                     ref,
                     critic,

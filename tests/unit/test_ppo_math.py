@@ -20,6 +20,17 @@ def test_gae_gets_a_default_critic_and_grpo_none(write_recipe):
     assert load_recipe(write_recipe()).critic is None
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "gae", "reinforce_pp"])
+def test_a_resolved_recipe_which_writes_every_key_loads_again(write_recipe, tmp_path, estimator):
+    # the run's recipe.resolved.yaml holds every default (lam, value_clip, critic: null, ...)
+    import yaml
+
+    recipe = load_recipe(write_recipe({"algorithm": {"advantage_estimator": estimator}}))
+    resolved = tmp_path / "recipe.resolved.yaml"
+    resolved.write_text(yaml.safe_dump(recipe.public_dump(), sort_keys=False))
+    assert load_recipe(resolved).public_dump() == recipe.public_dump()
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [
