@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import DEMO_DATA, ROOT
+from helpers import DEMO_DATA, ROOT, recipe_for
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alphaalign.config import load_recipe
@@ -361,27 +361,13 @@ def test_nccl_sync_on_a_machine_without_cuda_stops_with_one_line(write_recipe, v
 
 
 def e2e_recipe(write_recipe, policy, tmp_path, **rollout):
-    return write_recipe(
-        {
-            "model": {"name_or_path": str(policy)},
-            "data": {"template": "none", "max_prompt_tokens": 96},
-            "rollout": {
-                "engine": "vllm_server",
-                "num_generations": 4,
-                "max_new_tokens": 32,
-                "timeout": 120,
-                **rollout,
-            },
-            "trainer": {
-                "prompts_per_step": 4,
-                "max_steps": 3,
-                "learning_rate": 1e-3,
-                "output_dir": str(tmp_path / "run"),
-                "save_every": 2,
-                "progress_bar": False,
-            },
-            "logging": {"wandb_mode": "disabled"},
-        }
+    """`recipe_for`'s 3-step GRPO recipe, generating on a vLLM server."""
+    return recipe_for(
+        write_recipe,
+        policy,
+        tmp_path,
+        data={"max_prompt_tokens": 96},
+        rollout={"engine": "vllm_server", "timeout": 120, **rollout},
     )
 
 
