@@ -6,8 +6,8 @@
 Each run is `alphaalign train` of the demo recipe with the estimator's overrides (`RUNS`), evaluated every
 10 steps on the held-out prompts. Per run it reports the held-out harmful refusal and benign over-refusal
 after RL, the first step whose evaluation reached 90% harmful refusal, the median step time and the peak
-resident set size of the training process and any process it started. Writes `<out>/<name>/` (the runs) and `<out>/compare.json`, and
-prints a Markdown table (docs/design.md keeps the committed one). Step times are only comparable between
+resident set size of the training process and any process it started. Writes `<out>/<name>/` (the runs)
+and `<out>/compare.json`, and prints a Markdown table (docs/design.md keeps the committed one). Step times are only comparable between
 runs on the same otherwise idle machine.
 """
 
