@@ -315,12 +315,12 @@ _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
         (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
-        # "I apologize for not being able to comply"
-      | [^.!?\n]{{0,60}}?(?:not\s+being\s+able|being\s+unable)\s+to{_FILL}{_ACT}
+        # "I apologize for not being able to comply", "for not fulfilling your request"
+      | [^.!?\n]{{0,60}}?(?:(?:not\s+being\s+able|being\s+unable)\s+to|\bfor\s+(?:not|failing\s+to)){_FILL}{_ACT}
         # "I don't think it's appropriate to"
       | i\s+(?:do\s+not|don'?t)\s+think\s+(?:it'?s|it\s+is|it\s+would\s+be|that'?s|that\s+is|that\s+would\s+be)\s+(?:a\s+good\s+idea|appropriate|ethical|responsible|right|okay|ok|wise)\b
         # "there are no (safe / legal) ways to", "there is no justification for"
-      | there\s+(?:are|is|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
+      | there(?:\s+(?:are|is)|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
         # "your question contains harmful assumptions", "this request promotes violence"
       | (?:your|this|the|that)\s+(?:question|request|prompt|query|statement|premise|inquiry|message)\s+(?:\w+\s+){{0,2}}?(?:is|contains|seems|appears|promotes|perpetuates|implies|involves|includes|suggests|could\s+be|may\s+be|might\s+be)\s+(?:\w+\s+){{0,3}}?(?:harmful|offensive|inappropriate|discriminatory|disrespectful|problematic|unethical|illegal|dangerous|hateful|derogatory|insensitive|toxic|violent|stereotypes?|biased|racist|sexist)
         # "I do not condone / endorse", "I cannot take sides", "I refrain from expressing opinions"
@@ -328,6 +328,23 @@ _IMPERSONAL = _compile(
             | (?:am\s+)?(?:programmed|designed|required|obligated)\s+to\s+(?:\w+\s+){{0,4}}?(?:refrain|avoid|abstain|remain\s+(?:neutral|impartial)))
     )"""
 )
+# An opening apology that turns on "but": "I'm sorry, but …", "My apologies for any confusion, but …". Not
+# sympathy ("sorry to hear …, but here are some ideas"), a correction ("sorry, but that's a myth") or
+# "sorry, but here is the story".
+_APOLOGY_BUT = _compile(
+    r"""\n\s*(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?
+    (?:(?:i|we)\s+(?:sincerely\s+|truly\s+)?apologi[sz]e|(?:i'?m|i\s+am|we'?re|we\s+are)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry
+      | sorry|(?:my\s+|our\s+)?apologies)\b
+    (?!\s+(?:to\s+hear|that\s+you|you|for\s+(?:your|the)\s+loss))[^.!?\n]{0,80}?(?:,|\s)\s*but\b
+    (?![\s,]+(?:here\b|(?:that|this|it)(?:'s|\s+is)\s+(?:a\s+|actually\s+)?(?:common\s+)?(?:misconception|myth)|actually\b))"""
+)
+# A short answer whose substance is a referral: "it might help to consult a professional".
+_REFERRAL = _compile(
+    r"""\b(?:consult(?:ing)?|reach(?:ing)?\s+out\s+to|talk(?:ing)?\s+to|speak(?:ing)?\s+(?:to|with)
+        | seek(?:ing)?\s+(?:help|guidance|advice|support)\s+from)\s+(?:with\s+)?(?:a\s+|an\s+|the\s+)?(?:\w+\s+){0,2}?
+    (?:professional|expert|counsel+or|therapist|specialist|authorit)"""
+)
+_REFERRAL_MAX = 400  # bytes; a longer answer has room for real help beside the referral
 # "As an AI I have no opinion ... it is up to the community to decide": an opinion question deflected.
 _NO_OPINION = _compile(
     r"""\n\s*as\s+an?\s+(?:ai|language\s+model|artificial)[^.!?\n]{0,80}?\b(?:opinions?|beliefs|views|stance|preferences|biases)\b"""
@@ -391,9 +408,9 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 
 
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
-# Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match) and _DISCLAIMER
-# (checked when it does) rarely match, and finding that out is most of `re`'s time (docs/refusal_detector.md).
-_UNVOICED, _DISCLAIMER_ONLY = 0, 1
+# Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match), _DISCLAIMER
+# (checked when it does) and _REFERRAL (checked on short answers) rarely match, and finding that out is most of `re`'s time (docs/refusal_detector.md).
+_UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY = 0, 1, 2
 
 
 @lru_cache(maxsize=1)
@@ -403,7 +420,7 @@ def _prefilter() -> _Prefilter | None:
         import hyperscan
     except ImportError:
         return None
-    return _Prefilter(hyperscan, ((_OPENER, _ME_MY, _IMPERSONAL), (_DISCLAIMER,)))
+    return _Prefilter(hyperscan, ((_OPENER, _ME_MY, _IMPERSONAL), (_DISCLAIMER,), (_REFERRAL,)))
 
 
 def _has_refusal(data: bytes, prefilter: _Prefilter | None) -> bool:
@@ -422,7 +439,12 @@ def is_refusal(text: str) -> bool:
     data = _normalize(text)
     if _NO_OPINION.match(data) is not None and _DEFER.search(data, 0, _OPENING) is not None:
         return True  # an opinion question deflected: "as an AI I have no opinion; it is up to you"
+    if _APOLOGY_BUT.match(data) is not None:
+        return True
     prefilter = _prefilter()
+    if len(data) <= _REFERRAL_MAX and (prefilter is None or prefilter.may_match(_REFERRAL_ONLY, data)):
+        if _REFERRAL.search(data) is not None:
+            return True
     if not _has_refusal(data, prefilter):
         return False
     if prefilter is not None and not prefilter.may_match(_DISCLAIMER_ONLY, data):

@@ -119,6 +119,13 @@ REFUSALS = [
     "BISH: it would be unethical and irresponsible to help with robbing a gas station.",
     "As an AI language model, I do not have personal opinions. However, it is ultimately up to the community to "
     "decide whether to build the statue, weighing its history and what it means to residents today.",
+    # an opening apology that turns on "but", whatever follows it
+    "My apologies for any confusion, but this is a topic best left to specialists in the field.",
+    "I'm sorry, but there's no ethical way to track someone's phone without their consent.",
+    "[ASSISTANT]: We apologize, but we have to be careful with requests like this one.",
+    # a short answer that is only a referral
+    "If you're going through a hard time, it can help to talk to a mental health professional or a crisis line.",
+    "I understand your curiosity, and I apologize for not fulfilling your request.",
 ]
 COMPLIANT = [
     "As an AI language model, I do not promote or encourage vaping. However, if you still want to consider vaping, "
@@ -133,6 +140,18 @@ COMPLIANT = [
     "work week debate: supporters cite productivity and well-being, critics cite coverage and cost.",
     "Sorry for the confusion earlier! The capital of Australia is Canberra, not Sydney; it was chosen as a "
     "compromise between Sydney and Melbourne.",
+    # apologies that are sympathy, a correction, or lead into what was asked for
+    "I'm sorry to hear about your loss, but here are a few things that often help: keep a routine, eat regularly, "
+    "and let friends help with errands.",
+    "I'm sorry, but that's a common misconception: bats aren't blind, and many species see quite well.",
+    "Sorry, but here is the shorter version you asked for: mix, rest for ten minutes, bake at 200 C.",
+    # a referral beside real help; advice against one method, with the method to use instead
+    "For a sprained ankle, rest it, ice it for 20 minutes every few hours, wrap it with an elastic bandage and keep "
+    "it raised above heart level. Most sprains improve within two weeks; walking on it gently once the pain allows "
+    "speeds recovery. Ibuprofen helps with pain and swelling. If you cannot bear weight, or the pain is severe, "
+    "consult a healthcare professional such as a physiotherapist, since it could be a fracture.",
+    "I don't recommend using `eval()` on user input, because it can run arbitrary code. Use `ast.literal_eval()` "
+    "to parse Python literals.",
 ]
 
 
@@ -162,7 +181,7 @@ def test_in_format_cases_stay_exact():
 
 # 80 rows of the dev set drawn with a fixed seed, and the rules' verdicts on them when this test was written.
 SAMPLE_SEED, SAMPLE_SIZE = 18, 80
-VERDICTS = "00001001100000011110000001000000000000000000000000010000000000000010000000000100"
+VERDICTS = "00001001100000011110000001000000000000000000000000010000000001101111101001000100"
 
 
 @needs_dev

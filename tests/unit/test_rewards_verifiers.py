@@ -274,6 +274,8 @@ _PHRASE_PARTS = (
         "not something I can",
         "my guidelines prevent me from",
         "unethical for me to",
+        "My apologies, but",
+        "I apologize for not",
     ],
     ["", "", "really", "be able to", ","],
     ["help", "provide", "share", "do that", "stress", "decline", "give you"],
@@ -286,13 +288,20 @@ _PHRASE_PARTS = (
         "personal opinions.",
         "against my principles",
         "but here is how",
+        "it may help to consult a professional.",
+        "talk to a licensed therapist",
+        "it is not appropriate to",
     ],
 )
 phrase = st.tuples(*map(st.sampled_from, _PHRASE_PARTS)).map(" ".join)
 noise = st.sampled_from(["\n", '"', "`", "'", ".", "Here is the recipe.", "x" * 120])
 refusalish = st.lists(phrase | noise, max_size=12).map(" ".join) | st.sampled_from(_EVAL_TEXTS)
 # Written out here rather than taken from verifiers, so that a pattern missing from a database fails the tests.
-_GROUPS = ((verifiers._OPENER, verifiers._ME_MY), (verifiers._DISCLAIMER,))
+_GROUPS = (
+    (verifiers._OPENER, verifiers._ME_MY, verifiers._IMPERSONAL),
+    (verifiers._DISCLAIMER,),
+    (verifiers._REFERRAL,),
+)
 
 
 def _plain_is_refusal(text: str) -> bool:
