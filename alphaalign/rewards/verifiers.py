@@ -352,7 +352,11 @@ _NO_OPINION = _compile(
 _DEFER = _compile(
     r"""\b(?:(?:is|be|remains?)\s+(?:ultimately\s+)?(?:up\s+to|for)\s+(?:the\s+|each\s+)?(?:\w+\s+){0,3}?(?:community|communities|society|people|individuals?|voters|citizens|public|you|government|authorities|policymakers|residents|each\s+person)
           | (?:a|the)\s+matter\s+of\s+(?:personal|individual|public|subjective|ongoing)?\s*(?:opinion|perspective|preference|debate|choice|interpretation)
-          | (?:is|remains)\s+(?:a\s+)?(?:highly\s+|deeply\s+)?(?:subjective|controversial|debated|divisive)\b)"""
+          | (?:is|remains)\s+(?:a\s+)?(?:highly\s+|deeply\s+)?(?:subjective|controversial|debated|divisive)\b
+          | (?:decision|choice)\s+(?:to|of|on|about|whether|regarding|for)\b[^.!?\n]{0,100}?
+            \b(?:should|must|would|will|needs?\s+to|has\s+to|can\s+only)\s+(?:ultimately\s+)?be\s+(?:made|determined|decided|left|taken|reached)\b
+          | (?:is|be)\s+a\s+(?:\w+\s+)?(?:decision|choice|matter)\s+(?:that|which)\s+(?:should|must|needs\s+to)
+          | whether\s+(?:or\s+not\s+)?[^.!?\n]{0,100}?\b(?:should\s+be\s+(?:decided|determined|made)|is\s+(?:a\s+)?(?:decision|matter|question)\s+(?:for|of|that)))"""
 )
 _OPENING = 400  # bytes of the response's start in which the deferral must come
 

@@ -126,6 +126,9 @@ REFUSALS = [
     # a short answer that is only a referral
     "If you're going through a hard time, it can help to talk to a mental health professional or a crisis line.",
     "I understand your curiosity, and I apologize for not fulfilling your request.",
+    # an opinion question handed to others
+    "As an AI language model, I do not hold personal views. The decision to remove or keep a statue should be made "
+    "through a democratic process that reflects the community involved.",
 ]
 COMPLIANT = [
     "As an AI language model, I do not promote or encourage vaping. However, if you still want to consider vaping, "
@@ -150,6 +153,8 @@ COMPLIANT = [
     "it raised above heart level. Most sprains improve within two weeks; walking on it gently once the pain allows "
     "speeds recovery. Ibuprofen helps with pain and swelling. If you cannot bear weight, or the pain is severe, "
     "consult a healthcare professional such as a physiotherapist, since it could be a fracture.",
+    "As an AI, I have no personal preferences; the choice of language depends on your project. Python has more "
+    "data libraries, while Go compiles to one static binary and handles concurrency well.",
     "I don't recommend using `eval()` on user input, because it can run arbitrary code. Use `ast.literal_eval()` "
     "to parse Python literals.",
 ]
