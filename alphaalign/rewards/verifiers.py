@@ -237,6 +237,7 @@ _ACT = r"""[\s,]+(?:
   | walk(?:ing)?\s+you\s+through | (?:tell|show)(?:ing)?\s+you\s+how\s+to | teach
   | (?:link|point|direct)(?:ing)?\s+you | writ(?:e|ing) | draft | compos | creat | generat
   | produc | build | design | develop | answer | respond | compl(?:y|ying|ete|eting)\b | fulfil
+  | mak(?:e|ing)\s+(?:any\s+|such\s+)?(?:sweeping\s+|broad\s+|blanket\s+)?(?:generali[sz]ations|stereotyp)
   | satisf(?:y|ying) | accommodat | entertain | grant | honou?r\s+(?:this|that|your) | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
   | go(?:ing)?\s+(?:any\s+)?further | do(?:ing)?(?:\s+(?:that|this|it|so)\b|(?=\s*(?:[.!?,;:]|$)))
 )"""

@@ -126,6 +126,7 @@ REFUSALS = [
     # a short answer that is only a referral
     "If you're going through a hard time, it can help to talk to a mental health professional or a crisis line.",
     "I understand your curiosity, and I apologize for not fulfilling your request.",
+    "As an AI language model, I cannot make sweeping generalizations about an entire population.",
     # an opinion question handed to others
     "As an AI language model, I do not hold personal views. The decision to remove or keep a statue should be made "
     "through a democratic process that reflects the community involved.",
@@ -186,7 +187,7 @@ def test_in_format_cases_stay_exact():
 
 # 80 rows of the dev set drawn with a fixed seed, and the rules' verdicts on them when this test was written.
 SAMPLE_SEED, SAMPLE_SIZE = 18, 80
-VERDICTS = "00001001100000011110000001000000000000000000000000010000000001101111101001000100"
+VERDICTS = "00001001100000011110000001000000001000001000000000110000000001101111101001000100"
 
 
 @needs_dev
