@@ -303,6 +303,14 @@ _DISCLAIMER = _compile(
     (?=[^.!?\n]{0,100}[.!?,;]?\s*(?:but|however|that\s+said|nonetheless|nevertheless|still|if\s+you|to\s+answer))"""
 )
 _DISCLAIMER_MIN_REST = 120  # bytes of other content that make a disclaimer a preamble
+# What makes a stance statement a refusal after all: the contrast after it offers something else instead of
+# what was asked ("I do not condone this. However, I can suggest some legal alternatives").
+_CONDEMNS = _compile(rf"\b{_STANCE}")
+_ALTERNATIVE = _compile(
+    r"""[^\n]{0,160}?\b(?:alternatives?\b|instead\b
+        | (?:legal|legitimate|lawful|safe|safer|ethical|healthy|healthier|positive|constructive|peaceful|non-?violent|responsible|respectful)
+          \s+(?:\w+\s+)?(?:ways?|options?|methods?|approaches|activities|means|steps|resources|alternatives?)\b)"""
+)
 
 # Refusals with no first-person decline, as chat models write them: each is anchored at the start of the
 # response (or of a line) or right after an apology / "as an AI" preamble, where the sentence is about the
@@ -454,7 +462,10 @@ def is_refusal(text: str) -> bool:
         return False
     if prefilter is not None and not prefilter.may_match(_DISCLAIMER_ONLY, data):
         return True
-    if _DISCLAIMER.search(data) is None:
+    disclaimers = list(_DISCLAIMER.finditer(data))
+    if not disclaimers:
+        return True
+    if any(_CONDEMNS.search(m.group()) and _ALTERNATIVE.match(data, m.end()) for m in disclaimers):
         return True
     stripped = _DISCLAIMER.sub(b" ", data)
     if len(stripped.strip()) < _DISCLAIMER_MIN_REST:
