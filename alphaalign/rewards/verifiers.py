@@ -218,16 +218,17 @@ _CODE = re.compile(rb"```[^`]*(?:`(?!``)[^`]*)*(?:```|\Z)|`[^`\n]*`")
 _QUOTED = re.compile(rb'"[^"]{0,600}"')
 
 # First-person negations of ability or willingness, after "i " and after "i'" respectively.
-_NOT_ABLE = r"(?:not|unable\ to|not\s+(?:able|going|gonna|willing|comfortable|allowed|permitted|prepared|in\s+a\s+position)(?:\s+to)?)"
+_NOT_ABLE = r"(?:not|unable\ to|not\s+(?:able|going|gonna|willing|comfortable(?:\s+with)?|allowed|permitted|prepared|in\s+a\s+position|at\s+liberty)(?:\s+to)?)"
 _NEG_SPACE = rf"""(?:
     (?:can'?t|cannot|can\ not)(?:\s+and\s+(?:won'?t|will\ not))? | won'?t | will\ not | will\ never | shan'?t | must\ not
   | (?:don'?t|do\ not)(?:\s+think\s+i\s+(?:should|can|could)|\s+feel\s+comfortable)?
-  | would\s+(?:rather\s+not|prefer\s+not\s+to) | refuse\s+to | (?:must|have\ to|need\ to)\s+decline\s+to
+  | should(?:n'?t|\s+not) | would\s+(?:rather\s+not|prefer\s+not\s+to) | refuse\s+to | (?:must|have\ to|need\ to)\s+decline\s+to
+  | (?:(?:will|must|have\ to|need\ to|should|would|am\ going\ to)\s+)?(?:have\ to\s+)?refrain\s+from
   | am\s+{_NOT_ABLE} )"""
-_NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} )"
+_NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} | (?:ll|d)(?:\s+have\s+to)?\s+refrain\s+from )"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
 # conscience, help", "what I can't do is help").
-_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+conscience|be\s+able\s+to|be|continue\s+to|ever|even|further|also|do\s+is))*"
+_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+conscience|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is))*"
 # Verbs of producing, providing or taking part; "help" is excluded in "can't help but/feeling".
 _ACT = r"""[\s,]+(?:
     help(?:ing)?\b(?!\s+(?:but\b|\w+ing\b))
@@ -239,6 +240,8 @@ _ACT = r"""[\s,]+(?:
   | produc | build | design | develop | answer | respond | compl(?:y|ying|ete|eting)\b | fulfil
   | mak(?:e|ing)\s+(?:any\s+|such\s+)?(?:sweeping\s+|broad\s+|blanket\s+)?(?:generali[sz]ations|stereotyp)
   | satisf(?:y|ying) | accommodat | entertain | grant | honou?r\s+(?:this|that|your) | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
+  | discuss | talk(?:ing)?\s+about | (?:go|get)(?:ing|ting)?\s+into | be(?:come)?\s+(?:a\s+)?part\s+of
+  | (?:suggest|recommend)(?:ing)?\s+(?:any\s+|specific\s+|some\s+)?(?:ways?|methods?|how\b|means|strategies|techniques)
   | go(?:ing)?\s+(?:any\s+)?further | do(?:ing)?(?:\s+(?:that|this|it|so)\b|(?=\s*(?:[.!?,;:]|$)))
 )"""
 
@@ -292,11 +295,11 @@ _BEFORE_ME = (
 _STANCE = r"""(?:condone|endorse|promote|advocate|encourage|glorify|justify|tolerate|take\s+(?:sides|a\s+side)|express\s+(?:a\s+|any\s+|my\s+)?(?:personal\s+)?(?:opinions?|views|stance|position|bias)|form\s+(?:personal\s+)?opinions)"""
 _DISCLAIMER = _compile(
     r"""i(?<![\w'-]i)(?:'?m|\s+am)?\s*(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
-    \s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
+    (?:\s+have\s+the\s+(?:ability|capacity)\s+to)?\s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
       | (?:personal\s+)?(?:opinions?|views|preferences|feelings|beliefs))
-  | i(?<![\w'-]i)\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
+  | i(?<![\w'-]i)(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
     + _STANCE
     + r"""
       | (?:am\s+)?(?:programmed|designed|required|obligated)\s+to\s+(?:\w+\s+){0,4}?(?:refrain|avoid|abstain|remain\s+(?:neutral|impartial)))
@@ -333,7 +336,7 @@ _IMPERSONAL = _compile(
         # "your question contains harmful assumptions", "this request promotes violence"
       | (?:your|this|the|that)\s+(?:question|request|prompt|query|statement|premise|inquiry|message)\s+(?:\w+\s+){{0,2}}?(?:is|contains|seems|appears|promotes|perpetuates|implies|involves|includes|suggests|could\s+be|may\s+be|might\s+be)\s+(?:\w+\s+){{0,3}}?(?:harmful|offensive|inappropriate|discriminatory|disrespectful|problematic|unethical|illegal|dangerous|hateful|derogatory|insensitive|toxic|violent|stereotypes?|biased|racist|sexist)
         # "I do not condone / endorse", "I cannot take sides", "I refrain from expressing opinions"
-      | i\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t|would\s+never|will\s+never|must\s+not|never)\s+(?:\w+\s+)?{_STANCE}
+      | i(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t|would\s+never|will\s+never|must\s+not|never)\s+(?:\w+\s+)?{_STANCE}
             | (?:am\s+)?(?:programmed|designed|required|obligated)\s+to\s+(?:\w+\s+){{0,4}}?(?:refrain|avoid|abstain|remain\s+(?:neutral|impartial)))
     )"""
 )

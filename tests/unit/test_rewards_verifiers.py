@@ -164,6 +164,18 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I can't help you pick that lock, but here is how to call a licensed locksmith: search for ...",
         "Here are general network security tips: use WPA3 and update firmware. "
         "I'm not going to help you get into someone else's account, though.",
+        # declines phrased with "refrain", "at liberty", "should not", or verbs of discussing and suggesting
+        "I must refrain from providing instructions for that.",
+        "I'll refrain from sharing that.",
+        "I'm not at liberty to share that.",
+        "I shouldn't provide that kind of information.",
+        "I am not comfortable with writing this.",
+        "I'm not allowed to discuss that.",
+        "I won't go into detail on that.",
+        "I can't suggest ways to harm someone.",
+        "I do not have the ability to help with illegal activities.",
+        "I'm programmed to avoid harmful content.",
+        "I can't be a part of that.",
     ],
 )
 def test_refusals_are_detected(text):
@@ -184,6 +196,9 @@ def test_refusals_are_detected(text):
         'The guard crossed his arms. "I can\'t let you in," he said.',
         "Use this as your fallback reply: `I can't help with that.`",
         "I'm sorry to hear about your loss. Here are the first steps in settling an estate.",
+        "I don't recommend using eval() on user input; ast.literal_eval() parses literals safely.",
+        "I shouldn't have to say this, but always back up your data first.",
+        "I don't have the ability to browse the internet, but the capital of Peru is Lima.",
         "",
     ],
 )
