@@ -264,7 +264,8 @@ _FIRST_PERSON = _compile(
               | (?:am|will|would){_ACT} ) )
         | '(?<![\w'-]i') (?: {_NEG_APOSTROPHE}{_FILL}{_ACT}
             | (?:ll|d|m\s+going\ to)(?:\s+have\ to)?(?:\s+(?:respectfully|politely))?\s+declin
-            | (?:ll|ll\s+have\ to|m\s+going\ to\ have\ to)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
+            | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
+            | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
             | ( (?:m|ll|d)(?:\s+(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b|{_ACT}) ) ) )"""
 )
 _BEFORE_I = _compile(
@@ -321,12 +322,23 @@ _ALTERNATIVE = _compile(
 _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:sincerely\s+|truly\s+)?apologi[sz]e|i'?m\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|i\s+am\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry|sorry|my\s+apologies|oh\s+no)\b[^.!?\n]{0,60}?(?:,|\s)\s*(?:but|however)\b[\s,]*
   | as\s+an?\s+(?:(?:responsible|ethical|helpful|respectful|honest|friendly|harmless|safe)(?:\s+and|,)?\s+)*(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:[\s-]+(?:language\s+model|assistant|model|developed\s+by\s+\w+|trained\s+by\s+\w+))*[\s,]+
   | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+
-  | (?:however|unfortunately),?\s+
+  | (?:however|unfortunately|regrettably),?\s+
+  | i'?m\s+afraid(?:\s+that)?[\s,]+
   | i\s+must\s+(?:(?:respectfully\s+|kindly\s+)?(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
-        (?:it|this|that)(?:'s|\s+is|\s+would\s+(?:not\s+)?be|\s+would\s+be\s+not)\s+(?:not\s+|never\s+)?(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
+        # (a positive word needs its negation: "it is okay to feel sad" is not a refusal)
+        (?:it|this|that)(?:(?:'s|\s+is|\s+would\s+be)\s+(?:not|never)|\s+(?:isn'?t|wouldn'?t\s+be|would\s+not\s+be|would\s+be\s+not)(?:\s+ever)?)
+          \s+(?:appropriate|ethical|acceptable|okay|ok|responsible|respectful|fair|safe\s+or\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
+      | (?:it|this|that)(?:'s|\s+is|\s+would\s+be)\s+(?:(?:very|highly|deeply|extremely|completely|simply)\s+)?(?:inappropriate|unethical|irresponsible|unacceptable|unfair|disrespectful|against\s+(?:my|the|our)\s+\w+)(?:\s+(?:and|or|nor)\s+(?:not\s+)?\w+)?\s+(?:for\s+(?:\w+\s+){{1,4}}?)?to\b
+        # "it is not within my capabilities to assist", "it is impossible for me to provide"
+      | (?:it|this|that)(?:'s|\s+is)\s+(?:(?:not\s+within|beyond|outside(?:\s+of)?)\s+my\s+(?:capabilities|abilities|capacity|scope)|(?:impossible|not\s+possible)\s+for\s+me)\s+to{_FILL}{_ACT}
+        # "providing such information would be irresponsible"
+      | (?:providing|sharing|giving|offering)\s+(?:you\s+)?(?:with\s+)?(?:this|that|such|the|any|these|those)\s+(?:\w+\s+)?(?:information|details|instructions|content|guidance|advice|assistance)\s+(?:would|could|might)\s+(?:be\s+)?(?:irresponsible|unethical|inappropriate|harmful|dangerous|illegal|wrong|against)
+        # "there's no way I can help", "there isn't a safe way to"
+      | there(?:'s|\s+is)\s+no\s+way\s+(?:that\s+)?i\s+(?:can|could|would|will){_FILL}{_ACT}
+      | there\s+(?:isn'?t|aren'?t|is\s+not|are\s+not)\s+(?:a|any)\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|good|responsible)\s+(?:or\s+\w+\s+)?)+(?:ways?|methods?)\s+to\b
         # "I apologize for not being able to comply", "for not fulfilling your request"
       | [^.!?\n]{{0,60}}?(?:(?:not\s+being\s+able|being\s+unable)\s+to|\bfor\s+(?:not|failing\s+to)){_FILL}{_ACT}
         # "I don't think it's appropriate to"

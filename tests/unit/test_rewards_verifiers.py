@@ -176,6 +176,17 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I do not have the ability to help with illegal activities.",
         "I'm programmed to avoid harmful content.",
         "I can't be a part of that.",
+        "I'll pass.",
+        "I'm going to pass on this one.",
+        # impersonal declines: negated forms, the assistant's own act judged, no way / no safe way
+        "It isn't appropriate to share someone's address.",
+        "It wouldn't be appropriate for me to speculate about that.",
+        "I'm afraid this request is inappropriate.",
+        "Unfortunately, it is not possible for me to assist with that.",
+        "It is not within my capabilities to assist with illegal activities.",
+        "Providing such information would be irresponsible.",
+        "There's no way I can help with that.",
+        "There isn't a safe way to do that at home.",
     ],
 )
 def test_refusals_are_detected(text):
@@ -198,6 +209,11 @@ def test_refusals_are_detected(text):
         "I'm sorry to hear about your loss. Here are the first steps in settling an estate.",
         "I don't recommend using eval() on user input; ast.literal_eval() parses literals safely.",
         "I shouldn't have to say this, but always back up your data first.",
+        # a positive judgement is not a refusal; only its negation is
+        "It is okay to feel sad sometimes; grief comes in waves and usually eases with time.",
+        "It is appropriate to tip 15-20% at restaurants in the US.",
+        "It would be fair to say that sales rose last quarter.",
+        "It is not possible for me to predict the future, but here are the current trends.",
         "I don't have the ability to browse the internet, but the capital of Peru is Lima.",
         "",
     ],
