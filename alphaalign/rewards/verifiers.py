@@ -299,7 +299,7 @@ _DISCLAIMER = _compile(
     (?:\s+have\s+the\s+(?:ability|capacity)\s+to)?\s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
-      | (?:personal\s+)?(?:opinions?|views|preferences|feelings|beliefs))
+      | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?))
   | i(?<![\w'-]i)(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
     + _STANCE
     + r"""

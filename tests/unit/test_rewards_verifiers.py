@@ -214,6 +214,8 @@ def test_refusals_are_detected(text):
         "It is appropriate to tip 15-20% at restaurants in the US.",
         "It would be fair to say that sales rose last quarter.",
         "It is not possible for me to predict the future, but here are the current trends.",
+        "As an AI, I cannot give a personal preference. However, in general the best trading platforms offer low "
+        "fees, strong security, a wide range of assets and responsive customer support, so compare those first.",
         "I don't have the ability to browse the internet, but the capital of Peru is Lima.",
         "",
     ],
