@@ -356,12 +356,13 @@ _IMPERSONAL = _compile(
 # sympathy ("sorry to hear …, but here are some ideas"), a correction ("sorry, but that's a myth") or
 # "sorry, but here is the story".
 _APOLOGY_BUT = _compile(
-    r"""\n\s*(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?
-    (?:(?:i|we)\s+(?:sincerely\s+|truly\s+)?apologi[sz]e|(?:i'?m|i\s+am|we'?re|we\s+are)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry
+    r"""\n(?:[\w\[\]()-]{1,30}(?:\ [\w\[\]()-]{1,30}){0,2}\s{0,4}:\s{1,4})?
+    (?:(?:i|we)\s{1,4}(?:sincerely\s+|truly\s+)?apologi[sz]e|(?:i'?m|i\s+am|we'?re|we\s+are)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry
       | sorry|(?:my\s+|our\s+)?apologies)\b
     (?!\s+(?:to\s+hear|that\s+you|you|for\s+(?:your|the)\s+loss))[^.!?\n]{0,80}?(?:,|\s)\s*but\b
     (?![\s,]+(?:here\b|(?:that|this|it)(?:'s|\s+is)\s+(?:a\s+|actually\s+)?(?:common\s+)?(?:misconception|myth)|actually\b))"""
 )
+_APOLOGY_WITHIN = 128  # bytes: the longest speaker label the pattern allows, and the apology's first word
 # A short answer whose substance is a referral: "it might help to consult a professional".
 _REFERRAL = _compile(
     r"""\b(?:consult(?:ing)?|reach(?:ing)?\s+out\s+to|talk(?:ing)?\s+to|speak(?:ing)?\s+(?:to|with)
@@ -438,7 +439,9 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
 # Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match), _DISCLAIMER
 # (checked when it does) and _REFERRAL (checked on short answers) rarely match, and finding that out is most of `re`'s time (docs/refusal_detector.md).
-_UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY = 0, 1, 2
+# _IMPERSONAL has a database of its own, scanned over the opening only: beside the others it made their
+# combined scan slower than the two scans apart.
+_UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY, _IMPERSONAL_ONLY = 0, 1, 2, 3
 
 
 @lru_cache(maxsize=1)
@@ -448,16 +451,19 @@ def _prefilter() -> _Prefilter | None:
         import hyperscan
     except ImportError:
         return None
-    return _Prefilter(hyperscan, ((_OPENER, _ME_MY, _IMPERSONAL), (_DISCLAIMER,), (_REFERRAL,)))
+    return _Prefilter(hyperscan, ((_OPENER, _ME_MY), (_DISCLAIMER,), (_REFERRAL,), (_IMPERSONAL,)))
 
 
 def _has_refusal(data: bytes, prefilter: _Prefilter | None) -> bool:
     for m in _FIRST_PERSON.finditer(data):
         if m.lastindex is None or _after(_BEFORE_I, data, m.start()):
             return True
+    if prefilter is None or prefilter.may_match(_IMPERSONAL_ONLY, data[:_OPENING]):
+        if _IMPERSONAL.search(data, 0, _OPENING):
+            return True
     if prefilter is not None and not prefilter.may_match(_UNVOICED, data):
         return False
-    if _OPENER.search(data) or _IMPERSONAL.search(data, 0, _OPENING):
+    if _OPENER.search(data):
         return True
     return any(_after(_BEFORE_ME[m.lastindex - 1], data, m.start()) for m in _ME_MY.finditer(data))
 
@@ -467,7 +473,8 @@ def is_refusal(text: str) -> bool:
     data = _normalize(text)
     if _NO_OPINION.match(data) is not None and _DEFER.search(data, 0, _OPENING) is not None:
         return True  # an opinion question deflected: "as an AI I have no opinion; it is up to you"
-    if _APOLOGY_BUT.match(data) is not None:
+    opening = data[:_APOLOGY_WITHIN]
+    if (b"sorr" in opening or b"apolog" in opening) and _APOLOGY_BUT.match(data) is not None:
         return True
     prefilter = _prefilter()
     if len(data) <= _REFERRAL_MAX and (prefilter is None or prefilter.may_match(_REFERRAL_ONLY, data)):

@@ -331,9 +331,10 @@ noise = st.sampled_from(["\n", '"', "`", "'", ".", "Here is the recipe.", "x" * 
 refusalish = st.lists(phrase | noise, max_size=12).map(" ".join) | st.sampled_from(_EVAL_TEXTS)
 # Written out here rather than taken from verifiers, so that a pattern missing from a database fails the tests.
 _GROUPS = (
-    (verifiers._OPENER, verifiers._ME_MY, verifiers._IMPERSONAL),
+    (verifiers._OPENER, verifiers._ME_MY),
     (verifiers._DISCLAIMER,),
     (verifiers._REFERRAL,),
+    (verifiers._IMPERSONAL,),
 )
 
 
