@@ -271,10 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds; each runs every system once"
     )
-    bench.add_argument("--out", help="results JSON (default: bench/results.json, or bench/results_gpu.json)")
+    bench.add_argument(
+        "--out",
+        help="results JSON (default: bench/results.json, bench/results_gpu.json or, with --rewards-only, "
+        "bench/rewards.json)",
+    )
     bench.add_argument("--cache", default=".cache/bench", help="folder for the built models (reused)")
     bench.add_argument(
         "--no-rewards", action="store_true", help="skip the reward throughput and accuracy part"
+    )
+    bench.add_argument(
+        "--rewards-only",
+        action="store_true",
+        help="only the reward throughput and accuracy part (seconds; no system is built or timed)",
     )
     bench.set_defaults(fn="alphaalign.perf.harness:run")
     add_launch_parsers(sub)

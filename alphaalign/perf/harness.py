@@ -23,7 +23,7 @@ from alphaalign.outputs import check_output
 from alphaalign.perf.systems import MIXED_PRECISION_SYSTEMS, RESULT_MARK, SYSTEMS
 from alphaalign.perf.workload import WORKLOADS, Workload, build
 
-TARGETS = {"ratio_vs_trl_min": 2.0, "overhead_vs_floor_max": 0.10}
+TARGETS = {"ratio_vs_trl_min": 2.0, "overhead_vs_floor_max": 0.10, "reward_per_cpu_s_min": 20_000}
 ALPHAALIGN_SYSTEMS = ("alphaalign", "alphaalign_bf16", "alphaalign_vllm_async")
 TRL_SYSTEMS = ("trl", "trl_bf16", "trl_defaults")
 FLOORS = {"alphaalign": "floor", "alphaalign_bf16": "floor_bf16"}  # the in-process engine and its model work
@@ -217,23 +217,45 @@ def run_bench(
             result["rounds_completed"] = r + 1
     result["targets"] = TARGETS
     if rewards:
-        from alphaalign.perf.rewards import refusal_accuracy, reward_throughput
+        result.update(reward_benchmarks())
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
-        result["reward_throughput"] = reward_throughput()
-        result["refusal_detector"] = refusal_accuracy()
+
+def reward_benchmarks() -> dict:
+    """Reward completions per CPU-second on 1 KB completions, and the refusal rules on their labelled set."""
+    from alphaalign.perf.rewards import refusal_accuracy, reward_throughput
+
+    return {"reward_throughput": reward_throughput(), "refusal_detector": refusal_accuracy()}
+
+
+def run_reward_bench(out: Path) -> dict:
+    """The reward part alone, without building or timing any system (`alphaalign bench --rewards-only`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": machine("cpu"),
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before": os.getloadavg(),
+        **reward_benchmarks(),
+        "load_average_after": os.getloadavg(),
+        "targets": {"reward_per_cpu_s_min": TARGETS["reward_per_cpu_s_min"]},
+    }
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def format_table(result: dict) -> str:
     """A markdown table of the systems, then the comparisons."""
-    cuda = result["device"] == "cuda"
-    lines = [
-        "| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |"
-        + (" peak CUDA allocated (MiB) |" if cuda else ""),
-        "|---|---|---|---|---|" + ("---|" if cuda else ""),
-    ]
-    for name, s in result["systems"].items():
+    cuda = result.get("device") == "cuda"
+    lines = []
+    if "systems" in result:  # not with --rewards-only
+        lines += [
+            "| system | median s/step | completions/s | completion tokens/s | peak RSS (MiB) |"
+            + (" peak CUDA allocated (MiB) |" if cuda else ""),
+            "|---|---|---|---|---|" + ("---|" if cuda else ""),
+        ]
+    for name, s in result.get("systems", {}).items():
         lines.append(
             f"| {name} | {s['median_step_s']:.3f} | {s['completions_per_s']:.1f} | "
             f"{s['completion_tokens_per_s']:.0f} | {s['peak_rss_mb']:.0f} |"
@@ -256,6 +278,7 @@ def format_table(result: dict) -> str:
         lines.append(
             "reward completions per CPU-second on 1 KB completions: "
             + ", ".join(f"{k} {v:,}" for k, v in rates.items())
+            + f" (target for alphaalign_safety ≥ {TARGETS['reward_per_cpu_s_min']:,})"
         )
     if "refusal_detector" in result:
         d = result["refusal_detector"]
@@ -269,6 +292,16 @@ def format_table(result: dict) -> str:
 def run(args) -> int:
     """`alphaalign bench`: time trl's GRPOTrainer, alphaalign and the model-work floors side by side; see
     docs/benchmarks.md."""
+    if args.rewards_only:
+        given = {"--gpu": args.gpu, "--no-rewards": args.no_rewards, "--systems": args.systems}
+        clashing = [flag for flag, value in given.items() if value]
+        if clashing:
+            raise UserError(f"--rewards-only: cannot be combined with {', '.join(clashing)}")
+        out = check_output(args.out or "bench/rewards.json", "--out", folder=False)
+        result = run_reward_bench(out)
+        print(format_table(result))
+        print(f"results in {out}")
+        return 0
     workload, device = ("qwen2.5-1.5b", "cuda") if args.gpu else (args.workload, "cpu")
     if device == "cuda":
         import torch

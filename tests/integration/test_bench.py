@@ -57,9 +57,28 @@ def test_reward_benchmark_inputs_and_rates():
     assert accuracy["n"] == 562 and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
 
 
+def test_rewards_only_writes_the_reward_part_alone(tmp_path, capsys):
+    out = tmp_path / "rewards.json"
+    assert main(["bench", "--rewards-only", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "systems" not in result and result["machine"]["cores"] >= 1
+    rates = result["reward_throughput"]["completions_per_cpu_s"]
+    assert set(rates) == {"alphaalign_safety", "format_verifier", "refusal_detector"}
+    assert all(rate > 0 for rate in rates.values())
+    assert result["refusal_detector"]["n"] == 562
+    assert result["targets"] == {"reward_per_cpu_s_min": 20_000}
+    printed = capsys.readouterr().out
+    assert f"alphaalign_safety {rates['alphaalign_safety']:,}" in printed and "| system |" not in printed
+
+
 @pytest.mark.parametrize(
     "args, message",
-    [(["--rounds", "0"], "--rounds: must be at least 1"), (["--systems", "nope"], "--systems: unknown nope")],
+    [
+        (["--rounds", "0"], "--rounds: must be at least 1"),
+        (["--systems", "nope"], "--systems: unknown nope"),
+        (["--rewards-only", "--no-rewards"], "--rewards-only: cannot be combined with --no-rewards"),
+        (["--rewards-only", "--systems", "trl"], "--rewards-only: cannot be combined with --systems"),
+    ],
 )
 def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys, args, message):
     code = main(
