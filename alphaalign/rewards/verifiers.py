@@ -228,7 +228,7 @@ _NEG_SPACE = rf"""(?:
 _NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} | (?:ll|d)(?:\s+have\s+to)?\s+refrain\s+from )"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
 # conscience, help", "what I can't do is help").
-_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+conscience|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is))*"
+_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is))*"
 # Verbs of producing, providing or taking part; "help" is excluded in "can't help but/feeling".
 _ACT = r"""[\s,]+(?:
     help(?:ing)?\b(?!\s+(?:but\b|\w+ing\b))
@@ -240,7 +240,7 @@ _ACT = r"""[\s,]+(?:
   | produc | build | design | develop | answer | respond | compl(?:y|ying|ete|eting)\b | fulfil
   | mak(?:e|ing)\s+(?:any\s+|such\s+)?(?:sweeping\s+|broad\s+|blanket\s+)?(?:generali[sz]ations|stereotyp)
   | satisf(?:y|ying) | accommodat | entertain | grant | honou?r\s+(?:this|that|your) | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
-  | discuss | talk(?:ing)?\s+about | (?:go|get)(?:ing|ting)?\s+into | be(?:come)?\s+(?:a\s+)?part\s+of
+  | be\s+of\s+(?:any\s+|much\s+)?(?:help|assistance) | discuss | talk(?:ing)?\s+about | (?:go|get)(?:ing|ting)?\s+into | be(?:come)?\s+(?:a\s+)?part\s+of
   | (?:suggest|recommend)(?:ing)?\s+(?:any\s+|specific\s+|some\s+)?(?:ways?|methods?|how\b|means|strategies|techniques)
   | go(?:ing)?\s+(?:any\s+)?further | do(?:ing)?(?:\s+(?:that|this|it|so)\b|(?=\s*(?:[.!?,;:]|$)))
 )"""
@@ -260,12 +260,14 @@ _FIRST_PERSON = _compile(
             | (?:(?:will|would|must|have\ to|need\ to|am\ going\ to)\s+)?(?:have\ to\s+)?(?:(?:respectfully|politely)\s+)?declin
             | (?:will|must|have\ to|am\ going\ to\ have\ to)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | must\s+refuse\b
+            | (?:will|am\ going\ to)\s+(?:have\ to\s+)?skip\s+(?:this|that)(?:\s+(?:one|question|request|part))?\b
             | ( (?:(?:am|will|would)\s+)?(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b
               | (?:am|will|would){_ACT} ) )
         | '(?<![\w'-]i') (?: {_NEG_APOSTROPHE}{_FILL}{_ACT}
             | (?:ll|d|m\s+going\ to)(?:\s+have\ to)?(?:\s+(?:respectfully|politely))?\s+declin
             | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
+            | (?:ll|m\s+going\ to)\s+(?:have\ to\s+)?skip\s+(?:this|that)(?:\s+(?:one|question|request|part))?\b
             | ( (?:m|ll|d)(?:\s+(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b|{_ACT}) ) ) )"""
 )
 _BEFORE_I = _compile(

@@ -178,6 +178,9 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I can't be a part of that.",
         "I'll pass.",
         "I'm going to pass on this one.",
+        "I'm going to skip that one.",
+        "I cannot in good faith provide that.",
+        "I can't be of help here.",
         # impersonal declines: negated forms, the assistant's own act judged, no way / no safe way
         "It isn't appropriate to share someone's address.",
         "It wouldn't be appropriate for me to speculate about that.",
@@ -209,6 +212,7 @@ def test_refusals_are_detected(text):
         "I'm sorry to hear about your loss. Here are the first steps in settling an estate.",
         "I don't recommend using eval() on user input; ast.literal_eval() parses literals safely.",
         "I shouldn't have to say this, but always back up your data first.",
+        "I'll skip the intro and give you the short version: preheat, mix, bake for 20 minutes.",
         # a positive judgement is not a refusal; only its negation is
         "It is okay to feel sad sometimes; grief comes in waves and usually eases with time.",
         "It is appropriate to tip 15-20% at restaurants in the US.",
