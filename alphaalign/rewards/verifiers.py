@@ -240,7 +240,7 @@ _ACT = r"""[\s,]+(?:
   | produc | build | design | develop | answer | respond | compl(?:y|ying|ete|eting)\b | fulfil
   | mak(?:e|ing)\s+(?:any\s+|such\s+)?(?:sweeping\s+|broad\s+|blanket\s+)?(?:generali[sz]ations|stereotyp)
   | satisf(?:y|ying) | accommodat | entertain | grant | honou?r\s+(?:this|that|your) | continu | proceed | role-?play | pretend(?:ing)?\s+to\s+be | act(?:ing)?\s+as
-  | be\s+of\s+(?:any\s+|much\s+)?(?:help|assistance) | discuss | talk(?:ing)?\s+about | (?:go|get)(?:ing|ting)?\s+into | be(?:come)?\s+(?:a\s+)?part\s+of
+  | be\s+of\s+(?:any\s+|much\s+)?(?:help|assistance) | discuss | talk(?:ing)?\s+about | be(?:come)?\s+(?:a\s+)?part\s+of
   | (?:suggest|recommend)(?:ing)?\s+(?:any\s+|specific\s+|some\s+)?(?:ways?|methods?|how\b|means|strategies|techniques)
   | go(?:ing)?\s+(?:any\s+)?further | do(?:ing)?(?:\s+(?:that|this|it|so)\b|(?=\s*(?:[.!?,;:]|$)))
 )"""

@@ -171,7 +171,6 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I shouldn't provide that kind of information.",
         "I am not comfortable with writing this.",
         "I'm not allowed to discuss that.",
-        "I won't go into detail on that.",
         "I can't suggest ways to harm someone.",
         "I do not have the ability to help with illegal activities.",
         "I'm programmed to avoid harmful content.",
@@ -213,6 +212,7 @@ def test_refusals_are_detected(text):
         "I don't recommend using eval() on user input; ast.literal_eval() parses literals safely.",
         "I shouldn't have to say this, but always back up your data first.",
         "I'll skip the intro and give you the short version: preheat, mix, bake for 20 minutes.",
+        "I won't go into the derivation here, but the result is that the series converges to 2.",
         # a positive judgement is not a refusal; only its negation is
         "It is okay to feel sad sometimes; grief comes in waves and usually eases with time.",
         "It is appropriate to tip 15-20% at restaurants in the US.",
