@@ -439,10 +439,9 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 
 
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
-# Hyperscan is about as slow as `re`. _OPENER, _ME_MY and _IMPERSONAL (checked when it does not match), _DISCLAIMER
-# (checked when it does) and _REFERRAL (checked on short answers) rarely match, and finding that out is most of `re`'s time (docs/refusal_detector.md).
-# _IMPERSONAL has a database of its own, scanned over the opening only: beside the others it made their
-# combined scan slower than the two scans apart.
+# Hyperscan is about as slow as `re`. The other patterns rarely match, and finding that out is most of `re`'s
+# time (docs/refusal_detector.md). _IMPERSONAL has a database of its own, scanned over the opening only, where
+# it is searched: in one database with _OPENER and _ME_MY it made their scan slower than two scans apart.
 _UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY, _IMPERSONAL_ONLY = 0, 1, 2, 3
 
 
