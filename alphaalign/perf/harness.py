@@ -189,14 +189,7 @@ def run_bench(
         )
     folder = build(workload, cache / workload.name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result: dict = {
-        "workload": workload.describe(),
-        "device": device,
-        "machine": machine(device),
-        "versions": versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average_before": os.getloadavg(),
-    }
+    result: dict = {"workload": workload.describe(), "device": device, **run_header(device)}
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     with out.with_suffix(".log").open("w") as log:
         for r in range(rounds):
@@ -222,6 +215,16 @@ def run_bench(
     return result
 
 
+def run_header(device: str) -> dict:
+    """What every results file starts with: the machine, the versions, the time and the load before."""
+    return {
+        "machine": machine(device),
+        "versions": versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_before": os.getloadavg(),
+    }
+
+
 def reward_benchmarks() -> dict:
     """Reward completions per CPU-second on 1 KB completions, and the refusal rules on their labelled set."""
     from alphaalign.perf.rewards import refusal_accuracy, reward_throughput
@@ -233,10 +236,7 @@ def run_reward_bench(out: Path) -> dict:
     """The reward part alone, without building or timing any system (`alphaalign bench --rewards-only`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "machine": machine("cpu"),
-        "versions": versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average_before": os.getloadavg(),
+        **run_header("cpu"),
         **reward_benchmarks(),
         "load_average_after": os.getloadavg(),
         "targets": {"reward_per_cpu_s_min": TARGETS["reward_per_cpu_s_min"]},
