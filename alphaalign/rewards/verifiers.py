@@ -326,7 +326,7 @@ _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:s
   | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+
   | (?:however|unfortunately|regrettably),?\s+
   | i'?m\s+afraid(?:\s+that)?[\s,]+
-  | i\s+must\s+(?:(?:respectfully\s+|kindly\s+)?(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
+  | i\s+(?:must|(?:would|'d)\s+like\s+to)\s+(?:(?:respectfully\s+|kindly\s+)?(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
@@ -385,7 +385,17 @@ _DEFER = _compile(
           | (?:is|be)\s+a\s+(?:\w+\s+)?(?:decision|choice|matter)\s+(?:that|which)\s+(?:should|must|needs\s+to)
           | whether\s+(?:or\s+not\s+)?[^.!?\n]{0,100}?\b(?:should\s+be\s+(?:decided|determined|made)|is\s+(?:a\s+)?(?:decision|matter|question)\s+(?:for|of|that)))"""
 )
-_OPENING = 400  # bytes of the response's start in which the deferral must come
+_OPENING = 400  # bytes of the response's start in which the deferral or the redirection must come
+# A lecture that redirects: "It's important to respect their privacy. Instead, you could …". The redirection opens
+# a sentence, and a word of moral framing comes before it; "Stretch first. Instead of running, walk" is advice.
+_REDIRECT = _compile(
+    r"""(?:\n|[.!?]\s)\s*(?:instead(?:,|\s+of\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
+)
+_LECTURE = _compile(
+    r"""\b(?:respect|illegal|unethical|immoral|harmful|hurtful|offensive|disrespectful|inappropriate|stereotyp|generali[sz]
+          |discriminat|prejudice|consent|privacy|against\s+the\s+law|violen(?:ce|t)
+          |not\s+(?:okay|ok|acceptable|appropriate|ethical|right|fair)|never\s+(?:okay|ok|acceptable|justified|the\s+answer))"""
+)
 
 
 def _normalize(text: str) -> bytes:
@@ -440,9 +450,10 @@ def _report(pattern_id, start, end, flags, reported: list[int]) -> None:
 
 # _FIRST_PERSON is not prefiltered: its "i can" / "i'll" branch is in most texts, and on this pattern
 # Hyperscan is about as slow as `re`. The other patterns rarely match, and finding that out is most of `re`'s
-# time (docs/refusal_detector.md). _IMPERSONAL has a database of its own, scanned over the opening only, where
-# it is searched: in one database with _OPENER and _ME_MY it made their scan slower than two scans apart.
-_UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY, _IMPERSONAL_ONLY = 0, 1, 2, 3
+# time (docs/refusal_detector.md). _IMPERSONAL and _REDIRECT have a database of their own, scanned over the
+# opening only, where they are searched: in one database with _OPENER and _ME_MY, _IMPERSONAL made their scan
+# slower than two scans apart.
+_UNVOICED, _DISCLAIMER_ONLY, _REFERRAL_ONLY, _IN_OPENING = 0, 1, 2, 3
 
 
 @lru_cache(maxsize=1)
@@ -452,16 +463,20 @@ def _prefilter() -> _Prefilter | None:
         import hyperscan
     except ImportError:
         return None
-    return _Prefilter(hyperscan, ((_OPENER, _ME_MY), (_DISCLAIMER,), (_REFERRAL,), (_IMPERSONAL,)))
+    return _Prefilter(hyperscan, ((_OPENER, _ME_MY), (_DISCLAIMER,), (_REFERRAL,), (_IMPERSONAL, _REDIRECT)))
 
 
 def _has_refusal(data: bytes, prefilter: _Prefilter | None) -> bool:
     for m in _FIRST_PERSON.finditer(data):
         if m.lastindex is None or _after(_BEFORE_I, data, m.start()):
             return True
-    if prefilter is None or prefilter.may_match(_IMPERSONAL_ONLY, data[:_OPENING]):
-        if _IMPERSONAL.search(data, 0, _OPENING):
+    opening = data[:_OPENING]
+    if prefilter is None or prefilter.may_match(_IN_OPENING, opening):
+        if _IMPERSONAL.search(opening):
             return True
+        redirect = _REDIRECT.search(opening)
+        if redirect is not None and _LECTURE.search(opening, 0, redirect.start()) is not None:
+            return True  # a lecture that redirects
     if prefilter is not None and not prefilter.may_match(_UNVOICED, data):
         return False
     if _OPENER.search(data):
@@ -474,8 +489,8 @@ def is_refusal(text: str) -> bool:
     data = _normalize(text)
     if _NO_OPINION.match(data) is not None and _DEFER.search(data, 0, _OPENING) is not None:
         return True  # an opinion question deflected: "as an AI I have no opinion; it is up to you"
-    opening = data[:_APOLOGY_WITHIN]
-    if (b"sorr" in opening or b"apolog" in opening) and _APOLOGY_BUT.match(data) is not None:
+    start = data[:_APOLOGY_WITHIN]
+    if (b"sorr" in start or b"apolog" in start) and _APOLOGY_BUT.match(data) is not None:
         return True
     prefilter = _prefilter()
     if len(data) <= _REFERRAL_MAX and (prefilter is None or prefilter.may_match(_REFERRAL_ONLY, data)):

@@ -338,7 +338,7 @@ _GROUPS = (
     (verifiers._OPENER, verifiers._ME_MY),
     (verifiers._DISCLAIMER,),
     (verifiers._REFERRAL,),
-    (verifiers._IMPERSONAL,),
+    (verifiers._IMPERSONAL, verifiers._REDIRECT),
 )
 
 
