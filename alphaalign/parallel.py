@@ -33,6 +33,9 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Ranks(SingleProcess):
     """The torch.distributed process group that DeepSpeed set up (gloo on CPU, nccl on GPU)."""
@@ -66,6 +69,12 @@ class Ranks(SingleProcess):
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group before the interpreter exits: left to exit-time destructors, its threads can
+        abort a rank (SIGABRT) after the run's work is done, and torchrun then fails the whole job."""
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
 
 
 def launched_world_size() -> int:

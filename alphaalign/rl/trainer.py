@@ -64,6 +64,7 @@ def train(recipe: Recipe) -> dict:
 def run(recipe: Recipe, resources: contextlib.ExitStack) -> dict:
     tc, ac, rc = recipe.trainer, recipe.algorithm, recipe.rollout
     ranks, deepspeed, ds_config = start_processes(recipe)
+    resources.callback(ranks.close)  # registered first, so the group ends after the servers and threads
     out = prepare_output_dir(tc.output_dir, "trainer.output_dir")
     transformers.utils.logging.disable_progress_bar()  # a bar per weight push or checkpoint buries the step bar
     device = ranks.device if deepspeed else pick_device(tc.device)
