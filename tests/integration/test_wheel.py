@@ -175,7 +175,9 @@ def test_bench_and_the_refusal_set(installed):
     )
     assert json.loads(out.read_text())["workload"]["name"] == "tiny"
     code = "import json; from alphaalign.perf.rewards import refusal_accuracy; print(json.dumps(refusal_accuracy()))"
-    assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == 562
+    assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == len(
+        (ROOT / "alphaalign" / "eval" / "refusal_labels.jsonl").read_text().splitlines()
+    )
 
 
 def test_two_demo_training_steps(installed, tiny_policy):
