@@ -60,7 +60,9 @@ def test_reward_benchmark_inputs_and_rates():
     assert set(rates) == {"alphaalign_safety", "format_verifier", "refusal_detector"}
     assert all(rate > 0 for rate in rates.values())
     accuracy = refusal_accuracy()
-    assert accuracy["n"] == _rows(REFUSAL_SET) and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
+    assert (
+        accuracy["n"] == _rows(REFUSAL_SET) and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
+    )
 
 
 def test_rewards_only_writes_the_reward_part_alone(tmp_path, capsys):
