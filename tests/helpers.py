@@ -118,6 +118,12 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def jsonl_rows(path) -> int:
+    """The number of non-blank lines of a JSONL file, counted here rather than by the code under test."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def strip_timing(rows):
     """Metric rows without their wall-clock figures, which differ between identical runs."""
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]

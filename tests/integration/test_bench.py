@@ -5,6 +5,7 @@ import json
 import statistics
 
 import pytest
+from helpers import jsonl_rows
 
 from alphaalign.cli import main
 from alphaalign.errors import UserError
@@ -47,12 +48,6 @@ def test_harness_runs_every_system_and_its_figures_add_up(tmp_path):
     assert "| alphaalign |" in format_table(result)
 
 
-def _rows(path) -> int:
-    """Rows of a JSONL file, counted here rather than by the code under test."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def test_reward_benchmark_inputs_and_rates():
     completions, labels = one_kb_completions(6)
     assert {len(c) for c in completions} == {1024} and labels[:2] == ["harmful", "benign"]
@@ -61,7 +56,8 @@ def test_reward_benchmark_inputs_and_rates():
     assert all(rate > 0 for rate in rates.values())
     accuracy = refusal_accuracy()
     assert (
-        accuracy["n"] == _rows(REFUSAL_SET) and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
+        accuracy["n"] == jsonl_rows(REFUSAL_SET)
+        and accuracy["f1"] == evaluate_refusal_detector(REFUSAL_SET)["f1"]
     )
 
 
@@ -73,7 +69,7 @@ def test_rewards_only_writes_the_reward_part_alone(tmp_path, capsys):
     rates = result["reward_throughput"]["completions_per_cpu_s"]
     assert set(rates) == {"alphaalign_safety", "format_verifier", "refusal_detector"}
     assert all(rate > 0 for rate in rates.values())
-    assert result["refusal_detector"]["n"] == _rows(REFUSAL_SET)
+    assert result["refusal_detector"]["n"] == jsonl_rows(REFUSAL_SET)
     assert result["targets"] == {"reward_per_cpu_s_min": 20_000}
     printed = capsys.readouterr().out
     assert f"alphaalign_safety {rates['alphaalign_safety']:,}" in printed and "| system |" not in printed

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, demo_overrides
+from helpers import ROOT, demo_overrides, jsonl_rows
 
 pytestmark = pytest.mark.slow
 
@@ -175,8 +175,8 @@ def test_bench_and_the_refusal_set(installed):
     )
     assert json.loads(out.read_text())["workload"]["name"] == "tiny"
     code = "import json; from alphaalign.perf.rewards import refusal_accuracy; print(json.dumps(refusal_accuracy()))"
-    assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == len(
-        (ROOT / "alphaalign" / "eval" / "refusal_labels.jsonl").read_text().splitlines()
+    assert json.loads(run(venv / "bin" / "python", "-c", code, cwd=work, env=env).stdout)["n"] == jsonl_rows(
+        ROOT / "alphaalign" / "eval" / "refusal_labels.jsonl"
     )
 
 
