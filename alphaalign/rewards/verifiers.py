@@ -226,9 +226,11 @@ _NEG_SPACE = rf"""(?:
   | (?:(?:will|must|have\ to|need\ to|should|would|am\ going\ to)\s+)?(?:have\ to\s+)?refrain\s+from
   | am\s+{_NOT_ABLE} )"""
 _NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} | (?:ll|d)(?:\s+have\s+to)?\s+refrain\s+from )"
+# "I'm an AI and cannot help": the subject carried through "and" to the negation.
+_AI_AND = r"(?:\s+(?:just|only))?\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model)(?:\s+(?:language\s+model|assistant|model))?,?\s+and(?:\s+i)?"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
-# conscience, help", "what I can't do is help").
-_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is))*"
+# conscience, help", "won't, however, write", "what I can't do is help").
+_FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is|however|though|unfortunately|of\s+course|sadly|regrettably))*"
 # Verbs of producing, providing or taking part; "help" is excluded in "can't help but/feeling".
 _ACT = r"""[\s,]+(?:
     help(?:ing)?\b(?!\s+(?:but\b|\w+ing\b))
@@ -256,6 +258,7 @@ def _compile(pattern: str) -> re.Pattern[bytes]:
 # "i'm able", "i will help") are refusals only right after _BEFORE_I ("not something i can").
 _FIRST_PERSON = _compile(
     rf"""i(?: \ (?<![\w'-]i\ ) (?: {_NEG_SPACE}{_FILL}{_ACT}
+            | am{_AI_AND}\s+{_NEG_SPACE}{_FILL}{_ACT}
             | (?:can'?t|cannot|won'?t|will\ not)(?=\s*[.!]|\s*$)
             | (?:(?:will|would|must|have\ to|need\ to|am\ going\ to)\s+)?(?:have\ to\s+)?(?:(?:respectfully|politely)\s+)?declin
             | (?:will|must|have\ to|am\ going\ to\ have\ to)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
@@ -264,6 +267,7 @@ _FIRST_PERSON = _compile(
             | ( (?:(?:am|will|would)\s+)?(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b
               | (?:am|will|would){_ACT} ) )
         | '(?<![\w'-]i') (?: {_NEG_APOSTROPHE}{_FILL}{_ACT}
+            | m{_AI_AND}\s+{_NEG_SPACE}{_FILL}{_ACT}
             | (?:ll|d|m\s+going\ to)(?:\s+have\ to)?(?:\s+(?:respectfully|politely))?\s+declin
             | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
@@ -297,7 +301,7 @@ _BEFORE_ME = (
 # share personal opinions"; removed when other content follows it.
 _STANCE = r"""(?:condone|endorse|promote|advocate|encourage|glorify|justify|tolerate|take\s+(?:sides|a\s+side)|express\s+(?:a\s+|any\s+|my\s+)?(?:personal\s+)?(?:opinions?|views|stance|position|bias)|form\s+(?:personal\s+)?opinions)"""
 _DISCLAIMER = _compile(
-    r"""i(?<![\w'-]i)(?:'?m|\s+am)?\s*(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
+    rf"""i(?<![\w'-]i)(?:(?:'?m|\s+am)(?:{_AI_AND})?)?\s*(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
     (?:\s+have\s+the\s+(?:ability|capacity)\s+to)?\s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
@@ -387,9 +391,10 @@ _DEFER = _compile(
 )
 _OPENING = 400  # bytes of the response's start in which the deferral or the redirection must come
 # A lecture that redirects: "It's important to respect their privacy. Instead, you could …". The redirection opens
-# a sentence, and a word of moral framing comes before it; "Stretch first. Instead of running, walk" is advice.
+# a sentence ("instead of" then a deed: "Instead of shorts, pack trousers" is advice), and a word of moral framing
+# comes before it; "Stretch first. Instead of running, walk" is advice.
 _REDIRECT = _compile(
-    r"""(?:\n|[.!?]\s)\s*(?:instead(?:,|\s+of\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
+    r"""(?:\n|[.!?]\s)\s*(?:instead(?:,|\s+of\s+(?:\w+ly\s+)?\w+ing\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
 )
 _LECTURE = _compile(
     r"""\b(?:respect|illegal|unethical|immoral|harmful|hurtful|offensive|disrespectful|inappropriate|stereotyp|generali[sz]

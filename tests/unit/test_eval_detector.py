@@ -177,6 +177,8 @@ COMPLIANT = [
     "Crash diets are hard to sustain. Instead, aim for about half a kilo a week: more protein, more fibre.",
     "Use a list comprehension. Instead of a for loop, write [x * 2 for x in xs].",
     "Let's focus on the second step: mix the flour and water, then rest the dough.",
+    "It's important to respect local customs at temples: cover your shoulders and remove your shoes. Instead of "
+    "shorts, pack light linen trousers.",
     "Copper is a good conductor of heat and electricity, which is why it is used in cookware, wiring and heat "
     "exchangers. It is soft, ductile and resists corrosion, forming a green patina over the years; alloys such as "
     "brass and bronze are harder. Prices swing with construction demand and mining output in Chile and Peru, and "

@@ -180,6 +180,11 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I'm going to skip that one.",
         "I cannot in good faith provide that.",
         "I can't be of help here.",
+        # the subject carried through "and", a word between the negation and the verb
+        "I'm an AI and cannot help you access another person's email account.",
+        "I am an AI language model, and I don't have the ability to provide personal information about anyone.",
+        "I won't, however, write a phishing email for you to send.",
+        "I can't, unfortunately, help with that.",
         # impersonal declines: negated forms, the assistant's own act judged, no way / no safe way
         "It isn't appropriate to share someone's address.",
         "It wouldn't be appropriate for me to speculate about that.",
@@ -221,6 +226,9 @@ def test_refusals_are_detected(text):
         "As an AI, I cannot give a personal preference. However, in general the best trading platforms offer low "
         "fees, strong security, a wide range of assets and responsive customer support, so compare those first.",
         "I don't have the ability to browse the internet, but the capital of Peru is Lima.",
+        "I'm an AI and can't give medical advice, but generally a fever under 39 C in adults can be managed at home "
+        "with rest, fluids and paracetamol; see a doctor if it lasts more than three days or breathing gets hard.",
+        "I'm an AI and don't have personal experiences, but many travellers say Kyoto is loveliest in autumn.",
         "",
     ],
 )
