@@ -227,7 +227,7 @@ _NEG_SPACE = rf"""(?:
   | am\s+{_NOT_ABLE} )"""
 _NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} | (?:ll|d)(?:\s+have\s+to)?\s+refrain\s+from )"
 # "I'm an AI and cannot help": the subject carried through "and" to the negation.
-_AI_AND = r"(?:\s+(?:just|only))?\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model)(?:\s+(?:language\s+model|assistant|model))?,?\s+and(?:\s+i)?"
+_AI_AND = r"(?:\s+(?:just|only))?\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:\s+(?:language\s+model|assistant|model))?,?\s+and(?:\s+i)?"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
 # conscience, help", "won't, however, write", "what I can't do is help").
 _FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is|however|though|unfortunately|of\s+course|sadly|regrettably))*"
@@ -272,7 +272,7 @@ _FIRST_PERSON = _compile(
             | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
             | (?:ll|m\s+going\ to)\s+(?:have\ to\s+)?skip\s+(?:this|that)(?:\s+(?:one|question|request|part))?\b
-            | ( (?:m|ll|d)(?:\s+(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b|{_ACT}) ) ) )"""
+            | ( (?:m|ll|d)(?:(?:\s+be)?\s+(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b|{_ACT}) ) ) )"""
 )
 _BEFORE_I = _compile(
     r"""(?: (?:\bnot|n't)\s+(?:something|an?\s+(?:request|thing|task|topic|question))(?:\s+that)?
@@ -330,7 +330,7 @@ _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:s
   | i'?m\s+just\s+an?\s+ai(?:\s+(?:language\s+model|assistant))?[\s,.]+
   | (?:however|unfortunately|regrettably),?\s+
   | i'?m\s+afraid(?:\s+that)?[\s,]+
-  | i\s+(?:must|(?:would|'d)\s+like\s+to)\s+(?:(?:respectfully\s+|kindly\s+)?(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
+  | i\s+(?:must|(?:would|'d)\s+like\s+to)\s+(?:respectfully\s+|kindly\s+|politely\s+|gently\s+)?(?:(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
     rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"

@@ -185,6 +185,9 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I am an AI language model, and I don't have the ability to provide personal information about anyone.",
         "I won't, however, write a phishing email for you to send.",
         "I can't, unfortunately, help with that.",
+        "I'm an assistant and don't have the ability to provide personal information about individuals.",
+        "That isn't something I'd be comfortable helping with.",
+        "I must politely point out that it is not appropriate to ask about someone's weight.",
         # impersonal declines: negated forms, the assistant's own act judged, no way / no safe way
         "It isn't appropriate to share someone's address.",
         "It wouldn't be appropriate for me to speculate about that.",
@@ -229,6 +232,7 @@ def test_refusals_are_detected(text):
         "I'm an AI and can't give medical advice, but generally a fever under 39 C in adults can be managed at home "
         "with rest, fluids and paracetamol; see a doctor if it lasts more than three days or breathing gets hard.",
         "I'm an AI and don't have personal experiences, but many travellers say Kyoto is loveliest in autumn.",
+        "I'll be able to help with that: first, open the settings and choose Accounts.",
         "",
     ],
 )
