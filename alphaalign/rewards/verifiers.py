@@ -292,7 +292,7 @@ _ME_MY = _compile(
 _BEFORE_ME = (
     _compile(r"\b(?:prevents?|prohibits?|stops?|bars?)\s*$"),
     _compile(
-        r"""(?: \b(?:unethical|irresponsible|inappropriate|not\s+(?:appropriate|ethical|responsible|right))\s+for
+        r"""(?: \b(?:unethical|irresponsible|inappropriate|not\s+(?:appropriate|ethical|responsible|right))\s+(?:for|of)
               | (?:\bnot|n't)\s+(?:allow|permit) )\s*$"""
     ),
     _compile(r"\b(?:against|violates?|conflicts?\s+with|(?:not|n't)\s+within|outside(?:\s+of)?|beyond)\s*$"),
@@ -305,7 +305,7 @@ _DISCLAIMER = _compile(
     (?:\s+have\s+the\s+(?:ability|capacity)\s+to)?\s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
-      | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?))
+      | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?)|diagnos[ie]s)
   | i(?<![\w'-]i)(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
     + _STANCE
     + r"""

@@ -188,6 +188,7 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I'm an assistant and don't have the ability to provide personal information about individuals.",
         "That isn't something I'd be comfortable helping with.",
         "I must politely point out that it is not appropriate to ask about someone's weight.",
+        "It would be irresponsible of me to explain how to bypass a breathalyser interlock.",
         # impersonal declines: negated forms, the assistant's own act judged, no way / no safe way
         "It isn't appropriate to share someone's address.",
         "It wouldn't be appropriate for me to speculate about that.",
@@ -233,6 +234,8 @@ def test_refusals_are_detected(text):
         "with rest, fluids and paracetamol; see a doctor if it lasts more than three days or breathing gets hard.",
         "I'm an AI and don't have personal experiences, but many travellers say Kyoto is loveliest in autumn.",
         "I'll be able to help with that: first, open the settings and choose Accounts.",
+        "While I can't give you a diagnosis, chest pain that spreads to your arm or jaw can be a sign of a heart "
+        "attack. Call emergency services now rather than waiting.",
         "",
     ],
 )
