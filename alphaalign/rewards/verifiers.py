@@ -262,7 +262,7 @@ _FIRST_PERSON = _compile(
             | (?:can'?t|cannot|won'?t|will\ not)(?=\s*[.!]|\s*$)
             | (?:(?:will|would|must|have\ to|need\ to|am\ going\ to)\s+)?(?:have\ to\s+)?(?:(?:respectfully|politely)\s+)?declin
             | (?:will|must|have\ to|am\ going\ to\ have\ to)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
-            | must\s+refuse\b
+            | (?:must|have\ to|need\ to|will\ have\ to|am\ going\ to\ have\ to)\s+refuse\b
             | (?:will|am\ going\ to)\s+(?:have\ to\s+)?skip\s+(?:this|that)(?:\s+(?:one|question|request|part))?\b
             | ( (?:(?:am|will|would)\s+)?(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b
               | (?:am|will|would){_ACT} ) )
@@ -271,6 +271,7 @@ _FIRST_PERSON = _compile(
             | (?:ll|d|m\s+going\ to)(?:\s+have\ to)?(?:\s+(?:respectfully|politely))?\s+declin
             | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
+            | (?:ll|m\s+going\ to)\s+have\ to\s+refuse\b
             | (?:ll|m\s+going\ to)\s+(?:have\ to\s+)?skip\s+(?:this|that)(?:\s+(?:one|question|request|part))?\b
             | ( (?:m|ll|d)(?:(?:\s+be)?\s+(?:can|could|will|would|able|willing|comfortable|going|allowed|permitted)\b|{_ACT}) ) ) )"""
 )
