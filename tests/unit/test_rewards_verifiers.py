@@ -180,9 +180,10 @@ def test_the_fast_path_for_valid_outputs_agrees_with_the_full_parse(parts, wrapp
         "I'm going to skip that one.",
         "I cannot in good faith provide that.",
         "I can't be of help here.",
-        # the subject carried through "and", a word between the negation and the verb
+        # variants: the subject carried through "and" (after "I'm" and "I am"), a word between the negation and
+        # the verb, "I'd be comfortable", "politely point out", "of me to", "have to refuse"
         "I'm an AI and cannot help you access another person's email account.",
-        "I am an AI language model, and I don't have the ability to provide personal information about anyone.",
+        "I am an AI language model, and don't have the ability to provide personal information about anyone.",
         "I won't, however, write a phishing email for you to send.",
         "I can't, unfortunately, help with that.",
         "I'm an assistant and don't have the ability to provide personal information about individuals.",
