@@ -228,6 +228,10 @@ _NEG_SPACE = rf"""(?:
 _NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m\s+{_NOT_ABLE} | (?:ll|d)(?:\s+have\s+to)?\s+refrain\s+from )"
 # "I'm an AI and cannot help": the subject carried through "and" to the negation.
 _AI_AND = r"(?:\s+(?:just|only))?\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:\s+(?:language\s+model|assistant|model))?,?\s+and(?:\s+i)?"
+# "I must adhere to ethical guidelines and cannot provide", "I am programmed to follow … and cannot assist":
+# the subject carried through "and" after a clause of duty, within one sentence.
+_DUTY_AND = r"(?:must|am\s+(?:programmed|designed|required|obligated|committed|bound))\s[^.!?\n,;]{0,60}?\s+and(?:\s+i)?"
+_DUTY_AND_M = r"m\s+(?:programmed|designed|required|obligated|committed|bound)\s[^.!?\n,;]{0,60}?\s+and(?:\s+i)?"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
 # conscience, help", "won't, however, write", "what I can't do is help").
 _FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is|however|though|unfortunately|of\s+course|sadly|regrettably))*"
@@ -259,6 +263,7 @@ def _compile(pattern: str) -> re.Pattern[bytes]:
 _FIRST_PERSON = _compile(
     rf"""i(?: \ (?<![\w'-]i\ ) (?: {_NEG_SPACE}{_FILL}{_ACT}
             | am{_AI_AND}\s+{_NEG_SPACE}{_FILL}{_ACT}
+            | {_DUTY_AND}\s+{_NEG_SPACE}{_FILL}{_ACT}
             | (?:can'?t|cannot|won'?t|will\ not)(?=\s*[.!]|\s*$)
             | (?:(?:will|would|must|have\ to|need\ to|am\ going\ to)\s+)?(?:have\ to\s+)?(?:(?:respectfully|politely)\s+)?declin
             | (?:will|must|have\ to|am\ going\ to\ have\ to)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
@@ -268,6 +273,7 @@ _FIRST_PERSON = _compile(
               | (?:am|will|would){_ACT} ) )
         | '(?<![\w'-]i') (?: {_NEG_APOSTROPHE}{_FILL}{_ACT}
             | m{_AI_AND}\s+{_NEG_SPACE}{_FILL}{_ACT}
+            | {_DUTY_AND_M}\s+{_NEG_SPACE}{_FILL}{_ACT}
             | (?:ll|d|m\s+going\ to)(?:\s+have\ to)?(?:\s+(?:respectfully|politely))?\s+declin
             | (?:ll|ll\s+have\ to|m\s+going\ to(?:\ have\ to)?)\s+(?:say\s+no|pass\s+on\s+(?:this|that|it))\b
             | ll(?:\s+have\ to)?\s+pass(?=\s*[.!]|\s*$)
@@ -301,12 +307,16 @@ _BEFORE_ME = (
 # A limit on the kind of advice offered, e.g. "I can't provide medical advice" or "as an AI I don't
 # share personal opinions"; removed when other content follows it.
 _STANCE = r"""(?:condone|endorse|promote|advocate|encourage|glorify|justify|tolerate|take\s+(?:sides|a\s+side)|express\s+(?:a\s+|any\s+|my\s+)?(?:personal\s+)?(?:opinions?|views|stance|position|bias)|form\s+(?:personal\s+)?opinions)"""
-_DISCLAIMER = _compile(
-    rf"""i(?<![\w'-]i)(?:(?:'?m|\s+am)(?:{_AI_AND})?)?\s*(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
+_ADVICE_LIMIT = r"""(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ to|unable\ to)
     (?:\s+have\s+the\s+(?:ability|capacity)\s+to)?\s+(?:give|provide|offer|share)\s+(?:you\s+)?(?:with\s+)?(?:any\s+|a\s+|an\s+|my\s+(?:own\s+)?)?
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
-      | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?)|diagnos[ie]s)
+      | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?)|diagnos[ie]s)"""
+# The subject carried after a clause of duty is its own alternative: inside the optional subject group above it,
+# Hyperscan (0.9.1) misses matches that `re` finds, and the prefilter must never miss one.
+_DISCLAIMER = _compile(
+    rf"""i(?<![\w'-]i)(?:(?:'?m|\s+am)(?:{_AI_AND})?)?\s*{_ADVICE_LIMIT}
+  | i(?<![\w'-]i)(?:\s+{_DUTY_AND}|'{_DUTY_AND_M})\s+{_ADVICE_LIMIT}
   | i(?<![\w'-]i)(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
     + _STANCE
     + r"""
