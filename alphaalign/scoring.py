@@ -50,8 +50,10 @@ def _read_row(line: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key in ("prompt", "completion"):
-        if not isinstance(row.get(key), str):
-            raise UserError(f"{where}: '{key}' must be a string")
+        if key not in row:
+            raise UserError(f"{where}: no '{key}' field (this row has: {', '.join(map(repr, row)) or 'none'})")
+        if not isinstance(row[key], str):
+            raise UserError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
     label = row.get("label")
     if label is not None and str(label).strip().lower() not in LABELS:
         raise UserError(f"{where}: label must be harmful or benign, got {label!r}")

@@ -125,7 +125,8 @@ def test_score_reads_the_recipes_format(tmp_path, write_recipe):
     [
         ("{not json", "invalid JSON (Expecting property name enclosed in double quotes)"),
         ('["a list"]', "expected a JSON object, got list"),
-        ('{"prompt": "p"}', "'completion' must be a string"),
+        ('{"prompt": "p", "response": "r"}', "no 'completion' field (this row has: 'prompt', 'response')"),
+        ('{"prompt": 3, "completion": "c"}', "'prompt' must be a string, got int"),
         (
             '{"prompt": "p", "completion": "c", "label": "toxic"}',
             "label must be harmful or benign, got 'toxic'",
