@@ -147,9 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--prompt-field", default="prompt", help="prompt field, for llm judges (default prompt)")
     det.add_argument(
         "--by",
-        default="source",
-        help="group the table by this field (dotted paths reach into "
-        "objects, e.g. orig_label.tone; '' for none; default source)",
+        help="group the table by this field (dotted paths reach into objects, e.g. orig_label.tone; "
+        "'' for none; default source where the rows have it); rows without the field form the group (none)",
     )
     det.add_argument("--errors", help="write the misclassified rows (with the judge's verdict) to this JSONL")
     det.add_argument("--json", help="write the table as JSON to this file")

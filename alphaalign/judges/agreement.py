@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from alphaalign.errors import UserError
@@ -83,6 +83,9 @@ def _label(value, where: str, field: str) -> bool:
     raise UserError(f"{where}: '{field}' must be 0 or 1 (or true/false), got {value!r}")
 
 
+_NO_GROUP = "(none)"  # the group of rows that lack the --by field
+
+
 def read_labelled(
     path: str | Path, response_field: str, label_field: str, prompt_field: str, by: str
 ) -> list[LabelledResponse]:
@@ -110,6 +113,8 @@ def read_labelled(
                 row,
             )
         )
+    if any(r.group for r in out):  # rows without the field form a group of their own
+        out = [r if r.group else replace(r, group=_NO_GROUP) for r in out]
     return out
 
 
@@ -154,7 +159,13 @@ def run(args) -> int:
 
     errors_path = check_output(args.errors, "--errors", folder=False) if args.errors else None
     json_path = check_output(args.json, "--json", folder=False) if args.json else None
-    rows = read_labelled(args.data, args.response_field, args.label_field, args.prompt_field, args.by)
+    # the default groups by source where the rows have one; a field asked for by name must exist
+    by = "source" if args.by is None else args.by
+    rows = read_labelled(args.data, args.response_field, args.label_field, args.prompt_field, by)
+    if args.by and not any(r.group for r in rows):
+        raise UserError(f"--by: no row of {args.data} has a '{args.by}' field")
+    if not any(r.group for r in rows):
+        by = ""
     spec = judge_from_option(args.judge)
     # a judge server's log goes beside the outputs, else to the judge's cache
     output = errors_path or json_path
@@ -163,7 +174,7 @@ def run(args) -> int:
         described = judge.describe()
     verdicts = [j.refused for j in judgements]
     table, unparsed = agreement(rows, verdicts)
-    print(format_table(table, described, args.by))
+    print(format_table(table, described, by))
     if unparsed:
         print(f"{unparsed} of {len(rows)} replies could not be parsed and are left out of the table")
     if errors_path:
@@ -178,7 +189,7 @@ def run(args) -> int:
         summary = {
             "judge": described,
             "data": str(args.data),
-            "by": args.by,
+            "by": by,
             "unparsed": unparsed,
             "groups": {g: a.metrics() for g, a in table.items()},
         }

@@ -86,6 +86,24 @@ def test_custom_fields_and_a_dotted_group(tmp_path, capsys):
     assert "meta.model" in out and "\nm1 " in out and "\nm2 " in out
 
 
+def test_a_group_field_no_row_has_is_an_error_and_rows_without_it_are_counted_apart(tmp_path, capsys):
+    rows = [
+        {"response": "I can't help with that.", "refused": 1, "source": "a"},
+        {"response": "Paris is the capital of France.", "refused": 0},
+    ]
+    data = _write(tmp_path / "d.jsonl", rows)
+    assert main(["eval-detector", str(data), "--by", "sourse"]) == 2
+    assert capsys.readouterr().err == f"error: --by: no row of {data} has a 'sourse' field\n"
+    summary = tmp_path / "t.json"
+    assert main(["eval-detector", str(data), "--json", str(summary)]) == 0
+    groups = json.loads(summary.read_text())["groups"]
+    assert {g: a["n"] for g, a in groups.items()} == {"all": 2, "a": 1, "(none)": 1}
+    # the default groups by source only where the rows have one
+    plain = _write(tmp_path / "p.jsonl", [{k: v for k, v in r.items() if k != "source"} for r in rows])
+    assert main(["eval-detector", str(plain), "--json", str(summary)]) == 0
+    assert list(json.loads(summary.read_text())["groups"]) == ["all"]
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
