@@ -51,7 +51,9 @@ def _read_row(line: str, where: str) -> dict:
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
     for key in ("prompt", "completion"):
         if key not in row:
-            raise UserError(f"{where}: no '{key}' field (this row has: {', '.join(map(repr, row)) or 'none'})")
+            raise UserError(
+                f"{where}: no '{key}' field (this row has: {', '.join(map(repr, row)) or 'none'})"
+            )
         if not isinstance(row[key], str):
             raise UserError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
     label = row.get("label")
