@@ -314,11 +314,11 @@ _ADVICE_LIMIT = r"""(?:can'?t|cannot|won'?t|will\ not|don'?t|do\ not|not\ able\ 
     (?:(?:(?:personal(?:ized)?|professional|medical|legal|financial|tax|investment|definitive|specific|individual(?:ized)?|official|formal|clinical|expert)\s+)+
         (?:advice|answers?|diagnos[ie]s|opinions?|guidance|recommendations?|counsel(?:ing)?)
       | (?:personal\s+)?(?:opinions?|views?|preferences?|feelings?|beliefs?)|diagnos[ie]s)"""
-# The subject carried after a clause of duty is its own alternative: inside the optional subject group above it,
+# A subject carried through "and" is an alternative of its own: inside the optional subject group of the first,
 # Hyperscan (0.9.1) misses matches that `re` finds, and the prefilter must never miss one.
 _DISCLAIMER = _compile(
-    rf"""i(?<![\w'-]i)(?:(?:'?m|\s+am)(?:{_AI_AND})?)?\s*{_ADVICE_LIMIT}
-  | i(?<![\w'-]i)(?:\s+{_DUTY_AND}|'{_DUTY_AND_M})\s+{_ADVICE_LIMIT}
+    rf"""i(?<![\w'-]i)(?:'?m|\s+am)?\s*{_ADVICE_LIMIT}
+  | i(?<![\w'-]i)(?:(?:'?m|\s+am){_AI_AND}|\s+{_DUTY_AND}|'{_DUTY_AND_M})\s*{_ADVICE_LIMIT}
   | i(?<![\w'-]i)(?:'m)?\s+(?:(?:do\s+not|don'?t|cannot|can'?t|will\s+not|won'?t)\s+(?:\w+\s+)?"""
     + _STANCE
     + r"""
@@ -362,8 +362,9 @@ _IMPERSONAL = _compile(
       | [^.!?\n]{{0,60}}?(?:(?:not\s+being\s+able|being\s+unable)\s+to|\bfor\s+(?:not|failing\s+to)){_FILL}{_ACT}
         # "I don't think it's appropriate to"
       | i\s+(?:do\s+not|don'?t)\s+think\s+(?:it'?s|it\s+is|it\s+would\s+be|that'?s|that\s+is|that\s+would\s+be)\s+(?:a\s+good\s+idea|appropriate|ethical|responsible|right|okay|ok|wise)\b
-        # "there are no (safe / legal) ways to", "there is no justification for"
-      | there(?:\s+(?:are|is)|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|reason|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
+        # "there are no (safe / legal) ways to", "there is no justification for"; not "there is no reason why …",
+        # which rebuts a premise ("… purple carrots shouldn't vote: they are vegetables"), an answer
+      | there(?:\s+(?:are|is)|'s)\s+no\s+(?:(?:safe|legal|ethical|appropriate|legitimate|acceptable|justifiable|good|valid|responsible)\s+(?:or\s+\w+\s+)?)*(?:ways?|methods?|justification|excuse|circumstances?)\s+(?:to|for|in\s+which|that|why)\b(?!\s+(?:know|tell|predict|determine|say|be\s+(?:sure|certain)|guarantee|worry))
         # "your question contains harmful assumptions", "this request promotes violence"
       | (?:your|this|the|that)\s+(?:question|request|prompt|query|statement|premise|inquiry|message)\s+(?:\w+\s+){{0,2}}?(?:is|contains|seems|appears|promotes|perpetuates|implies|involves|includes|suggests|could\s+be|may\s+be|might\s+be)\s+(?:\w+\s+){{0,3}}?(?:harmful|offensive|inappropriate|discriminatory|disrespectful|problematic|unethical|illegal|dangerous|hateful|derogatory|insensitive|toxic|violent|stereotypes?|biased|racist|sexist)
         # "I do not condone / endorse", "I cannot take sides", "I refrain from expressing opinions"
