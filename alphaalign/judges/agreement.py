@@ -162,9 +162,10 @@ def run(args) -> int:
     # the default groups by source where the rows have one; a field asked for by name must exist
     by = "source" if args.by is None else args.by
     rows = read_labelled(args.data, args.response_field, args.label_field, args.prompt_field, by)
-    if args.by and not any(r.group for r in rows):
+    grouped = any(r.group for r in rows)
+    if args.by and not grouped:
         raise UserError(f"--by: no row of {args.data} has a '{args.by}' field")
-    if not any(r.group for r in rows):
+    if not grouped:
         by = ""
     spec = judge_from_option(args.judge)
     # a judge server's log goes beside the outputs, else to the judge's cache

@@ -230,10 +230,10 @@ _NEG_APOSTROPHE = rf"(?: ll\s+never | d\s+(?:rather\s+not|prefer\s+not\s+to) | m
 _AI_AND = r"(?:\s+(?:just|only))?\s+an?\s+(?:ai|artificial\s+intelligence|language\s+model|assistant|chatbot)(?:\s+(?:language\s+model|assistant|model))?,?\s+and(?:\s+i)?"
 # "I must adhere to ethical guidelines and cannot provide", "I am programmed to follow … and cannot assist":
 # the subject carried through "and" after a clause of duty, within one sentence.
-_DUTY_AND = r"(?:must|am\s+(?:programmed|designed|required|obligated|committed|bound))\s[^.!?\n,;]{0,60}?\s+and(?:\s+i)?"
-_DUTY_AND_M = (
-    r"m\s+(?:programmed|designed|required|obligated|committed|bound)\s[^.!?\n,;]{0,60}?\s+and(?:\s+i)?"
-)
+_DUTY = r"(?:programmed|designed|required|obligated|committed|bound)"
+_CLAUSE_AND = r"\s[^.!?\n,;]{0,60}?\s+and(?:\s+i)?"
+_DUTY_AND = rf"(?:must|am\s+{_DUTY}){_CLAUSE_AND}"  # after "i "
+_DUTY_AND_M = rf"m\s+{_DUTY}{_CLAUSE_AND}"  # after "i'"
 # Words that may sit between the negation and the verb ("won't be providing", "can't, in good
 # conscience, help", "won't, however, write", "what I can't do is help").
 _FILL = r"(?:[\s,]+(?:really|actually|directly|simply|just|personally|ethically|responsibly|knowingly|in\s+good\s+(?:conscience|faith)|be\s+able\s+to|have\s+the\s+(?:ability|capacity)\s+to|be|continue\s+to|ever|even|further|also|do\s+is|however|though|unfortunately|of\s+course|sadly|regrettably))*"
