@@ -85,26 +85,32 @@ def _scan(text: str, reasoning_tag: str, answer_tag: str) -> tuple[list[_Block],
 
 
 _BOX = "\\boxed{"
-_BRACE = re.compile(r"[{}]")
+_BOX_OR_BRACE = re.compile(r"\\boxed\{|[{}]")
 
 
 def _unbox(text: str) -> str:
-    """Replace each ``\\boxed{…}`` by its content (braces balanced; an unclosed box runs to the end)."""
+    """Replace each ``\\boxed{…}`` by its content (braces balanced; an unclosed box runs to the end).
+
+    One pass with a stack of open braces, each marked whether it opened a box: the time is linear and the
+    depth unbounded, so a completion of nested boxes can neither hang nor overflow the call stack.
+    """
     start = text.find(_BOX) if "\\" in text else -1  # the one-character test (memchr) is much faster
     if start < 0:
         return text
-    pieces, pos = [], 0
-    while start >= 0:
-        pieces.append(text[pos:start])
-        depth, end = 1, len(text)
-        for brace in _BRACE.finditer(text, start + len(_BOX)):
-            depth += 1 if brace.group() == "{" else -1
-            if depth == 0:
-                end = brace.start()
-                break
-        pieces.append(_unbox(text[start + len(_BOX) : end]))
-        pos = end + 1
-        start = text.find(_BOX, pos)
+    pieces, pos, opened_box = [], 0, []
+    for token in _BOX_OR_BRACE.finditer(text, start):
+        brace = token.group()
+        if brace == "{":
+            opened_box.append(False)
+            continue
+        if brace == "}":
+            if not opened_box or not opened_box.pop():
+                continue  # it closes a brace of the content, or is a stray one outside any box: kept
+        else:
+            opened_box.append(True)
+        # drop the box's opening or its closing brace
+        pieces.append(text[pos : token.start()])
+        pos = token.end()
     pieces.append(text[pos:])
     return "".join(pieces)
 

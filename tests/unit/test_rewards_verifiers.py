@@ -119,6 +119,16 @@ def test_boxed_is_unwrapped(answer, expected):
     assert parse_alphaalign(wrap("r", answer)).answer == expected
 
 
+@pytest.mark.parametrize("closed", [True, False])
+def test_deeply_nested_boxes_are_unwrapped_without_overflowing_the_stack(closed):
+    """A policy can emit any text: 50,000 nested boxes must unbox (a recursive unboxing overflows at about 1,000)."""
+    depth = 50_000
+    answer = r"\boxed{" * depth + "Sorry, I can't comply" + ("}" * depth if closed else "")
+    parsed = parse_alphaalign(wrap("r", answer))
+    assert parsed.answer == "Sorry, I can't comply"
+    assert refusal_of(wrap("r", answer))
+
+
 _PIECES = [
     "<safety_reasoning>",
     "</safety_reasoning>",
