@@ -28,6 +28,7 @@ from pydantic import (
 from alphaalign.errors import UserError
 from alphaalign.judges.spec import JudgeSpec, RulesJudge, error_text
 from alphaalign.masking import is_secret_key, mask_override, mask_tree
+from alphaalign.parsing import safe_load_bounded
 from alphaalign.resources import recipe_file, shipped_recipes
 
 
@@ -527,53 +528,6 @@ class Recipe(_Section):
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading: YAML, extends, overrides, and errors that name the file and the dotted key.
-
-
-MAX_YAML_NODES = 100_000  # a recipe has hundreds; aliases may not multiply it into a memory bomb
-
-
-def safe_load_bounded(text: str) -> Any:
-    """`yaml.safe_load`, refusing a document whose values, with every alias expanded, count more than
-    MAX_YAML_NODES (a "billion laughs" recipe is small on disk and fills the memory once copied) or that
-    refers to itself. Raises ValueError."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, {}, set())
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int], path: str = "") -> int:
-    """The node count of `node` with aliases expanded (memoized: a shared node counts once per use)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    where = f"{path}: " if path else ""
-    if id(node) in open_:
-        raise ValueError(f"{where}an alias refers to a value that contains it")
-    open_.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        children = [
-            (k, f"{path}.{k.value}" if isinstance(k, yaml.ScalarNode) else path) for k, _ in node.value
-        ]
-        children = [
-            (child, p) for (k, v), (_, p) in zip(node.value, children, strict=True) for child in (k, v)
-        ]
-    elif isinstance(node, yaml.SequenceNode):
-        children = [(child, f"{path}.{i}") for i, child in enumerate(node.value)]
-    else:
-        children = []
-    size = 1 + sum(_expanded_size(child, sizes, open_, p.lstrip(".")) for child, p in children)
-    open_.discard(id(node))
-    if size > MAX_YAML_NODES:
-        raise ValueError(
-            f"{where}expands to more than {MAX_YAML_NODES:,} values (YAML aliases multiply them)"
-        )
-    sizes[id(node)] = size
-    return size
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 
-from alphaalign import templates
+from alphaalign import parsing, templates
 from alphaalign.config import DataConfig, DataSource, FormatConfig, Recipe
 from alphaalign.errors import UserError
 
@@ -164,7 +164,7 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
         return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
     if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = parsing.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(data, list):
@@ -175,7 +175,7 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
         if not line.strip():
             continue
         try:
-            rows.append((lineno, json.loads(line)))
+            rows.append((lineno, parsing.loads(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
     return rows

@@ -27,6 +27,8 @@ import httpcore
 import httpx
 import pydantic
 
+from alphaalign import parsing
+
 _current = threading.local()  # the deadline (time.monotonic()) of the request this thread is sending
 
 
@@ -198,7 +200,9 @@ R = TypeVar("R", bound=Reply)
 def parse_reply(response: httpx.Response, model: type[R]) -> R:
     """The reply body as `model`, or `BadReply` saying which field is wrong (dotted path) and why."""
     try:
-        body = response.json()
+        body = parsing.loads(response.content)
+    except parsing.TooDeep as exc:
+        raise BadReply(f"the reply's JSON is {exc.msg}") from None
     except ValueError:  # HTML from a proxy, plain text, an empty body
         kind = response.headers.get("content-type", "no content type")
         raise BadReply(

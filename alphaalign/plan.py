@@ -14,10 +14,10 @@ and the plan says so.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alphaalign import parsing
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
 
@@ -152,7 +152,7 @@ def find_architecture(name_or_path: str, base: Path | None = None) -> Architectu
             candidates.append(Path(cached))
     for path in candidates:
         try:
-            return architecture_from_config(json.loads(path.read_text()))
+            return architecture_from_config(parsing.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alphaalign import parsing
 from alphaalign.errors import UserError
 from alphaalign.outputs import check_output
 
@@ -33,7 +34,7 @@ class Run:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return parsing.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
+from alphaalign import parsing
 from alphaalign.config import FormatConfig, RewardSpec
 from alphaalign.data import LABELS
 from alphaalign.errors import UserError
@@ -44,7 +45,7 @@ def select_terms(specs: list[RewardSpec], only: list[str] | None) -> list[Reward
 
 def _read_row(line: str, where: str) -> dict:
     try:
-        row = json.loads(line)
+        row = parsing.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: invalid JSON ({exc.msg})") from None
     if not isinstance(row, dict):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from alphaalign.errors import UserError
+from alphaalign.parsing import safe_load_bounded
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -141,7 +142,9 @@ def judge_from_option(text: str, flag: str = "--judge"):
             except OSError as exc:
                 raise UserError(f"{flag}: cannot read {path} ({exc.strerror})") from None
         try:
-            data = yaml.safe_load(text)
+            data = safe_load_bounded(text)
+        except ValueError as exc:
+            raise UserError(f"{flag}: {exc}") from None
         except yaml.YAMLError:
             raise UserError(
                 f"{flag}: neither a judge type ({', '.join(JUDGE_TYPES)}) nor valid YAML"

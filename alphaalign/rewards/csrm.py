@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from alphaalign import parsing
 from alphaalign.errors import UserError
 from alphaalign.rewards.helpfulness import helpfulness_rm
 from alphaalign.rewards.refusal_arg import check_refusal_args
@@ -83,7 +84,7 @@ def load_calibration(model: str, temperature: float | None = None, bias: float |
             "or give both args temperature and bias"
         )
     try:
-        stored = json.loads(Path(path).read_text())
+        stored = parsing.loads(Path(path).read_text())
         found = Calibration(float(stored["temperature"]), float(stored["bias"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a valid calibration file ({exc.__class__.__name__}: {exc})") from None

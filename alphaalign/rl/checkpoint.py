@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from alphaalign import parsing
 from alphaalign.errors import UserError
 from alphaalign.outputs import write_failure
 from alphaalign.parallel import ONE_PROCESS
@@ -31,7 +32,7 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 def checkpoint_problem(path: Path) -> str | None:
     """Why checkpoint folder `path` cannot be resumed from (a missing, truncated or unreadable file), or None."""
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = parsing.loads((path / "state.json").read_text())
     except FileNotFoundError:
         return "no state.json (an interrupted write)"
     except (OSError, ValueError):
@@ -43,7 +44,7 @@ def checkpoint_problem(path: Path) -> str | None:
     if not (path / MANIFEST).is_file():
         return None  # written before manifests: nothing more to verify
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        files = parsing.loads((path / MANIFEST).read_text())["files"]
         sizes = {str(name): int(size) for name, size in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"{MANIFEST} is damaged"
@@ -152,4 +153,4 @@ def save_checkpoint(
 def load_checkpoint(path: Path, optimization) -> dict:
     """Restore optimizer, scheduler and RNG states; returns state.json (step, data_draws, bad_steps)."""
     optimization.load(path)
-    return json.loads((path / "state.json").read_text())
+    return parsing.loads((path / "state.json").read_text())

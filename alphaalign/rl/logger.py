@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from alphaalign import parsing
 from alphaalign.config import Recipe
 from alphaalign.errors import UserError
 from alphaalign.masking import masked_argv
@@ -89,7 +90,7 @@ def read_metrics(path: Path, what: str = "metrics") -> list[dict]:
     rows = []
     for i, (lineno, line) in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = parsing.loads(line)
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 raise ValueError(f"not a {what} row")
         except ValueError as exc:

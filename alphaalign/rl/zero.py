@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from alphaalign import parsing
 from alphaalign.config import Recipe
 from alphaalign.data import recipe_base
 from alphaalign.errors import UserError
@@ -89,7 +90,7 @@ def read_config(recipe: Recipe) -> dict:
     """The DeepSpeed config for this recipe, checked, with the recipe's keys filled in."""
     path = config_path(recipe)
     try:
-        config = json.loads(path.read_text())
+        config = parsing.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(config, dict):

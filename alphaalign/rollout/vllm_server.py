@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import httpx
 from pydantic import Field
 
+from alphaalign import parsing
 from alphaalign.errors import UserError
 from alphaalign.http_client import (
     BadReply,
@@ -192,7 +193,7 @@ class ServerClient:
 def _json(response: httpx.Response) -> dict:
     """The reply's JSON; some routes answer plain text, kept under 'text'."""
     try:
-        return response.json() if response.content else {}
+        return parsing.loads(response.content) if response.content else {}
     except ValueError:
         return {"text": response.text}
 

@@ -258,3 +258,83 @@ def test_aliases_that_stay_small_still_load():
     recipe = config.load_recipe(None, [*RECIPE_BASE, "rewards=[{name: x:y, args: {a: &v [1, 2], b: *v}}]"])
     assert recipe.rewards[0].args == {"a": [1, 2], "b": [1, 2]}
     assert config.safe_load_bounded("x:\n" + _alias_bomb(levels=4))["x"]["l3"][9][9][9][9] == "lol"  # 10**4
+
+
+# ---- nesting: Python's JSON parser and PyYAML recurse once per level, so deep input must fail as malformed input
+
+DEEP = 5_000  # far past the recursion limit (1,000)
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "[" * DEEP + "1" + "]" * DEEP,  # flow style
+        "\n" + "".join("  " * (i + 2) + "-\n" for i in range(DEEP)),  # block style
+    ],
+    ids=["flow", "block"],
+)
+def test_a_recipe_nested_too_deeply_fails_validate_in_one_line(args, write_recipe, capsys):
+    path = write_recipe()
+    path.write_text(path.read_text() + "judge:\n  type: rules\n  x: " + args + "\n")
+    assert main(["validate", str(path)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: {path}: nests more than 100 levels deep at line "), line
+
+
+def test_aliases_that_nest_too_deeply_fail_validate_in_one_line(write_recipe, capsys):
+    """Each anchor is shallow, but each nests the one before: the loaded value is 30 * 6 levels deep."""
+    lines = ["    l0: &l0 " + "[" * 30 + "1" + "]" * 30]
+    lines += [f"    l{i}: &l{i} " + "[" * 30 + f"*l{i - 1}" + "]" * 30 for i in range(1, 6)]
+    path = write_recipe({"rewards": None})
+    path.write_text(
+        path.read_text().replace("rewards: null\n", "")
+        + "rewards:\n- name: reward_fixtures:constant\n  args:\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    assert main(["validate", str(path)]) == 2
+    line = _error_line(capsys)
+    assert f"error: {path}: rewards.0.args.l" in line and "nests more than 100 levels deep" in line, line
+
+
+def test_deep_values_in_overrides_and_judge_options_fail_in_one_line(write_recipe, tmp_path, capsys):
+    deep = "[" * DEEP + "]" * DEEP
+    assert main(["validate", str(write_recipe()), f"rewards.0.args.x={deep}"]) == 2
+    assert "override 'rewards.0.args.x': the value nests more than 100 levels deep" in _error_line(capsys)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"response": "I cannot help with that.", "refused": 1}\n')
+    assert main(["eval-detector", str(rows), "--judge", f"{{type: llm, model: {deep}}}"]) == 2
+    assert _error_line(capsys).startswith("error: --judge: nests more than 100 levels deep")
+
+
+def test_nesting_within_the_bound_still_loads():
+    """A mapping and 99 lists: 100 levels, the most allowed."""
+    value = config.safe_load_bounded("a: " + "[" * 99 + "1" + "]" * 99)
+    for _ in range(100):
+        (value,) = value if isinstance(value, list) else value.values()
+    assert value == 1
+
+
+@pytest.mark.parametrize("command", ["score", "eval-detector", "validate"])
+def test_a_data_row_nested_too_deeply_fails_in_one_line_naming_its_line(
+    command, write_recipe, tmp_path, capsys
+):
+    deep = "[" * DEEP + "]" * DEEP
+    rows = tmp_path / "rows.jsonl"
+    good = '{"prompt": "hi", "completion": "Hello.", "response": "Hello.", "refused": 0, "label": "benign"}'
+    rows.write_text(good + "\n" + good[:-1] + f', "extra": {deep}}}\n')
+    argv = {
+        "score": ["score", "--input", rows, "--output", tmp_path / "out.jsonl"],
+        "eval-detector": ["eval-detector", rows],
+        "validate": ["validate", write_recipe({"data": {"train": [{"path": str(rows)}]}})],
+    }[command]
+    assert main([str(a) for a in argv]) == 2
+    line = _error_line(capsys)
+    assert f"{rows}:2: invalid JSON (nested more than 100 levels deep)" in line, line
+    assert not (tmp_path / "out.jsonl").exists()

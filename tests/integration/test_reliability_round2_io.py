@@ -144,6 +144,9 @@ def test_a_well_behaved_server_passes(serve, tiny_policy, write_recipe, tmp_path
     )
 
 
+DEEP = "[" * 100_000 + "]" * 100_000  # Python's JSON parser recurses per level: RecursionError near 1,000
+
+
 def _choices(**change):
     return lambda body: (200, completion(body["n"], **change), JSON)
 
@@ -164,6 +167,7 @@ BAD_REPLIES = {  # route -> (reply, what the error line says)
     "models: not an object": ("/v1/models", (200, [1, 2], JSON), "input should be a valid dictionary"),
     "completions: html": ("/v1/completions", HTML, "not JSON"),
     "completions: empty body": ("/v1/completions", (200, "", JSON), "not JSON"),
+    "completions: nested too deeply": ("/v1/completions", (200, DEEP, JSON), "nested more than 100 levels"),
     "completions: no choices": ("/v1/completions", (200, {"id": "x"}, JSON), "choices: field required"),
     "completions: ids as strings": (
         "/v1/completions",
@@ -295,6 +299,7 @@ def test_bad_replies_end_alphaalign_eval_with_exit_2_and_one_line(
 
 REWARD_REPLIES = {
     "html": (HTML, "not JSON (text/html)"),
+    "nested too deeply": ((200, '{"scores": ' + DEEP + "}", JSON), "nested more than 100 levels"),
     "scores as text": ((200, {"scores": ["0.5"]}, JSON), "scores.0: input should be a valid number"),
     "null score": ((200, {"scores": [None]}, JSON), "scores.0: input should be a valid number"),
     "boolean score": ((200, {"scores": [True]}, JSON), "scores.0: input should be a valid number"),
@@ -335,6 +340,7 @@ def test_every_bad_reply_of_a_reward_server_ends_in_one_line_naming_it(
 
 JUDGE_REPLIES = {
     "html": (HTML, "not JSON (text/html)"),
+    "nested too deeply": ((200, DEEP, JSON), "nested more than 100 levels"),
     "no choices": ((200, {"choices": []}, JSON), "choices: list should have at least 1"),
     "null content": (
         (200, {"choices": [{"message": {"content": None}}]}, JSON),
