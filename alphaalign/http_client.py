@@ -201,8 +201,8 @@ def parse_reply(response: httpx.Response, model: type[R]) -> R:
     """The reply body as `model`, or `BadReply` saying which field is wrong (dotted path) and why."""
     try:
         body = parsing.loads(response.content)
-    except parsing.TooDeep as exc:
-        raise BadReply(f"the reply's JSON is {exc.msg}") from None
+    except parsing.UnusableJSON as exc:
+        raise BadReply(f"the reply's JSON: {exc.msg}") from None
     except ValueError:  # HTML from a proxy, plain text, an empty body
         kind = response.headers.get("content-type", "no content type")
         raise BadReply(

@@ -1,6 +1,7 @@
 """Parsing text that may be hostile (recipes, data files, files on disk, server replies): JSON and YAML whose
-nesting would exhaust the call stack, or whose aliases would fill the memory, fail as malformed input does,
-with an error the caller turns into one line, never a RecursionError.
+nesting would exhaust the call stack, whose aliases would fill the memory, or whose strings are not text fail
+as malformed input does, with an error the caller turns into one line, never a RecursionError or a crash
+later on (a tokenizer refuses a lone surrogate).
 """
 
 from __future__ import annotations
@@ -17,31 +18,68 @@ MAX_DEPTH = 100
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"|[\[\]{}]')
 
 
-class TooDeep(json.JSONDecodeError):
-    """JSON nested more than MAX_DEPTH levels; a `json.JSONDecodeError`, so callers report it as malformed JSON."""
+class UnusableJSON(json.JSONDecodeError):
+    """Valid JSON that no part of the project can use: nested more than MAX_DEPTH levels, or a string holding a
+    lone surrogate. A `json.JSONDecodeError`, so callers report it as malformed JSON."""
 
 
 def loads(data: str | bytes) -> Any:
-    """`json.loads`, where a value nested more than MAX_DEPTH levels is malformed JSON (`TooDeep`), placed at
-    the bracket that goes too deep (Python's parser would raise RecursionError near 1,000 levels, and code
-    that walks the value, deeper in the stack, before that)."""
+    """`json.loads`, where a value nested more than MAX_DEPTH levels, or a string with a lone surrogate (an
+    escape such as ``\\ud800`` that JSON allows and UTF-8 cannot encode), is malformed JSON (`UnusableJSON`).
+    Python's parser would raise RecursionError near 1,000 levels, and code that walks the value, deeper in
+    the stack, before that."""
     if isinstance(data, bytes):
         deep = data.count(b"[") + data.count(b"{") > MAX_DEPTH
+        escaped = b"\\ud" in data or b"\\uD" in data
     else:
         deep = data.count("[") + data.count("{") > MAX_DEPTH
-    if not deep:  # too few brackets to nest that deep: the common case costs two counts
-        return json.loads(data)
-    doc = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    depth = 0
-    for token in _JSON_TOKEN.finditer(doc):
-        bracket = token.group()
-        if bracket in ("[", "{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise TooDeep(f"nested more than {MAX_DEPTH} levels deep", doc, token.start())
-        elif bracket in ("]", "}"):
-            depth -= 1
-    return json.loads(data)
+        escaped = "\\ud" in data or "\\uD" in data
+    if deep:  # enough brackets to nest that deep: find the one that goes too deep before parsing
+        doc = _text(data)
+        depth = 0
+        for token in _JSON_TOKEN.finditer(doc):
+            bracket = token.group()
+            if bracket in ("[", "{"):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise UnusableJSON(f"nested more than {MAX_DEPTH} levels deep", doc, token.start())
+            elif bracket in ("]", "}"):
+                depth -= 1
+    value = json.loads(data)
+    if (
+        escaped
+    ):  # surrogate escapes (an emoji written as a pair of them, usually): each must be half of a pair
+        found = _lone_surrogate(value)
+        if found is not None:
+            where, char = found
+            doc = _text(data)
+            escape = re.search(re.escape(f"\\u{ord(char):04x}"), doc, re.IGNORECASE)
+            raise UnusableJSON(
+                f"{where}: a lone surrogate \\u{ord(char):04x}, which is not text",
+                doc,
+                escape.start() if escape else 0,
+            )
+    return value
+
+
+def _text(data: str | bytes) -> str:
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+def _lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(dotted path, character) of the first string, key or value, that UTF-8 cannot encode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path or "the value", value[exc.start]
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 MAX_YAML_NODES = 100_000  # a recipe has hundreds; aliases may not multiply it into a memory bomb

@@ -338,3 +338,23 @@ def test_a_data_row_nested_too_deeply_fails_in_one_line_naming_its_line(
     line = _error_line(capsys)
     assert f"{rows}:2: invalid JSON (nested more than 100 levels deep)" in line, line
     assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["score", "eval-detector", "validate"])
+def test_a_data_row_with_a_lone_surrogate_fails_in_one_line_naming_its_line(
+    command, write_recipe, tmp_path, capsys
+):
+    """JSON allows "\\ud800" and UTF-8 cannot encode it: a tokenizer would crash on it mid-run, the score writer at
+    once. An escaped pair (an emoji) is text."""
+    rows = tmp_path / "rows.jsonl"
+    good = '{"prompt": "hi \\ud83d\\ude00", "completion": "Hello.", "response": "Hello.", "refused": 0, "label": "benign"}'
+    rows.write_text(good + "\n" + good.replace("\\ude00", "") + "\n")
+    argv = {
+        "score": ["score", "--input", rows, "--output", tmp_path / "out.jsonl"],
+        "eval-detector": ["eval-detector", rows],
+        "validate": ["validate", write_recipe({"data": {"train": [{"path": str(rows)}]}})],
+    }[command]
+    assert main([str(a) for a in argv]) == 2
+    line = _error_line(capsys)
+    assert f"{rows}:2: invalid JSON (prompt: a lone surrogate \\ud83d, which is not text)" in line, line
+    assert not (tmp_path / "out.jsonl").exists()

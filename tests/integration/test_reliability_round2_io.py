@@ -341,6 +341,10 @@ def test_every_bad_reply_of_a_reward_server_ends_in_one_line_naming_it(
 JUDGE_REPLIES = {
     "html": (HTML, "not JSON (text/html)"),
     "nested too deeply": ((200, DEEP, JSON), "nested more than 100 levels"),
+    "a lone surrogate": (
+        (200, '{"choices": [{"message": {"content": "\\ud800"}}]}', JSON),
+        "choices.0.message.content: a lone surrogate",
+    ),
     "no choices": ((200, {"choices": []}, JSON), "choices: list should have at least 1"),
     "null content": (
         (200, {"choices": [{"message": {"content": None}}]}, JSON),

@@ -23,7 +23,7 @@ def test_json_as_deep_as_allowed_loads_and_one_level_more_is_malformed():
 
 @pytest.mark.parametrize("data", [nested(100_000), nested(100_000).encode(), '{"a": ' + '{"b": ' * 5_000])
 def test_json_far_past_the_recursion_limit_is_malformed_not_a_recursion_error(data):
-    with pytest.raises(parsing.TooDeep):
+    with pytest.raises(parsing.UnusableJSON):
         parsing.loads(data)
 
 
@@ -38,3 +38,19 @@ def test_yaml_nesting_counts_aliases():
     with pytest.raises(ValueError, match=r"^b(\.0)*: nests more than 100 levels deep"):
         parsing.safe_load_bounded("a: &a " + nested(60) + "\nb: " + nested(50, "*a"))
     assert parsing.safe_load_bounded("a: &a " + nested(49) + "\nb: " + nested(50, "*a"))["b"]
+
+
+def test_a_lone_surrogate_is_malformed_and_named_by_its_path():
+    assert parsing.loads('{"a": "emoji \\ud83d\\ude00"}') == {
+        "a": "emoji \U0001f600"
+    }  # a pair is one character
+    for text, where in [
+        ('{"a": [1, {"b": "x\\ud800"}]}', "a.1.b"),
+        ('["ok", "\\uDC00 y"]', "1"),
+        ('"\\udbff"', "the value"),
+    ]:
+        with pytest.raises(parsing.UnusableJSON, match=rf"^{where}: a lone surrogate \\u[dD]"):
+            parsing.loads(text)
+        with pytest.raises(parsing.UnusableJSON):
+            parsing.loads(text.encode())
+    assert parsing.loads('"\\\\ud800"') == "\\ud800"  # an escaped backslash, then plain letters
