@@ -56,17 +56,21 @@ def is_secret_key(key: str) -> bool:
     )
 
 
-_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@'\"]*:)([^\s/@'\"]+)(@)")
+# The URL, query and key-value patterns start only where a run of their characters starts, and take runs whole
+# (possessive): a pattern that may start anywhere inside a long run searches in time quadratic in its length.
+_URL_PASSWORD = re.compile(
+    r"(?<![A-Za-z0-9+.-])([0-9+.-]*+[A-Za-z][A-Za-z0-9+.-]*+://[^\s/:@'\"]*:)([^\s/@'\"]+)(@)"
+)
 _CREDENTIAL = r"[A-Za-z0-9._~+/=-]"
 # `Bearer <anything>`; `Basic`, `Token`, `Digest` only before something that is not a plain word (prose)
 _AUTH_VALUE = re.compile(
     rf"\b(?:(Bearer)(\s+){_CREDENTIAL}+|(Basic|Token|Digest)(\s+)(?={_CREDENTIAL}*[0-9._~+/=-]){_CREDENTIAL}{{6,}})",
     re.IGNORECASE,
 )
-_QUERY_PARAM = re.compile(r"([?&])([^=&#\s]+)=([^&#\s'\"]+)")
+_QUERY_PARAM = re.compile(r"((?<![^=&#\s])[^=&#\s?]*+\?|&)([^=&#\s]++)=([^&#\s'\"]+)")
 # `key=value`, `key: value`, `"key": "value"` (a quoted value whole; a bare one with its auth scheme)
 _KEY_VALUE = re.compile(
-    r"""(?P<key>[A-Za-z_][\w.-]*)(?P<sep>["']?\s*[=:]\s*)"""
+    r"""(?<![\w.-])(?P<pre>(?:(?![A-Za-z_])[\w.-])*+)(?P<key>[A-Za-z_][\w.-]*+)(?P<sep>["']?\s*[=:]\s*)"""
     r"""(?:"(?P<dq>[^"]*)"|'(?P<sq>[^']*)'|(?P<bare>(?:(?:Bearer|Basic|Token|Digest)\s+)?[^\s,;{}\[\]'"&]+))""",
     re.IGNORECASE,
 )
@@ -88,7 +92,7 @@ def mask_text(text: str) -> str:
         if value in ("", MASK) or not is_secret_key(m["key"].rsplit(".", 1)[-1]):
             return m[0]
         quote = '"' if m["dq"] is not None else "'" if m["sq"] is not None else ""
-        return f"{m['key']}{m['sep']}{quote}{MASK}{quote}"
+        return f"{m['pre']}{m['key']}{m['sep']}{quote}{MASK}{quote}"
 
     return _KEY_VALUE.sub(pair, text)
 

@@ -269,6 +269,29 @@ def test_secret_values_are_masked_in_text():
     }
 
 
+def test_secrets_are_masked_after_any_run_of_other_characters():
+    from alphaalign.masking import mask_text
+
+    assert (
+        mask_text("9api_key=sk-1 .http://u:pw@h x=1?token=t2") == "9api_key=*** .http://u:***@h x=1?token=***"
+    )
+
+
+@pytest.mark.parametrize("run", ["a", "a.", "_", "?a", "?", "a-", "x1.", "a?b&"])
+def test_masking_a_long_run_takes_linear_time(run):
+    """A long token in an error line (a label or a blob echoed back) must not hang the error printer: a
+    pattern that may start anywhere in a run of 100,000 characters searches for minutes. The bound is a hang
+    guard, a hundred times what the linear search takes."""
+    import time
+
+    from alphaalign.masking import mask_text
+
+    text = run * (100_000 // len(run)) + " api_key=sk-1"
+    start = time.monotonic()
+    assert mask_text(text).endswith(" api_key=***")
+    assert time.monotonic() - start < 10
+
+
 @pytest.mark.slow
 def test_a_run_writes_no_secret_and_its_resolved_recipe_validates(
     write_recipe, tiny_policy, tmp_path, capsys
