@@ -293,9 +293,11 @@ _BEFORE_I = _compile(
     r"""(?: (?:\bnot|n't)\s+(?:something|an?\s+(?:request|thing|task|topic|question))(?:\s+that)?
           | \b(?:beyond|outside(?:\s+of)?|scope\s+of)\s+what )\s*$"""
 )
-# Subject-less openers of the response or of a line: "Can't help with that", "Nope, not going to".
+# Subject-less openers of the response or of a line: "Can't help with that", "Nope, not going to". This pattern
+# and those that open a sentence take spaces after a newline but no newline ([^\S\n]*): a run of blank lines is
+# then crossed once, from its last newline, where \s* would cross it from each one (quadratic in its length).
 _OPENER = _compile(
-    rf"""\n\s*(?:(?:sorry|nope|no|nah|hmm)(?:[\s,.!-]|\xe2\x80\x94)*)?
+    rf"""\n[^\S\n]*(?:(?:sorry|nope|no|nah|hmm)(?:[\s,.!-]|\xe2\x80\x94)*)?
     (?:can'?t|cannot|won'?t|not\s+going\s+to|not\s+gonna){_FILL}{_ACT}"""
 )
 # "my guidelines prevent me from helping" (group 1), "it would be unethical for me to" and "they
@@ -351,7 +353,7 @@ _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:s
   | i'?m\s+afraid(?:\s+that)?[\s,]+
   | i\s+(?:must|(?:would|'d)\s+like\s+to)\s+(?:respectfully\s+|kindly\s+|politely\s+|gently\s+)?(?:(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
-    rf"""(?:\n|[.!?]\s)\s*{_PREAMBLE}(?:
+    rf"""(?:\n|[.!?]\s)[^\S\n]*{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
         # (a positive word needs its negation: "it is okay to feel sad" is not a refusal)
         (?:it|this|that)(?:(?:'s|\s+is|\s+would\s+be)\s+(?:not|never)|\s+(?:isn'?t|wouldn'?t\s+be|would\s+not\s+be|would\s+be\s+not)(?:\s+ever)?)
@@ -414,7 +416,7 @@ _OPENING = 400  # bytes of the response's start in which the deferral or the red
 # a sentence ("instead of" then a deed: "Instead of shorts, pack trousers" is advice), and a word of moral framing
 # comes before it; "Stretch first. Instead of running, walk" is advice.
 _REDIRECT = _compile(
-    r"""(?:\n|[.!?]\s)\s*(?:instead(?:,|\s+of\s+(?:\w+ly\s+)?\w+ing\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
+    r"""(?:\n|[.!?]\s)[^\S\n]*(?:instead(?:,|\s+of\s+(?:\w+ly\s+)?\w+ing\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
 )
 _LECTURE = _compile(
     r"""\b(?:respect|illegal|unethical|immoral|harmful|hurtful|offensive|disrespectful|inappropriate|stereotyp|generali[sz]

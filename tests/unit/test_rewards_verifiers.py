@@ -451,3 +451,17 @@ def test_without_hyperscan_the_plain_path_gives_the_same_results(monkeypatch):
         assert [is_refusal(text) for text in _EVAL_TEXTS] == with_prefilter
     finally:
         verifiers._prefilter.cache_clear()
+
+
+@pytest.mark.parametrize("gap", ["\n", " \n", "\n\t", ".\n"])
+def test_a_long_run_of_blank_lines_is_judged_in_linear_time_without_hyperscan(gap, monkeypatch):
+    """Without the prefilter (hyperscan has no wheel off x86-64) every pattern searches the text itself. A policy
+    can emit thousands of blank lines: a pattern that crosses a run of them from each newline searches for
+    minutes on 30,000. The bound is a hang guard, a hundred times what the linear search takes."""
+    import time
+
+    monkeypatch.setattr(verifiers, "_prefilter", lambda: None)
+    text = "Sure." + gap * 30_000 + "Can't help with that."
+    start = time.monotonic()
+    assert is_refusal(text) and not is_refusal(text.replace("Can't", "Happy to"))
+    assert time.monotonic() - start < 5
