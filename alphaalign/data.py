@@ -9,6 +9,7 @@ resolved against the recipe's folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
     if "\x00" in text:
         raise UserError(f"{path}: binary data in a text file")
     if suffix == ".csv":
-        return [(i + 2, row) for i, row in enumerate(csv.DictReader(text.splitlines()))]
+        return _csv_rows(text, path)
     if suffix == ".json":
         try:
             data = parsing.loads(text)
@@ -178,6 +179,32 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
             rows.append((lineno, parsing.loads(line)))
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    return rows
+
+
+def _csv_rows(text: str, path: Path) -> list[tuple[int, dict]]:
+    """(first line, row) pairs. Quoted fields keep their newlines (the reader splits lines only where CSV does,
+    not at every Unicode line break), may be as long as the file, and a row must have one value per column."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # csv's default stops at 128 KiB
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = next(reader, [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UserError(f"{path}:1: the header names column {repeated[0]!r} more than once")
+        while (values := next(reader, None)) is not None:
+            first = reader.line_num - sum(v.count("\n") for v in values)  # a quoted field may span lines
+            if not values:
+                continue  # a blank line
+            if len(values) != len(header):
+                raise UserError(
+                    f"{path}:{first}: the header names {len(header)} columns, this row has {len(values)} "
+                    "(a comma in a field that is not quoted?)"
+                )
+            rows.append((first, dict(zip(header, values, strict=True))))
+    except csv.Error as exc:
+        raise UserError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
     return rows
 
 

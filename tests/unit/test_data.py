@@ -30,6 +30,24 @@ def test_csv_and_fixed_label(tmp_path):
     assert [r.label for r in rows] == ["benign", "benign"] and rows[1].columns == {"context": "x"}
 
 
+def test_csv_fields_keep_their_line_breaks_and_any_length(tmp_path):
+    """A quoted field may hold newlines (most prompt sets have multi-line prompts) and Unicode line breaks, and
+    be longer than csv's default limit of 128 KiB; error lines count the lines a quoted field spans."""
+    long = "x" * 300_000
+    write(
+        tmp_path, "d.csv", f'prompt,label\n"one\ntwo",benign\na\u2028b,benign\n"{long}",harmful\n\nc,maybe\n'
+    )
+    with pytest.raises(UserError, match=r"d.csv:7: label field 'label' is 'maybe'"):
+        load_source(DataSource(path="d.csv"), tmp_path)
+    write(tmp_path, "d.csv", f'prompt,label\n"one\ntwo",benign\na\u2028b,benign\n"{long}",harmful\n')
+    rows = load_source(DataSource(path="d.csv"), tmp_path)
+    assert [(r.prompt, r.label) for r in rows] == [
+        ("one\ntwo", "benign"),
+        ("a\u2028b", "benign"),
+        (long, "harmful"),
+    ]
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -49,6 +67,16 @@ def test_csv_and_fixed_label(tmp_path):
         ("d.jsonl", b"\xff\xfe\xfa", r"d.jsonl: not a UTF-8 text file"),
         ("d.json", '{"prompt": "a"}', r"d.json: expected a JSON list"),
         ("d.jsonl", "[1, 2]\n", r"d.jsonl:1: a row must be an object"),
+        (
+            "d.csv",
+            'prompt,label\n"a\nb",harmful\n\nHello, world,benign\n',
+            r"d.csv:5: the header names 2 columns, this row has 3 \(a comma in a field that is not quoted\?\)",
+        ),
+        (
+            "d.csv",
+            "prompt,label,prompt\na,benign,b\n",
+            r"d.csv:1: the header names column 'prompt' more than once",
+        ),
     ],
 )
 def test_data_errors_name_file_and_line(tmp_path, name, content, message):
