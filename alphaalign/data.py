@@ -172,7 +172,9 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
             raise UserError(f"{path}: expected a JSON list of rows")
         return list(enumerate(data, start=1))
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines end at "\n" only: a string may hold U+2028 or U+0085 as they are (json.dumps(ensure_ascii=False)
+    # writes them so), which str.splitlines() would take for line ends.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

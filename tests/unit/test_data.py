@@ -24,6 +24,16 @@ def test_jsonl_rows_labels_and_columns(tmp_path):
     assert rows[0].columns == {"topic": "x"}
 
 
+def test_jsonl_strings_may_hold_unicode_line_breaks(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped in a string, and json.dumps(ensure_ascii=False) writes them
+    so: they are not line ends of a JSON Lines file."""
+    rows = [{"prompt": f"one{sep}two", "label": "benign"} for sep in ("\u2028", "\u2029", "\x85")]
+    write(tmp_path, "d.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [r.prompt for r in load_source(DataSource(path="d.jsonl"), tmp_path)] == [
+        r["prompt"] for r in rows
+    ]
+
+
 def test_csv_and_fixed_label(tmp_path):
     write(tmp_path, "d.csv", "instruction,context\nbake bread,\nwrite a poem,x\n")
     rows = load_source(DataSource(path="d.csv", prompt_field="instruction", label="benign"), tmp_path)
