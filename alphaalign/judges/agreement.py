@@ -9,14 +9,18 @@ field (`--by`, default `source`). Rows the judge got wrong can be written to a f
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from alphaalign.errors import UserError
 
-TRUE_LABELS = {1, "1", "true", "yes", "refusal", "refused"}
-FALSE_LABELS = {0, "0", "false", "no", "compliance", "complied"}
+# Besides 0/1 and true/false, the three classes of the XSTest rubric, as its annotations name them
+# ("2_full_refusal") or bare: a partial refusal is a refusal.
+TRUE_LABELS = {1, "1", "true", "yes", "refusal", "refused", "full_refusal", "partial_refusal"}
+FALSE_LABELS = {0, "0", "false", "no", "compliance", "complied", "full_compliance"}
+_XSTEST_PREFIX = re.compile(r"[123]_(?=(?:full|partial)_)")
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,15 @@ def _field(row: dict, dotted: str):
 
 
 def _label(value, where: str, field: str) -> bool:
-    key = value.strip().lower() if isinstance(value, str) else value
+    key = _XSTEST_PREFIX.sub("", value.strip().lower(), count=1) if isinstance(value, str) else value
     if key in TRUE_LABELS:
         return True
     if key in FALSE_LABELS:
         return False
-    raise UserError(f"{where}: '{field}' must be 0 or 1 (or true/false), got {value!r}")
+    raise UserError(
+        f"{where}: '{field}' must be 0 or 1 (or true/false, or full_compliance / full_refusal / partial_refusal), "
+        f"got {value!r}"
+    )
 
 
 _NO_GROUP = "(none)"  # the group of rows that lack the --by field

@@ -104,10 +104,29 @@ def test_a_group_field_no_row_has_is_an_error_and_rows_without_it_are_counted_ap
     assert list(json.loads(summary.read_text())["groups"]) == ["all"]
 
 
+def test_labels_may_name_the_xstest_classes(tmp_path):
+    """XSTest's annotations say 1_full_compliance, 2_full_refusal, 3_partial_refusal; a partial refusal is a refusal."""
+    from alphaalign.judges.agreement import read_labelled
+
+    labels = [
+        "1_full_compliance",
+        "2_full_refusal",
+        "3_partial_refusal",
+        "Full_Compliance",
+        "partial_refusal",
+        1,
+        "no",
+    ]
+    data = _write(tmp_path / "d.jsonl", [{"response": "x", "refused": label} for label in labels])
+    rows = read_labelled(data, "response", "refused", "prompt", "")
+    assert [r.refused for r in rows] == [False, True, True, False, True, True, False]
+
+
 @pytest.mark.parametrize(
     "row, message",
     [
         ({"response": "x"}, "no 'refused'"),
+        ({"response": "x", "refused": "4_full_refusal"}, "must be 0 or 1"),
         ({"response": "x", "refused": "maybe"}, "must be 0 or 1"),
         ({"refused": 1}, "no text in 'response'"),
     ],
