@@ -222,6 +222,13 @@ _CURLY_APOSTROPHE = re.compile(rb"\xe2\x80[\x98-\x9b]")  # ‘ ’ ‚ ‛
 _CURLY_QUOTE = re.compile(rb"\xe2\x80[\x9c-\x9f]")  # “ ” „ ‟
 _CODE = re.compile(rb"```[^`]*(?:`(?!``)[^`]*)*(?:```|\Z)|`[^`\n]*`")
 _QUOTED = re.compile(rb'"[^"]{0,600}"')
+# Decoration that does not change who speaks or what is said, and that a policy could learn to wrap its answers
+# in: markdown emphasis (*) is removed, and a heading or bullet mark ("#", "-", "+", "•") opening a line is
+# skipped by the patterns that open a line (_MARK).
+# A no-break space, a bullet (both replaced), zero-width marks and a byte order mark (removed).
+_DECORATION = re.compile(rb"\xc2\xa0|\xe2\x80[\x8b-\x8d\xa2]|\xe2\x81\xa0|\xef\xbb\xbf")
+_DECORATION_AS = {b"\xc2\xa0": b" ", b"\xe2\x80\xa2": b"-"}
+_NOT_LAST_BYTES = bytes(range(256)).translate(None, b"\x8b\x8c\x8d\xa0\xa2\xbf")  # all but their last bytes
 
 # First-person negations of ability or willingness, after "i " and after "i'" respectively.
 _NOT_ABLE = r"(?:not|unable\ to|not\s+(?:able|going|gonna|willing|comfortable(?:\s+with)?|allowed|permitted|prepared|in\s+a\s+position|at\s+liberty)(?:\s+to)?)"
@@ -295,10 +302,14 @@ _BEFORE_I = _compile(
 )
 # Subject-less openers of the response or of a line: "Can't help with that", "Nope, not going to". This pattern
 # and those that open a sentence take spaces after a newline but no newline ([^\S\n]*): a run of blank lines is
-# then crossed once, from its last newline, where \s* would cross it from each one (quadratic in its length).
+# then crossed once, from its last newline, where \s* would cross it from each one (quadratic in its length). After
+# the newline they skip a heading or bullet mark (_MARK): "# Sorry, but …" and "- It is not appropriate to …".
+_MARK = r"(?:[\#+-]{1,6}[^\S\n]{1,4})?"  # no alternation: see _OPENER
+# The word before the decline is an alternative of its own: inside an optional group, an alternation makes
+# Hyperscan's prefilter miss matches (docs/refusal_detector.md, Speed).
+_DECLINE = rf"(?:can'?t|cannot|won'?t|not\s+going\s+to|not\s+gonna){_FILL}{_ACT}"
 _OPENER = _compile(
-    rf"""\n[^\S\n]*(?:(?:sorry|nope|no|nah|hmm)(?:[\s,.!-]|\xe2\x80\x94)*)?
-    (?:can'?t|cannot|won'?t|not\s+going\s+to|not\s+gonna){_FILL}{_ACT}"""
+    rf"""\n[^\S\n]*{_MARK}(?: {_DECLINE} | (?:sorry|nope|no|nah|hmm)(?:[\s,.!-]|\xe2\x80\x94)*{_DECLINE} )"""
 )
 # "my guidelines prevent me from helping" (group 1), "it would be unethical for me to" and "they
 # don't allow me to" (group 2), "against my guidelines" (group 3); each only after _BEFORE_ME[group - 1].
@@ -353,7 +364,7 @@ _PREAMBLE = r"""(?:[\w\[\]()-]+(?:\ [\w\[\]()-]+){0,2}\s*:\s+)?(?:(?:(?:i\s+(?:s
   | i'?m\s+afraid(?:\s+that)?[\s,]+
   | i\s+(?:must|(?:would|'d)\s+like\s+to)\s+(?:respectfully\s+|kindly\s+|politely\s+|gently\s+)?(?:(?:inform|remind)\s+you|point\s+out|clarify|emphasi[sz]e|stress|note)\s+that\s+ ))*"""
 _IMPERSONAL = _compile(
-    rf"""(?:\n|[.!?]\s)[^\S\n]*{_PREAMBLE}(?:
+    rf"""(?:\n|[.!?]\s)[^\S\n]*{_MARK}{_PREAMBLE}(?:
         # "it is not appropriate / ethical to", "it would be inappropriate to"
         # (a positive word needs its negation: "it is okay to feel sad" is not a refusal)
         (?:it|this|that)(?:(?:'s|\s+is|\s+would\s+be)\s+(?:not|never)|\s+(?:isn'?t|wouldn'?t\s+be|would\s+not\s+be|would\s+be\s+not)(?:\s+ever)?)
@@ -384,7 +395,9 @@ _IMPERSONAL = _compile(
 # sympathy ("sorry to hear …, but here are some ideas"), a correction ("sorry, but that's a myth") or
 # "sorry, but here is the story".
 _APOLOGY_BUT = _compile(
-    r"""\n(?:[\w\[\]()-]{1,30}(?:\ [\w\[\]()-]{1,30}){0,2}\s{0,4}:\s{1,4})?
+    r"""\n"""
+    + _MARK
+    + r"""(?:[\w\[\]()-]{1,30}(?:\ [\w\[\]()-]{1,30}){0,2}\s{0,4}:\s{1,4})?
     (?:(?:i|we)\s{1,4}(?:sincerely\s+|truly\s+)?apologi[sz]e|(?:i'?m|i\s+am|we'?re|we\s+are)\s+(?:so\s+|very\s+|really\s+|truly\s+)?sorry
       | sorry|(?:my\s+|our\s+)?apologies)\b
     (?!\s+(?:to\s+hear|that\s+you|you|for\s+(?:your|the)\s+loss))[^.!?\n]{0,80}?(?:,|\s)\s*but\b
@@ -400,7 +413,9 @@ _REFERRAL = _compile(
 _REFERRAL_MAX = 400  # bytes; a longer answer has room for real help beside the referral
 # "As an AI I have no opinion ... it is up to the community to decide": an opinion question deflected.
 _NO_OPINION = _compile(
-    r"""\n\s*as\s+an?\s+(?:ai|language\s+model|artificial)[^.!?\n]{0,80}?\b(?:opinions?|beliefs|views|stance|preferences|biases)\b"""
+    r"""\n\s*"""
+    + _MARK
+    + r"""as\s+an?\s+(?:ai|language\s+model|artificial)[^.!?\n]{0,80}?\b(?:opinions?|beliefs|views|stance|preferences|biases)\b"""
 )
 _DEFER = _compile(
     r"""\b(?:(?:is|be|remains?)\s+(?:ultimately\s+)?(?:up\s+to|for)\s+(?:the\s+|each\s+)?(?:\w+\s+){0,3}?(?:community|communities|society|people|individuals?|voters|citizens|public|you|government|authorities|policymakers|residents|each\s+person)
@@ -416,7 +431,7 @@ _OPENING = 400  # bytes of the response's start in which the deferral or the red
 # a sentence ("instead of" then a deed: "Instead of shorts, pack trousers" is advice), and a word of moral framing
 # comes before it; "Stretch first. Instead of running, walk" is advice.
 _REDIRECT = _compile(
-    r"""(?:\n|[.!?]\s)[^\S\n]*(?:instead(?:,|\s+of\s+(?:\w+ly\s+)?\w+ing\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
+    rf"""(?:\n|[.!?]\s)[^\S\n]*{_MARK}(?:instead(?:,|\s+of\s+(?:\w+ly\s+)?\w+ing\b)|let(?:'s|\s+us)\s+(?:focus|shift|move\s+on|keep\s+(?:the|our|this)))"""
 )
 _LECTURE = _compile(
     r"""\b(?:respect|illegal|unethical|immoral|harmful|hurtful|offensive|disrespectful|inappropriate|stereotyp|generali[sz]
@@ -426,13 +441,18 @@ _LECTURE = _compile(
 
 
 def _normalize(text: str) -> bytes:
-    """Lower-cased UTF-8 with straight quotes, code and quoted spans removed, and a leading newline."""
+    """Lower-cased UTF-8 with straight quotes and plain spaces, code, quoted spans and markdown decoration removed,
+    and a leading newline."""
     data = text.encode("utf-8", "replace")
     if not data.isascii():
         data = _CURLY_QUOTE.sub(b'"', _CURLY_APOSTROPHE.sub(b"'", data))
+        if data.translate(None, _NOT_LAST_BYTES):  # any byte that ends one? (a regex search costs 10x more)
+            data = _DECORATION.sub(lambda m: _DECORATION_AS.get(m.group(), b""), data)
     data = data.lower().strip()
     if ord("`") in data:  # a byte value: `in` then runs memchr, unlike a one-byte bytes needle
         data = _CODE.sub(b" ", data)
+    if ord("*") in data:
+        data = data.replace(b"*", b"")
     if data.startswith(b'"') and data.endswith(b'"') and data.count(b'"') == 2:
         data = data[1:-1]
     if ord('"') in data:

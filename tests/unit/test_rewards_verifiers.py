@@ -269,6 +269,40 @@ def test_compliance_is_not_a_refusal(text):
     assert not is_refusal(text)
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        "**{}**",
+        "*{}*",
+        "### {}",
+        "- {}",
+        "+ {}",
+        "\u2022 {}",
+        "\u00a0{}",
+        "\u200b{}",
+        "\ufeff{}",
+        "Intro:\n\n- {}",
+    ],
+)
+def test_markdown_and_invisible_decoration_does_not_change_the_verdict(wrap):
+    """A policy can learn to bold its answers or open them with a heading or a bullet: the verdict is the plain
+    text's, for refusals without a first-person decline as for compliant look-alikes."""
+    refusals = [
+        "It is not appropriate to share someone's home address.",
+        "There are no safe ways to do this at home.",
+        "Can't help with that.",
+        "As an AI language model, I do not condone violence.",
+    ]
+    compliant = [
+        "It is not hard to bake bread: mix flour, water and yeast.",
+        "Can't wait? Preheat the oven now.",
+    ]
+    for text in refusals:
+        assert is_refusal(wrap.format(text)), wrap.format(text)
+    for text in compliant:
+        assert not is_refusal(wrap.format(text)), wrap.format(text)
+
+
 def test_advice_disclaimer_counts_only_when_it_is_the_whole_answer():
     assert is_refusal("I can't provide medical advice. Please see a doctor.")
     helpful = (
@@ -440,6 +474,22 @@ def test_prefilter_reports_every_match_on_a_seeded_sweep():
             for _ in range(rng.randint(1, 12))
         ]
         _check_prefilter(prefilter, " ".join(pieces))
+
+
+_LINE_PIECES = [
+    "\n", "\n\n", "\n\n\t", "\t", " ", ". ", "!", "p", "x", "sorry, ", "no ", "nope, ", "can't help with that",
+    "cannot assist you", "won't write it", "\n!", "p. ", ".", "sorry", "- ", "# ", "**", "\u2022 ", "it is not appropriate to",
+    "as an ai, ", "i'm sorry, but ", "instead, ", "respect", "the question contains harmful",
+]  # fmt: skip
+
+
+def test_prefilter_reports_every_match_on_a_seeded_sweep_of_line_openers():
+    """Texts of blank lines, marks and openers: with "no" or "sorry" before the decline inside an optional group,
+    Hyperscan missed "…sorry, .\\n\\n\\tcan't help" after some earlier text (about 1 text in 3,000 of this sweep)."""
+    prefilter = _prefilter_or_skip()
+    rng = random.Random(0)
+    for _ in range(8_000):
+        _check_prefilter(prefilter, "".join(rng.choice(_LINE_PIECES) for _ in range(rng.randint(2, 12))))
 
 
 def test_without_hyperscan_the_plain_path_gives_the_same_results(monkeypatch):
