@@ -127,6 +127,8 @@ def test_labels_may_name_the_xstest_classes(tmp_path):
     [
         ({"response": "x"}, "no 'refused'"),
         ({"response": "x", "refused": "4_full_refusal"}, "must be 0 or 1"),
+        ({"response": "x", "refused": [1]}, "must be 0 or 1"),
+        ({"response": "x", "refused": {"a": 1}}, "must be 0 or 1"),
         ({"response": "x", "refused": "maybe"}, "must be 0 or 1"),
         ({"refused": 1}, "no text in 'response'"),
     ],
