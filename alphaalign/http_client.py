@@ -214,10 +214,12 @@ def parse_reply(response: httpx.Response, model: type[R]) -> R:
         raise BadReply(describe(exc)) from None
 
 
-def describe(exc: pydantic.ValidationError) -> str:
-    """A validation error in one line: the first bad field, its value, and how many more there are."""
+def describe(exc: pydantic.ValidationError, whole: str = "the reply") -> str:
+    """A validation error in one line: the first bad field (or `whole`), its value, and how many more there are."""
     first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "the reply"
+    where = ".".join(str(part) for part in first["loc"]) or whole
+    if first["type"] == "value_error":  # a validator's own message, which says what is wrong
+        return f"{where}: {first['ctx']['error']}" if first["loc"] else str(first["ctx"]["error"])
     value = short(repr(first.get("input")), 60)
     more = exc.error_count() - 1
     return f"{where}: {first['msg'].lower()} (got {value})" + (

@@ -15,11 +15,94 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydantic
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+
 from alphaalign import parsing
 from alphaalign.errors import UserError
+from alphaalign.http_client import describe
 from alphaalign.outputs import check_output
 
 HELD_OUT = "held-out (data.eval)"
+RULES = "rules (refusal verifier V_r)"
+
+# The shapes of the files the report reads, checked when they are read: a damaged or foreign file is one line
+# naming the file and the field, not a traceback halfway through the report. Other fields are kept.
+Rate = StrictFloat  # an int is a float too; NaN where a rate has no responses (json writes NaN)
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class HeldOutEval(_Shape):
+    """eval_before.json / eval_after.json of a training run."""
+
+    harmful_refusal_rate: Rate
+    benign_refusal_rate: Rate
+    format_valid_rate: Rate
+
+
+class BenchmarkMetrics(_Shape):
+    harmful_refusal_rate: Rate
+    over_refusal_rate: Rate
+    format_valid_rate: Rate
+    attack_success_rate: Rate | None = None
+    n_unparseable: StrictInt = 0
+
+    @pydantic.model_validator(mode="after")
+    def _rates_at_k(self):
+        for key, value in (self.model_extra or {}).items():
+            if key.startswith(("pass@", "all_safe@")) and (
+                not key.split("@")[1].isdigit()
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+            ):
+                raise ValueError(f"{key}: must be a number under a key pass@K or all_safe@K, got {value!r}")
+        return self
+
+
+class EvalSummary(_Shape):
+    """summary.json of `alphaalign eval`."""
+
+    judge: StrictStr = RULES
+    asr_from: StrictStr = "1 - refusal rate"
+    benchmarks: dict[str, BenchmarkMetrics] = {}
+
+
+class MetricsRow(_Shape):
+    """A row of metrics.jsonl: its step, and numbers."""
+
+    step: StrictInt
+
+    @pydantic.model_validator(mode="after")
+    def _numbers(self):
+        for key, value in (self.model_extra or {}).items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key}: must be a number, got {value!r}")
+        return self
+
+
+class Sample(_Shape):
+    """A row of samples.jsonl."""
+
+    prompt: StrictStr
+    label: StrictStr
+    completion: StrictStr
+    reward: Rate | None
+    rewards: dict[str, Rate | None]
+    advantage: Rate
+    refused: StrictBool
+    format_valid: StrictBool
+
+
+def _checked(shape: type[BaseModel], value, where: str):
+    """`value` as read, once it has `shape`; a UserError naming `where` and the field otherwise."""
+    try:
+        shape.model_validate(value)
+    except pydantic.ValidationError as exc:
+        raise UserError(f"{where}: {describe(exc, 'the file')}") from None
+    return value
 
 
 @dataclass
@@ -45,19 +128,20 @@ def load_run(folder: Path) -> Run:
     if metrics.exists():
         from alphaalign.rl.logger import read_metrics
 
-        run.steps = read_metrics(metrics)
+        run.steps = [_checked(MetricsRow, r, f"{metrics} (step {r['step']})") for r in read_metrics(metrics)]
     if (folder / "samples.jsonl").exists():
         from alphaalign.rl.logger import read_metrics
 
         rows = read_metrics(folder / "samples.jsonl", "samples")
-        run.samples = [r for r in rows if r["step"] == rows[-1]["step"]] if rows else []
-    for attr, name in (
-        ("before", "eval_before.json"),
-        ("after", "eval_after.json"),
-        ("summary", "summary.json"),
+        latest = [r for r in rows if r["step"] == rows[-1]["step"]] if rows else []
+        run.samples = [_checked(Sample, r, f"{folder / 'samples.jsonl'} (step {r['step']})") for r in latest]
+    for attr, name, shape in (
+        ("before", "eval_before.json", HeldOutEval),
+        ("after", "eval_after.json", HeldOutEval),
+        ("summary", "summary.json", EvalSummary),
     ):
         if (folder / name).exists():
-            setattr(run, attr, _read_json(folder / name))
+            setattr(run, attr, _checked(shape, _read_json(folder / name), str(folder / name)))
     if not (run.steps or run.before or run.summary):
         raise UserError(f"{folder}: neither a training run (metrics.jsonl) nor an eval output (summary.json)")
     return run
@@ -115,9 +199,6 @@ def panel_title(key: str) -> str:
     if key == "completion/length_mean":
         return "completion length (tokens, mean)"
     return key
-
-
-RULES = "rules (refusal verifier V_r)"
 
 
 def benchmark_table(runs: list[Run]) -> dict[str, dict[str, dict]]:
@@ -352,7 +433,8 @@ def plot_benchmarks(table: dict[str, dict[str, dict]], path: Path) -> bool:
         ax.set_xlim(-0.6, len(benches) - 0.4)
         ax.set_ylim(0, 1.12)
         ax.set_title(title)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        if in_legend:  # a panel whose rate no series has (NaN everywhere) is left without a legend
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -82,7 +82,9 @@ def _label(value, where: str, field: str) -> bool:
     if isinstance(value, str):
         key = _XSTEST_PREFIX.sub("", value.strip().lower(), count=1)
     else:
-        key = value if isinstance(value, int | float) else None  # a list or an object is no label (nor hashable)
+        key = (
+            value if isinstance(value, int | float) else None
+        )  # a list or an object is no label (nor hashable)
     if key in TRUE_LABELS:
         return True
     if key in FALSE_LABELS:

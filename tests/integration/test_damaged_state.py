@@ -163,6 +163,72 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run_copy, capsys, tm
     assert len(err) == 1 and err[0].startswith(f"error: {run / 'metrics.jsonl'}:2: not a metrics row"), err
 
 
+def _text_metric(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["reward/mean"] = "high"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+SAMPLE = {
+    "step": 3,
+    "prompt": "p",
+    "label": "benign",
+    "completion": "c",
+    "reward": 0.5,
+    "rewards": {"a": 0.5},
+}
+SAMPLE |= {"advantage": 0.0, "refused": False, "format_valid": True}
+REPORT_DAMAGE = {  # a file the report reads, what is in it, and what the error line says
+    "a metric that is text": (
+        "metrics.jsonl",
+        _text_metric,
+        "metrics.jsonl (step 2): reward/mean: must be a number, got 'high'",
+    ),
+    "a rate that is text": (
+        "eval_before.json",
+        lambda p: p.write_text(
+            '{"harmful_refusal_rate": "0.5", "benign_refusal_rate": 0.1, "format_valid_rate": 1}'
+        ),
+        "eval_before.json: harmful_refusal_rate: input should be a valid number (got '0.5')",
+    ),
+    "a list for an object": (
+        "eval_after.json",
+        lambda p: p.write_text("[]"),
+        "eval_after.json: the file: input should be",
+    ),
+    "a sample without its reward": (
+        "samples.jsonl",
+        lambda p: p.write_text(json.dumps({k: v for k, v in SAMPLE.items() if k != "reward"}) + "\n"),
+        "samples.jsonl (step 3): reward: field required",
+    ),
+}
+
+
+def test_the_report_reads_the_shapes_a_run_writes(run_copy, tmp_path):
+    """The control for the cases below: the same files, undamaged, give a report (NaN: no prompts of a label)."""
+    _, run = run_copy
+    rates = (
+        '{"harmful_refusal_rate": 0.5, "benign_refusal_rate": NaN, "format_valid_rate": 1, "n_harmful": 2}'
+    )
+    (run / "eval_before.json").write_text(rates)
+    (run / "eval_after.json").write_text(rates)
+    (run / "samples.jsonl").write_text(json.dumps(SAMPLE) + "\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "| p | benign | c | 0.500 | 0.500 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", REPORT_DAMAGE)
+def test_a_damaged_file_of_a_run_ends_the_report_in_one_line_naming_it(case, run_copy, capsys, tmp_path):
+    """A run folder's files may be damaged, edited by hand or written by another version: the report names
+    the file and the field instead of failing halfway with a traceback."""
+    _, run = run_copy
+    name, damage, says = REPORT_DAMAGE[case]
+    damage(run / name)
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / name.split()[0]}") and says in err[0], err
+
+
 CHECK_AFTER = """
 import json, sys
 from pathlib import Path
