@@ -9,6 +9,7 @@ resolved against the recipe's folder.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import random
@@ -146,13 +147,17 @@ def rows_from_file(path: Path) -> list[tuple[int, dict]]:
 
 
 def _parse_rows(path: Path) -> list[tuple[int, object]]:
-    suffix = path.suffix.lower()
+    gzipped = path.suffix.lower() == ".gz"  # data.jsonl.gz: the format is the suffix before
+    suffix = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
     try:
+        source = io.BytesIO(gzip.decompress(path.read_bytes())) if gzipped else path
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return [(i + 2, row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel's CSVs) is not part of the first key
+            return [(i + 2, row) for i, row in enumerate(pq.read_table(source).to_pylist())]
+        raw = source.read() if gzipped else path.read_bytes()
+        # a BOM (Excel's CSVs) is not part of the first key; line ends as universal newlines read them
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except FileNotFoundError:
         raise UserError(f"{path}: data file not found") from None
     except UnicodeDecodeError:

@@ -34,6 +34,25 @@ def test_jsonl_strings_may_hold_unicode_line_breaks(tmp_path):
     ]
 
 
+def test_gzipped_files_read_as_their_inner_format(tmp_path):
+    import gzip
+
+    write(
+        tmp_path,
+        "d.jsonl.gz",
+        gzip.compress(b'{"prompt": "a", "label": "harmful"}\r\n{"prompt": "b", "label": "benign"}\n'),
+    )
+    write(tmp_path, "d.csv.gz", gzip.compress('\ufeffprompt,label\n"one\r\ntwo",benign\n'.encode()))
+    assert [(r.prompt, r.label) for r in load_source(DataSource(path="d.jsonl.gz"), tmp_path)] == [
+        ("a", "harmful"),
+        ("b", "benign"),
+    ]
+    assert [r.prompt for r in load_source(DataSource(path="d.csv.gz"), tmp_path)] == ["one\ntwo"]
+    write(tmp_path, "bad.jsonl.gz", b"not gzip")
+    with pytest.raises(UserError, match=r"bad.jsonl.gz: cannot read \(BadGzipFile\)"):
+        load_source(DataSource(path="bad.jsonl.gz"), tmp_path)
+
+
 def test_csv_and_fixed_label(tmp_path):
     write(tmp_path, "d.csv", "instruction,context\nbake bread,\nwrite a poem,x\n")
     rows = load_source(DataSource(path="d.csv", prompt_field="instruction", label="benign"), tmp_path)
