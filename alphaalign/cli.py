@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     det = sub.add_parser(
         "eval-detector", help="a refusal judge's agreement with human labels (acc, P, R, F1 per group)"
     )
-    det.add_argument("data", help="labelled responses: JSONL, JSON, CSV or parquet (each may be gzipped: .jsonl.gz)")
+    det.add_argument(
+        "data", help="labelled responses: JSONL, JSON, CSV or parquet (each may be gzipped: .jsonl.gz)"
+    )
     det.add_argument("--judge", default="rules", help=JUDGE_HELP + "; default rules")
     det.add_argument("--response-field", default="response", help="the response's field (default response)")
     det.add_argument("--label-field", default="refused", help="0/1 refusal label field (default refused)")
