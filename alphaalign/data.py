@@ -196,7 +196,10 @@ def _csv_rows(text: str, path: Path) -> list[tuple[int, dict]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     rows = []
     try:
-        header = next(reader, [])
+        header: list[str] = []
+        for header in reader:  # the first line that is not blank
+            if header:
+                break
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:
             raise UserError(f"{path}:1: the header names column {repeated[0]!r} more than once")

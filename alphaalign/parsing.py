@@ -46,9 +46,8 @@ def loads(data: str | bytes) -> Any:
             elif bracket in ("]", "}"):
                 depth -= 1
     value = json.loads(data)
-    if (
-        escaped
-    ):  # surrogate escapes (an emoji written as a pair of them, usually): each must be half of a pair
+    # surrogate escapes (an emoji written as a pair of them, usually): each must be half of a pair
+    if escaped:
         found = _lone_surrogate(value)
         if found is not None:
             where, char = found

@@ -68,7 +68,7 @@ def test_csv_fields_keep_their_line_breaks_and_any_length(tmp_path):
     )
     with pytest.raises(UserError, match=r"d.csv:7: label field 'label' is 'maybe'"):
         load_source(DataSource(path="d.csv"), tmp_path)
-    write(tmp_path, "d.csv", f'prompt,label\n"one\ntwo",benign\na\u2028b,benign\n"{long}",harmful\n')
+    write(tmp_path, "d.csv", f'\nprompt,label\n"one\ntwo",benign\na\u2028b,benign\n"{long}",harmful\n')
     rows = load_source(DataSource(path="d.csv"), tmp_path)
     assert [(r.prompt, r.label) for r in rows] == [
         ("one\ntwo", "benign"),
