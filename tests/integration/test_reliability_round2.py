@@ -321,34 +321,30 @@ def test_nesting_within_the_bound_still_loads():
     assert value == 1
 
 
-@pytest.mark.parametrize("command", ["score", "eval-detector", "validate"])
-def test_a_data_row_nested_too_deeply_fails_in_one_line_naming_its_line(
-    command, write_recipe, tmp_path, capsys
-):
-    deep = "[" * DEEP + "]" * DEEP
-    rows = tmp_path / "rows.jsonl"
-    good = '{"prompt": "hi", "completion": "Hello.", "response": "Hello.", "refused": 0, "label": "benign"}'
-    rows.write_text(good + "\n" + good[:-1] + f', "extra": {deep}}}\n')
-    argv = {
-        "score": ["score", "--input", rows, "--output", tmp_path / "out.jsonl"],
-        "eval-detector": ["eval-detector", rows],
-        "validate": ["validate", write_recipe({"data": {"train": [{"path": str(rows)}]}})],
-    }[command]
-    assert main([str(a) for a in argv]) == 2
-    line = _error_line(capsys)
-    assert f"{rows}:2: invalid JSON (nested more than 100 levels deep)" in line, line
-    assert not (tmp_path / "out.jsonl").exists()
+# Rows that JSON allows and nothing downstream can use: the first row (with an emoji written as an escaped pair,
+# which is text) is good, the second is one of these. A lone surrogate such as "\\ud800" is one UTF-8 cannot
+# encode: the score writer crashed on it at once, a tokenizer would mid-run.
+UNUSABLE_ROWS = {
+    "nested too deeply": (
+        lambda good: good[:-1] + ', "extra": ' + "[" * DEEP + "]" * DEEP + "}",
+        "invalid JSON (nested more than 100 levels deep)",
+    ),
+    "a lone surrogate": (
+        lambda good: good.replace("\\ude00", ""),
+        "invalid JSON (prompt: a lone surrogate \\ud83d, which is not text)",
+    ),
+}
 
 
 @pytest.mark.parametrize("command", ["score", "eval-detector", "validate"])
-def test_a_data_row_with_a_lone_surrogate_fails_in_one_line_naming_its_line(
-    command, write_recipe, tmp_path, capsys
+@pytest.mark.parametrize("case", UNUSABLE_ROWS)
+def test_a_data_row_json_allows_but_nothing_can_use_fails_in_one_line_naming_its_line(
+    case, command, write_recipe, tmp_path, capsys
 ):
-    """JSON allows "\\ud800" and UTF-8 cannot encode it: a tokenizer would crash on it mid-run, the score writer at
-    once. An escaped pair (an emoji) is text."""
+    spoil, says = UNUSABLE_ROWS[case]
     rows = tmp_path / "rows.jsonl"
     good = '{"prompt": "hi \\ud83d\\ude00", "completion": "Hello.", "response": "Hello.", "refused": 0, "label": "benign"}'
-    rows.write_text(good + "\n" + good.replace("\\ude00", "") + "\n")
+    rows.write_text(good + "\n" + spoil(good) + "\n")
     argv = {
         "score": ["score", "--input", rows, "--output", tmp_path / "out.jsonl"],
         "eval-detector": ["eval-detector", rows],
@@ -356,5 +352,5 @@ def test_a_data_row_with_a_lone_surrogate_fails_in_one_line_naming_its_line(
     }[command]
     assert main([str(a) for a in argv]) == 2
     line = _error_line(capsys)
-    assert f"{rows}:2: invalid JSON (prompt: a lone surrogate \\ud83d, which is not text)" in line, line
+    assert f"{rows}:2: {says}" in line, line
     assert not (tmp_path / "out.jsonl").exists()
