@@ -177,11 +177,7 @@ def _parse_rows(path: Path) -> list[tuple[int, object]]:
             raise UserError(f"{path}: expected a JSON list of rows")
         return list(enumerate(data, start=1))
     rows = []
-    # JSON Lines end at "\n" only: a string may hold U+2028 or U+0085 as they are (json.dumps(ensure_ascii=False)
-    # writes them so), which str.splitlines() would take for line ends.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in parsing.json_lines(text):
         try:
             rows.append((lineno, parsing.loads(line)))
         except json.JSONDecodeError as exc:

@@ -61,6 +61,13 @@ def loads(data: str | bytes) -> Any:
     return value
 
 
+def json_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of each line of a JSON Lines text that is not blank. Lines end at "\\n" only: a JSON
+    string may hold U+2028 or U+0085 as they are (json.dumps(ensure_ascii=False) writes them so), which
+    str.splitlines() would take for line ends."""
+    return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
 def _text(data: str | bytes) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 

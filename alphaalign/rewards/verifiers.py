@@ -223,9 +223,9 @@ _CURLY_QUOTE = re.compile(rb"\xe2\x80[\x9c-\x9f]")  # “ ” „ ‟
 _CODE = re.compile(rb"```[^`]*(?:`(?!``)[^`]*)*(?:```|\Z)|`[^`\n]*`")
 _QUOTED = re.compile(rb'"[^"]{0,600}"')
 # Decoration that does not change who speaks or what is said, and that a policy could learn to wrap its answers
-# in: markdown emphasis (*) is removed, and a heading or bullet mark ("#", "-", "+", "•") opening a line is
-# skipped by the patterns that open a line (_MARK).
-# A no-break space, a bullet (both replaced), zero-width marks and a byte order mark (removed).
+# in: a no-break space and a bullet are replaced, zero-width marks, a byte order mark and markdown emphasis (*)
+# removed, and a heading or bullet mark ("#", "-", "+", "•") opening a line is skipped by the patterns that open
+# a line (_MARK).
 _DECORATION = re.compile(rb"\xc2\xa0|\xe2\x80[\x8b-\x8d\xa2]|\xe2\x81\xa0|\xef\xbb\xbf")
 _DECORATION_AS = {b"\xc2\xa0": b" ", b"\xe2\x80\xa2": b"-"}
 _NOT_LAST_BYTES = bytes(range(256)).translate(None, b"\x8b\x8c\x8d\xa0\xa2\xbf")  # all but their last bytes

@@ -84,9 +84,7 @@ def read_metrics(path: Path, what: str = "metrics") -> list[dict]:
     """The rows of a metrics.jsonl file (or another per-step JSONL file, `what` naming its rows). A torn last
     line (the run was killed or the disk filled while it was written) is dropped with a warning on stderr; any
     other line that is not a JSON object with a `step` is a UserError naming the line."""
-    lines = [
-        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
-    ]
+    lines = parsing.json_lines(path.read_text(errors="replace"))
     rows = []
     for i, (lineno, line) in enumerate(lines):
         try:
