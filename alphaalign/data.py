@@ -123,9 +123,13 @@ def encode_prompt(
 ) -> list[int]:
     """The chat-formatted prompt's token ids, ready for generation, keeping its last `max_tokens` tokens."""
     messages = chat_messages(example, template, system_prompt)
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    try:
+        [ids] = templates.render_chats(
+            tokenizer, [messages], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except templates.ChatRejected as exc:
+        hint = " (data.system_prompt gives the system turn)" if system_prompt else ""
+        raise UserError(f"model.name_or_path: {exc}{hint}") from None
     return list(ids)[-max_tokens:]
 
 

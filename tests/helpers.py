@@ -72,6 +72,31 @@ def build_tiny_classifier(path: Path, num_labels: int = 1, labels: list[str] | N
     return build.build_tiny_classifier(path, texts * 4, num_labels, labels)
 
 
+# Checks of the kind real chat templates make (Llama-2 and Mistral: roles alternate; Gemma: no system role), through
+# transformers' `raise_exception`.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+ALTERNATING_TEMPLATE = (
+    "{% set turns = messages[1:] if messages[0]['role'] == 'system' else messages %}{% for m in turns %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% endfor %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+)
+
+
+def with_chat_template(model: Path, copy: Path, template: str) -> Path:
+    """A copy of a tiny model folder whose tokenizer has another chat template."""
+    import shutil
+
+    shutil.copytree(model, copy)
+    (copy / "chat_template.jinja").write_text(template)
+    return copy
+
+
 def reference_chat_logits(path, chats):
     """A sequence classifier's logit for each chat, one chat at a time and unpadded: what the CSRM must read."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

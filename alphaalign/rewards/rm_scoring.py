@@ -19,6 +19,7 @@ import torch
 
 from alphaalign.errors import UserError
 from alphaalign.models import DTYPES
+from alphaalign.templates import render_chats
 
 
 @dataclass(frozen=True)
@@ -94,16 +95,16 @@ def _logits(clf: Classifier, texts: list[str], batch_size: int, max_length: int,
     return out
 
 
-def render_chats(clf: Classifier, chats: list[list[dict]]) -> list[str]:
+def render_classifier_chats(clf: Classifier, chats: list[list[dict]]) -> list[str]:
     """Each chat (a list of {role, content} messages) in the model tokenizer's own chat template."""
     if clf.tokenizer.chat_template is None:
         raise UserError(f"reward model {clf.name!r}: its tokenizer has no chat template")
-    return [clf.tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    return render_chats(clf.tokenizer, chats, tokenize=False)
 
 
 def render_conversations(clf: Classifier, prompts: list[str], answers: list[str]) -> list[str]:
     """Each (prompt, answer) as a user/assistant chat in the model tokenizer's own template."""
-    return render_chats(clf, [user_assistant(p, a) for p, a in zip(prompts, answers, strict=True)])
+    return render_classifier_chats(clf, [user_assistant(p, a) for p, a in zip(prompts, answers, strict=True)])
 
 
 def user_assistant(prompt: str, answer: str | None, system: str | None = None) -> list[dict]:
@@ -125,7 +126,8 @@ def score_chats(
             f"reward model {clf.name!r} has {clf.model.config.num_labels} outputs; a reward model needs 1"
         )
     # the chat template already writes any BOS token
-    return _logits(clf, render_chats(clf, chats), batch_size, max_length, special_tokens=False)[:, 0].tolist()
+    texts = render_classifier_chats(clf, chats)
+    return _logits(clf, texts, batch_size, max_length, special_tokens=False)[:, 0].tolist()
 
 
 def score_conversations(

@@ -32,6 +32,7 @@ import torch
 from alphaalign.config import FORMAT_ARGS, FormatConfig, RewardSpec
 from alphaalign.errors import UserError
 from alphaalign.rewards.registry import column_clash, keyword_names, named_columns, resolve_reward
+from alphaalign.templates import ChatRejected
 
 
 def _pick(items: list, rows: list[int]) -> list:
@@ -96,6 +97,8 @@ class RewardStack:
                 values = fn(prompts_k, completions_k, **passed)
                 if inspect.isawaitable(values):
                     values = asyncio.run(values)
+            except ChatRejected as exc:  # raised where the recipe's key is not known
+                raise UserError(f"{where}: {exc}") from None
             except UserError:
                 raise
             except Exception as exc:  # a reward's own failure, in one line (--debug shows its traceback)

@@ -32,6 +32,7 @@ from alphaalign.errors import UserError
 from alphaalign.outputs import check_output, writing
 from alphaalign.rewards.csrm import Calibration, compliance_logits, expected_calibration_error
 from alphaalign.rewards.rm_scoring import user_assistant
+from alphaalign.templates import ChatRejected
 
 COSAPIEN_VIOLATION = {"disallowed": True, "partial": True, "allowed": False, "safe": False}
 DYNABENCH_VIOLATION = {"FAIL": True, "PASS": False}
@@ -45,6 +46,7 @@ class LabelledChat:
 
     chat: list[dict]
     violation: bool
+    where: str  # file:line
 
 
 def detect_format(row: dict, where: str) -> str:
@@ -69,7 +71,7 @@ def cosapien_example(row: dict, where: str) -> LabelledChat:
     response = row.get("response")
     answer = _text(row, "response", where) if response is not None else None
     chat = user_assistant(_text(row, "prompt", where), answer, _text(row, "scenario", where))
-    return LabelledChat(chat, COSAPIEN_VIOLATION[kind])
+    return LabelledChat(chat, COSAPIEN_VIOLATION[kind], where)
 
 
 def transcript_turns(transcript: str, where: str) -> list[dict]:
@@ -95,7 +97,7 @@ def dynabench_example(row: dict, where: str) -> LabelledChat:
         raise UserError(f"{where}: label must be PASS or FAIL, got {raw!r}")
     chat = [{"role": "system", "content": _text(row, "policy", where)}]
     return LabelledChat(
-        chat + transcript_turns(_text(row, "transcript", where), where), DYNABENCH_VIOLATION[label]
+        chat + transcript_turns(_text(row, "transcript", where), where), DYNABENCH_VIOLATION[label], where
     )
 
 
@@ -133,17 +135,26 @@ def classification_metrics(predicted: list[bool], actual: list[bool]) -> dict:
     }
 
 
-def evaluate_file(path: Path, scorer, calibration: Calibration, threshold: float, fmt: str = "auto") -> dict:
-    """Metrics of one file; ``scorer(chats)`` returns the CSRM's raw logits."""
-    fmt, examples = read_examples(path, fmt)
-    logits = scorer([ex.chat for ex in examples])
+def evaluate_file(
+    path: Path,
+    file_format: str,
+    examples: list[LabelledChat],
+    scorer,
+    calibration: Calibration,
+    threshold: float,
+) -> dict:
+    """Metrics of one file's examples; ``scorer(chats)`` returns the CSRM's raw logits."""
+    try:
+        logits = scorer([ex.chat for ex in examples])
+    except ChatRejected as exc:  # e.g. a transcript that opens with the agent, under a strict template
+        raise UserError(f"{examples[exc.index].where}: {exc}") from None
     p_violation = 1 - calibration.probability(logits)
     actual = [ex.violation for ex in examples]
     metrics = classification_metrics((p_violation >= threshold).tolist(), actual)
     ece = expected_calibration_error(p_violation, torch.tensor(actual, dtype=torch.float64))
     return {
         "file": str(path),
-        "format": fmt,
+        "format": file_format,
         "n": len(examples),
         "violations": sum(actual),
         **metrics,
@@ -173,7 +184,11 @@ def evaluate_rm(
     def scorer(chats):
         return compliance_logits(model, chats, dtype, device, False, batch_size, max_length)
 
-    return [evaluate_file(Path(f), scorer, calibration, threshold, fmt) for f in files]
+    read = [(Path(f), *read_examples(Path(f), fmt)) for f in files]  # every file's errors before any scoring
+    return [
+        evaluate_file(path, file_format, examples, scorer, calibration, threshold)
+        for path, file_format, examples in read
+    ]
 
 
 def format_table(results: list[dict]) -> str:

@@ -29,6 +29,7 @@ from alphaalign.rewards.csrm import expected_calibration_error, fit_calibration,
 from alphaalign.rewards.rm_scoring import user_assistant
 from alphaalign.rm.data import Labelled, Pair, load_rm_data, split_by_prompt
 from alphaalign.rm.recipe import RewardModelRecipe
+from alphaalign.templates import ChatRejected, render_chats
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,10 @@ def chat(config: str, prompt: str, answer: str | None) -> list[dict]:
 
 def forward_logits(model, tokenizer, chats: list[list[dict]], max_length: int) -> torch.Tensor:
     """The model's logit for each chat, in float32 (with gradients when the model is in training mode)."""
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in chats]
+    try:  # every chat has the roles [system, user, assistant]: the first batch, before training, finds a refusal
+        texts = render_chats(tokenizer, chats, tokenize=False)
+    except ChatRejected as exc:
+        raise UserError(f"model.name_or_path: {exc}") from None
     device = next(model.parameters()).device
     enc = tokenizer(
         texts,

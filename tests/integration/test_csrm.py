@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import CSRM_CALIBRATION, ROOT, reference_chat_logits
+from helpers import CSRM_CALIBRATION, NO_SYSTEM_TEMPLATE, ROOT, reference_chat_logits, with_chat_template
 
 from alphaalign.errors import UserError
 from alphaalign.rewards import resolve_reward
@@ -190,6 +190,27 @@ def test_score_cli_reads_each_rows_config_field(tiny_csrm, write_recipe, tmp_pat
         PROMPTS, ANSWERS, model=str(tiny_csrm), device="cpu", config=[GAME, KIDS, GAME]
     )
     assert [r["rewards"]["csrm"] for r in scored] == pytest.approx(direct, abs=1e-6)
+
+
+def test_a_csrm_whose_template_refuses_the_configuration_turn_is_named_by_its_reward(
+    tiny_csrm, write_recipe, tmp_path, capsys
+):
+    """The configuration is the system turn; a template without a system role (Gemma-2's) refuses every chat."""
+    import json
+
+    from alphaalign.cli import main
+
+    no_system = with_chat_template(tiny_csrm, tmp_path / "no-system", NO_SYSTEM_TEMPLATE)
+    csrm_term = {"name": "csrm", "args": {"model": str(no_system), "device": "cpu", "config_text": GAME}}
+    recipe = write_recipe({"rewards": [{"name": "alphaalign_safety"}, csrm_term]})
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": PROMPTS[0], "completion": ANSWERS[0]}) + "\n")
+    args = ["score", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    assert main([*args, "--recipe", str(recipe)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after transformers' progress bar
+        f"error: rewards.1 (csrm): the chat template of '{no_system}' refuses a chat of roles "
+        "[system, user, assistant] (System role not supported)"
+    )
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_alphaalign_qwen_csrm_differs_from_alphaalign_qwen_only_in_its_rewards():

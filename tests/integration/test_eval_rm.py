@@ -2,10 +2,11 @@
 and real runs of the tiny CSRM."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from helpers import CSRM_CALIBRATION, ROOT, reference_chat_logits
+from helpers import ALTERNATING_TEMPLATE, CSRM_CALIBRATION, ROOT, reference_chat_logits, with_chat_template
 
 from alphaalign.cli import main
 from alphaalign.errors import UserError
@@ -139,3 +140,37 @@ def test_eval_rm_errors_are_one_line(tiny_csrm, tmp_path, capsys):
         assert main([*base, *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_a_chat_the_models_template_refuses_is_named_by_its_file_and_line(tiny_csrm, tmp_path, capsys):
+    """A support transcript may open with the agent's greeting; a template that wants user/assistant turns in
+    turn (Llama-2's, Mistral's) refuses that chat. It is the model's answer about this row, not a crash."""
+    strict = with_chat_template(tiny_csrm, tmp_path / "strict", ALTERNATING_TEMPLATE)
+    rows = [
+        {"policy": "Be kind.", "transcript": "User: hi\nAgent: hello", "label": "PASS"},
+        {"policy": "Be kind.", "transcript": "Agent: Welcome! How can I help?\nUser: hi", "label": "PASS"},
+    ]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval-rm", "--model", str(strict), "--device", "cpu", str(data)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after transformers' progress bar
+        f"error: {data}:2: the chat template of '{strict}' refuses a chat of roles [system, assistant, user] "
+        "(Conversation roles must alternate user/assistant/user/assistant/...)"
+    )
+    data.write_text(json.dumps(rows[0]) + "\n")
+    assert main(["eval-rm", "--model", str(strict), "--device", "cpu", str(data)]) == 0
+
+
+def test_every_file_is_read_before_any_is_scored(tiny_csrm, tmp_path, capsys):
+    """A mistake in the last file is reported before the model scores the first one (with a large CSRM, minutes).
+    The model here cannot even load, so an error about the data proves that nothing was scored."""
+    weightless = tmp_path / "weightless"
+    shutil.copytree(tiny_csrm, weightless)
+    (weightless / "model.safetensors").unlink()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "scenario": "s", "type": "maybe"}) + "\n")
+    args = ["eval-rm", "--model", str(weightless), "--device", "cpu", str(CSRM_DATA / "cosapien_demo.jsonl")]
+    assert main([*args, str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad}:1: type must be one of")
+    assert main(args) == 2
+    assert "cannot load sequence-classification model" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import read_metrics, recipe_for, strip_timing
+from helpers import NO_SYSTEM_TEMPLATE, read_metrics, recipe_for, strip_timing, with_chat_template
 from safetensors.torch import load_file
 
 from alphaalign.config import load_recipe
@@ -318,3 +318,16 @@ def test_samples_reach_samples_jsonl_wandb_and_the_report(write_recipe, tiny_pol
     assert "Latest samples (step 2" in md
     shown = html.escape(samples[0]["completion"].strip().splitlines()[0][:40], quote=False)  # tags as text
     assert shown in md and shown in (report / "report.html").read_text()
+
+
+def test_a_system_prompt_the_policys_template_refuses_is_one_line(write_recipe, tiny_policy, tmp_path):
+    """Gemma-2's template has no system role: with data.system_prompt set, the first prompt is refused."""
+    policy = with_chat_template(tiny_policy, tmp_path / "no-system", NO_SYSTEM_TEMPLATE)
+    recipe = recipe_for(write_recipe, policy, tmp_path, data={"system_prompt": "Be safe."})
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: model.name_or_path: the chat template of '{policy}' refuses a chat of roles [system, user] "
+        "(System role not supported) (data.system_prompt gives the system turn)"
+    )
+    assert "Traceback" not in result.stderr

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import yaml
-from helpers import ROOT
+from helpers import NO_SYSTEM_TEMPLATE, ROOT, with_chat_template
 
 from alphaalign.cli import main
 from alphaalign.config import load_recipe
@@ -304,6 +304,31 @@ def test_unlabelled_held_out_prompts_fail_before_training(tmp_path, capsys):
         "data.heldout_fraction: the held-out prompts need compliant and non-compliant labels"
         in capsys.readouterr().err
     )
+
+
+def test_a_base_model_whose_template_refuses_the_configuration_turn_fails_before_training(
+    tiny_rm, tmp_path, capsys
+):
+    """The configuration is the system turn; Gemma-2's template, for one, has no system role."""
+    base = with_chat_template(tiny_rm, tmp_path / "no-system", NO_SYSTEM_TEMPLATE)
+    rows = [
+        {"config": "c", "prompt": f"p{i}", "chosen": "a", "rejected": "b"}
+        | {"chosen_compliant": True, "rejected_compliant": False}
+        for i in range(10)
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        f"model.name_or_path={base}",
+        f"data.pairs=[{tmp_path / 'p.jsonl'}]",
+        f"training.output_dir={tmp_path / 'o'}",
+        "training.device=cpu",
+    ]
+    assert main(["train-rm", *args]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after transformers' progress bar
+        f"error: model.name_or_path: the chat template of '{base}' refuses a chat of roles "
+        "[system, user, assistant] (System role not supported)"
+    )
+    assert not (tmp_path / "o" / "train_log.jsonl").exists()
 
 
 def test_shipped_train_rm_recipes_load():
