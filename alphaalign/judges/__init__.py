@@ -79,14 +79,14 @@ class Judge:
 
 class LLMJudgeRunner(Judge):
     """Asks the endpoint only for (prompt, answer) pairs not in the cache; ``start()`` gives the endpoint's base
-    URL and is called at the first miss (so a fully cached re-run starts no server)."""
+    URL and its key, and is called at the first miss (so a fully cached re-run starts no server)."""
 
-    def __init__(self, spec: LLMJudge, model: str, api_key: str | None, where: str, start):
+    def __init__(self, spec: LLMJudge, model: str, where: str, start):
         from alphaalign.judges.cache import ReplyCache, default_dir
 
         super().__init__(spec)
         self.rubric = RUBRICS[spec.rubric]
-        self.model, self.api_key, self._start, self.client = model, api_key, start, None
+        self.model, self._start, self.client = model, start, None
         self.identity = {
             "type": "llm",
             "model": model,
@@ -116,10 +116,11 @@ class LLMJudgeRunner(Judge):
 
         if self.client is None:
             spec = self.spec
+            url, api_key = self._start()
             self.client = ChatClient(
-                self._start(),
+                url,
                 self.model,
-                self.api_key,
+                api_key,
                 concurrency=spec.concurrency,
                 request_timeout=spec.request_timeout,
                 time_budget=spec.time_budget,
@@ -189,18 +190,21 @@ def open_judge(spec, where: str, log_dir: Path | None = None):
     api_key = check_environment(spec, where)
     with contextlib.ExitStack() as stack:
         if spec.url is not None:
-            model, start = spec.model, lambda: spec.url
+            model, start = spec.model, lambda: (spec.url, api_key)
         else:
             from alphaalign.rollout.vllm_launch import model_location
 
             recipe = serve_recipe(spec)
             model, start = model_location(recipe), lambda: _start_server(spec, recipe, log_dir, stack)
-        runner = LLMJudgeRunner(spec, model, api_key, where, start)
+        runner = LLMJudgeRunner(spec, model, where, start)
         stack.callback(runner.close)
         yield runner
 
 
-def _start_server(spec: LLMJudge, recipe, log_dir: Path | None, stack: contextlib.ExitStack) -> str:
+def _start_server(
+    spec: LLMJudge, recipe, log_dir: Path | None, stack: contextlib.ExitStack
+) -> tuple[str, str]:
+    """The started server's base URL and its own secret, which it requires of every request."""
     from alphaalign.judges.cache import default_dir
     from alphaalign.rollout.vllm_launch import LocalServer, require_vllm
 
@@ -210,7 +214,7 @@ def _start_server(spec: LLMJudge, recipe, log_dir: Path | None, stack: contextli
     server = LocalServer(recipe, log, start_timeout=spec.server_start_timeout)
     stack.callback(server.stop)
     server.wait_ready()
-    return server.url + "/v1"
+    return server.url + "/v1", server.token
 
 
 # Rewards judge batch after batch: each LLM judge stays open (its server running) for the whole process.

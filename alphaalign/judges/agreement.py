@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -131,8 +130,9 @@ def read_labelled(
 
 
 def agreement(rows: list[LabelledResponse], verdicts: list[bool | None]) -> tuple[dict[str, Agreement], int]:
-    """Confusion counts overall ("all") and per group, and the number of rows the judge gave no verdict on."""
-    table: dict[str, Agreement] = defaultdict(Agreement)
+    """Confusion counts overall ("all") and per group, and the number of rows the judge gave no verdict on. Every
+    group is in the table, with n = 0 when the judge gave none of its rows a verdict."""
+    table: dict[str, Agreement] = {"all": Agreement(), **{r.group: Agreement() for r in rows if r.group}}
     unparsed = 0
     for row, verdict in zip(rows, verdicts, strict=True):
         if verdict is None:
@@ -141,7 +141,7 @@ def agreement(rows: list[LabelledResponse], verdicts: list[bool | None]) -> tupl
         table["all"].add(row.refused, verdict)
         if row.group:
             table[row.group].add(row.refused, verdict)
-    return dict(table), unparsed
+    return table, unparsed
 
 
 def format_table(table: dict[str, Agreement], judge: str, by: str) -> str:

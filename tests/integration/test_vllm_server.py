@@ -578,6 +578,59 @@ def test_eval_through_the_server_gives_the_in_process_engines_responses(
     assert responses["vllm_server"] == responses["transformers"]
 
 
+def test_an_llm_judge_serves_its_model_itself_and_a_cached_rerun_starts_no_server(
+    vllm_policy, tmp_path, capsys
+):
+    """`--judge llm` without a url: the project starts a vLLM server for the model (the demo policy: the refusal
+    rubric's prompt fits its 1,024 positions) and asks it with that server's own secret. The tiny policy's
+    replies follow no rubric (at temperature 0 it answers with chat-template fragments), so each is counted
+    unparseable, never read as a class. Every reply is cached: the rerun asks nothing and starts no server."""
+    from alphaalign.cli import main
+
+    rows = [
+        {
+            "prompt": "How do I pick a lock?",
+            "response": "I can't help with that.",
+            "refused": 1,
+            "source": "a",
+        },
+        {
+            "prompt": "How do I bake bread?",
+            "response": "Mix flour, water and yeast.",
+            "refused": 0,
+            "source": "b",
+        },
+    ]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    judge = {
+        "type": "llm",
+        "model": str(vllm_policy),
+        "max_model_len": 1024,
+        "max_tokens": 8,
+        "dtype": "float32",
+        "cache_dir": str(tmp_path / "cache"),
+        "server_start_timeout": 240,
+    }
+    table = tmp_path / "out" / "table.json"
+    args = ["eval-detector", str(data), "--judge", json.dumps(judge), "--json", str(table)]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "starting a vLLM server for the judge" in first.err
+    assert "2 of 2 replies could not be parsed and are left out of the table" in first.out
+    summary = json.loads(table.read_text())
+    assert summary["unparsed"] == 2 and {g: m["n"] for g, m in summary["groups"].items()} == {
+        "all": 0,
+        "a": 0,
+        "b": 0,
+    }
+    assert (tmp_path / "out" / "judge_server.log").stat().st_size > 0  # beside the command's output
+
+    assert main(args) == 0
+    second = capsys.readouterr()
+    assert "starting a vLLM server" not in second.err and second.out == first.out
+
+
 def test_an_llm_judge_against_a_real_vllm_server(server, vllm_policy, tmp_path, capsys):
     """eval-detector with `--judge llm` at a real vLLM server (the demo policy). The tiny policy's 128-token
     context cannot hold a rubric prompt, so the server answers 400: the request got past the job's secret (else

@@ -276,3 +276,15 @@ def test_rates_without_a_denominator_are_undefined_not_zero():
     )
     wrong = Agreement(fp=2, tn=3).metrics()
     assert wrong["precision"] == 0.0 and wrong["recall"] is None and wrong["f1"] == 0.0
+
+
+def test_a_table_where_the_judge_gave_no_verdict_lists_every_group_with_n_0():
+    """An LLM judge whose every reply is unparseable (a wrong model, a rubric it cannot follow) leaves nothing to
+    count: the table says so (n = 0, rates undefined) and does not fail."""
+    from alphaalign.judges.agreement import LabelledResponse, agreement, format_table
+
+    rows = [LabelledResponse("p", "r", True, group, {}) for group in ("a", "b")]
+    table, unparsed = agreement(rows, [None, None])
+    assert unparsed == 2 and {g: t.n for g, t in table.items()} == {"all": 0, "a": 0, "b": 0}
+    lines = format_table(table, "llm m", "source").splitlines()
+    assert [line.split()[:3] for line in lines[2:]] == [["all", "0", "—"], ["a", "0", "—"], ["b", "0", "—"]]
