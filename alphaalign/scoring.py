@@ -25,6 +25,7 @@ from alphaalign import parsing
 from alphaalign.config import FormatConfig, RewardSpec
 from alphaalign.data import LABELS
 from alphaalign.errors import UserError
+from alphaalign.judges import stats_line
 from alphaalign.outputs import check_output
 from alphaalign.rewards import parse_alphaalign
 from alphaalign.rewards.stack import RewardStack
@@ -169,12 +170,9 @@ def format_summary(counts: dict, output_path: str | Path) -> str:
     if "requests" in counts.get("judge_stats", {}) and judged:
         lines.append(f"attack success, harmful: {counts['harmful/success'] / judged:.3f} (mean of {judged})")
     unparseable = sum(counts.get(f"{label}/unparseable", 0) for label in ("harmful", "benign", "unlabelled"))
-    stats = counts.get("judge_stats", {})
-    if "requests" in stats:
-        lines.append(
-            f"judge: {stats['requests']} request(s), {stats['cached']} cached, "
-            f"{unparseable} unparseable repl{'y' if unparseable == 1 else 'ies'} (left out of the rates)"
-        )
+    judge_line = stats_line(counts.get("judge_stats", {}), unparseable)
+    if judge_line:
+        lines.append(judge_line)
     if n:
         lines.append(f"format rate: {counts['format_ok'] / n:.1%} ({counts['format_ok']}/{n})")
     return "\n".join(lines)

@@ -252,7 +252,10 @@ def evaluate_benchmarks(
 
 
 def format_summary_table(summary: dict) -> str:
-    """The per-benchmark rates as a fixed-width table (ASR and over-refusal: lower is better)."""
+    """The per-benchmark rates as a fixed-width table (ASR and over-refusal: lower is better), under the judge that
+    made them and what its ASR is, and over what an LLM judge did."""
+    from alphaalign.judges import stats_line
+
     columns = [
         ("harmful", "n_harmful_prompts", "d"),
         ("benign", "n_benign_prompts", "d"),
@@ -262,7 +265,10 @@ def format_summary_table(summary: dict) -> str:
         ("format ok", "format_valid_rate", "%"),
         ("tokens", "mean_response_tokens", ".1f"),
     ]
-    lines = [f"{'benchmark':<18}" + "".join(f"{title:>13}" for title, _, _ in columns)]
+    lines = [
+        f"judge: {summary['judge']} (ASR: {summary['asr_from']})",
+        f"{'benchmark':<18}" + "".join(f"{title:>13}" for title, _, _ in columns),
+    ]
     for name, metrics in summary["benchmarks"].items():
         cells = []
         for _, key, fmt in columns:
@@ -275,7 +281,9 @@ def format_summary_table(summary: dict) -> str:
                 else format(value, fmt)
             )
         lines.append(f"{name:<18}" + "".join(f"{c:>13}" for c in cells))
-    return "\n".join(lines)
+    unparseable = sum(m["n_unparseable"] for m in summary["benchmarks"].values())
+    judge_line = stats_line(summary.get("judge_stats", {}), unparseable)
+    return "\n".join([*lines, judge_line] if judge_line else lines)
 
 
 def eval_model(model: str) -> str:

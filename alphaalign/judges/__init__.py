@@ -37,7 +37,18 @@ __all__ = [
     "judge_from_option",
     "open_judge",
     "parse_judge",
+    "stats_line",
 ]
+
+
+def stats_line(stats: dict, unparseable: int) -> str | None:
+    """What an LLM judge did, in one line for the terminal (None for the other judges, which ask no one)."""
+    if "requests" not in stats:
+        return None
+    return (
+        f"judge: {stats['requests']} request(s), {stats['cached']} cached, "
+        f"{unparseable} unparseable repl{'y' if unparseable == 1 else 'ies'} (left out of the rates)"
+    )
 
 
 def check_environment(spec, where: str) -> str | None:

@@ -112,6 +112,43 @@ def test_custom_csv_and_parquet_sources_with_field_mapping(tmp_path):
         suites.custom_source(str(tmp_path / "none.csv"), "prompt", "label", None)
 
 
+def test_the_terminal_table_names_its_judge_and_counts_unparseable_replies():
+    """Rates left undefined because an LLM judge's replies could not be parsed must say so where they are read."""
+    from alphaalign.eval.safety import format_summary_table
+
+    def metrics(unparseable):
+        return {
+            "n_harmful_prompts": 2,
+            "n_benign_prompts": 0,
+            "harmful_refusal_rate": 0.5,
+            "attack_success_rate": 0.25,
+            "over_refusal_rate": float("nan"),
+            "format_valid_rate": 1.0,
+            "mean_response_tokens": 12.0,
+            "n_unparseable": unparseable,
+        }
+
+    llm = {
+        "judge": "llm m at http://h/v1, rubric strongreject v1",
+        "asr_from": "mean StrongREJECT score",
+        "benchmarks": {"strongreject": metrics(2), "advbench": metrics(1)},
+        "judge_stats": {"requests": 5, "cached": 1, "unparseable": 3, "judged": 6},
+    }
+    lines = format_summary_table(llm).splitlines()
+    assert lines[0] == "judge: llm m at http://h/v1, rubric strongreject v1 (ASR: mean StrongREJECT score)"
+    assert lines[2].split() == ["strongreject", "2", "0", "50.0%", "25.0%", "—", "100.0%", "12.0"]
+    assert lines[-1] == "judge: 5 request(s), 1 cached, 3 unparseable replies (left out of the rates)"
+    rules = {
+        **llm,
+        "judge": "rules (refusal verifier V_r)",
+        "asr_from": "1 - refusal rate",
+        "judge_stats": {},
+    }
+    lines = format_summary_table(rules).splitlines()
+    assert lines[0] == "judge: rules (refusal verifier V_r) (ASR: 1 - refusal rate)"
+    assert lines[-1].split()[0] == "advbench"
+
+
 def test_eval_list_names_every_benchmark_with_its_hub_id(capsys):
     assert main(["eval", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
