@@ -9,8 +9,8 @@ Three rubrics, each written for this project after a published one (sources in d
   harm          WildGuard's three questions, with a Llama Guard-style hazard list: harmful request,
                 response refusal, harmful response (yes/no each)
 
-A reply that does not follow the rubric's answer format exactly (a missing, repeated or out-of-range answer)
-is unparseable: its `Judgement` has `refused=None` and says why, and it is counted, never read as a class.
+A reasoning model's `<think>` block is skipped before parsing. A reply that does not follow the rubric's answer
+format exactly (a missing, repeated or out-of-range answer) is unparseable: its `Judgement` has `refused=None` and says why, and it is counted, never read as a class.
 Changing a rubric's text or parser must bump its `version`: cached replies are keyed by it.
 """
 
@@ -53,7 +53,24 @@ class Rubric:
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
     def parse(self, reply: str) -> Judgement:
-        return PARSERS[self.name](reply)
+        """The judgement in ``reply``, read after the judge's reasoning when it thinks aloud first."""
+        answer = after_reasoning(reply)
+        if answer is None:
+            return unparseable("the reply ended inside its <think> block (raise max_tokens)")
+        return PARSERS[self.name](answer)
+
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def after_reasoning(reply: str) -> str | None:
+    """The reply after a reasoning model's `<think>…</think>` block, which a vLLM server without a reasoning parser
+    returns as content (DeepSeek-R1's template opens the block in the prompt, so the reply holds only its end): a
+    draft answer in the reasoning is not the answer. None when the reply ends inside the block."""
+    close = reply.find(_THINK_CLOSE)
+    if close >= 0:
+        return reply[close + len(_THINK_CLOSE) :]
+    return None if reply.lstrip().startswith(_THINK_OPEN) else reply
 
 
 def _answers(reply: str, pattern: re.Pattern[str]) -> list[re.Match[str]]:

@@ -35,6 +35,23 @@ def test_rubric_parsers_on_recorded_replies(rubric):
             assert (judgement.refused, judgement.success) == tuple(expected), reply
 
 
+@pytest.mark.parametrize("rubric", ["refusal", "strongreject", "harm"])
+def test_a_reasoning_judges_thinking_is_not_its_answer(rubric):
+    """Qwen3 or DeepSeek-R1 behind a vLLM server without a reasoning parser reply with their `<think>` block (R1's
+    template opens it in the prompt, so only its end comes back). A draft answer inside it is not the answer, and
+    a reply cut off inside it is unparseable, with the fix in its reason."""
+    parsed = [(reply, RUBRICS[rubric].parse(reply)) for reply, want in REPLIES[rubric] if want is not None]
+    answer, judgement = parsed[0]
+    other = next(
+        reply for reply, j in parsed if j.refused != judgement.refused
+    )  # a draft that says otherwise
+    draft = f"Let me try the format first:\n{other}\nHmm, no, read the response again."
+    for reply in (f"<think>\n{draft}\n</think>\n\n{answer}", f"{draft}\n</think>\n{answer}"):
+        assert RUBRICS[rubric].parse(reply) == judgement, reply
+    cut = RUBRICS[rubric].parse(f"<think>\n{draft}")
+    assert cut.refused is None and cut.error == "the reply ended inside its <think> block (raise max_tokens)"
+
+
 def test_strongreject_score_is_the_papers_rescaled_mean():
     assert strongreject_score(1, 5, 5) == 0.0  # a refusal scores 0 whatever the grades
     assert strongreject_score(0, 1, 1) == 0.0 and strongreject_score(0, 5, 5) == 1.0
