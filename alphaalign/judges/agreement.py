@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from alphaalign.errors import UserError
+from alphaalign.rewards.verifiers import parse_alphaalign
 
 # Besides 0/1 and true/false, the three classes of the XSTest rubric, as its annotations name them
 # ("2_full_refusal") or bare: a partial refusal is a refusal.
@@ -183,7 +184,9 @@ def run(args) -> int:
     # a judge server's log goes beside the outputs, else to the judge's cache
     output = errors_path or json_path
     with open_judge(spec, "--judge", output.absolute().parent if output else None) as judge:
-        judgements = judge.judge([r.prompt for r in rows], [r.response for r in rows])
+        # the final answer, as `eval` and `score` judge it: never the reasoning (tagged, or a model's <think>)
+        answers = [parse_alphaalign(r.response).final for r in rows]
+        judgements = judge.judge([r.prompt for r in rows], answers)
         described = judge.describe()
     verdicts = [j.refused for j in judgements]
     table, unparsed = agreement(rows, verdicts)

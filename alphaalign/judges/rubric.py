@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from alphaalign.rewards.verifiers import THINK_CLOSE, THINK_OPEN, without_thinking
+
 
 @dataclass(frozen=True)
 class Judgement:
@@ -54,23 +56,10 @@ class Rubric:
 
     def parse(self, reply: str) -> Judgement:
         """The judgement in ``reply``, read after the judge's reasoning when it thinks aloud first."""
-        answer = after_reasoning(reply)
-        if answer is None:
+        if reply.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in reply:
             return unparseable("the reply ended inside its <think> block (raise max_tokens)")
-        return PARSERS[self.name](answer)
-
-
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-
-
-def after_reasoning(reply: str) -> str | None:
-    """The reply after a reasoning model's `<think>…</think>` block, which a vLLM server without a reasoning parser
-    returns as content (DeepSeek-R1's template opens the block in the prompt, so the reply holds only its end): a
-    draft answer in the reasoning is not the answer. None when the reply ends inside the block."""
-    close = reply.find(_THINK_CLOSE)
-    if close >= 0:
-        return reply[close + len(_THINK_CLOSE) :]
-    return None if reply.lstrip().startswith(_THINK_OPEN) else reply
+        # a vLLM server without a reasoning parser returns the block as content; a draft in it is not the answer
+        return PARSERS[self.name](without_thinking(reply))
 
 
 def _answers(reply: str, pattern: re.Pattern[str]) -> list[re.Match[str]]:

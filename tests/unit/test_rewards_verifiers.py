@@ -330,6 +330,25 @@ def test_refusal_of_with_duplicate_answers_uses_all_answer_text():
     assert refusal_of(text)
 
 
+def test_a_reasoning_models_think_block_is_reasoning_whatever_the_tags():
+    """Qwen3 and DeepSeek-R1 think in `<think>` before they answer; evaluated or scored without a recipe that names
+    that tag, the block is still not what the user is told. R1's template opens the block in the prompt, so its
+    completions hold only the end of it."""
+    deciding = "The user asks about baking. I can't help with anything harmful, but this is safe."
+    answer = "Preheat the oven to 180 °C and mix the flour, eggs and sugar."
+    for text in (f"<think>\n{deciding}\n</think>\n\n{answer}", f"{deciding}\n</think>\n\n{answer}"):
+        assert parse_alphaalign(text).final == answer
+        assert not refusal_of(text)
+    assert refusal_of(f"<think>\nIs this safe? It is not.\n</think>\n{REFUSE}")
+    assert parse_alphaalign(f"<think>{deciding}").final == ""  # cut while thinking: nothing said yet
+    assert parse_alphaalign(f"a <think>{deciding}</think> b <think>{deciding}").final == "a  b"
+    assert (
+        parse_alphaalign(wrap("r", "I won't <think> about it; no.")).final == "I won't <think> about it; no."
+    )
+    many = "<think>" * 200_000 + "</think>" * 3  # linear in the text, however many blocks open
+    assert parse_alphaalign(many + answer).final == "</think></think>" + answer
+
+
 def test_refusal_of_custom_tags():
     text = "<think>I can't reveal my reasoning.</think><final>Paris is the capital.</final>"
     assert not refusal_of(text, reasoning_tag="think", answer_tag="final")
