@@ -354,6 +354,36 @@ def add_recipe_arguments(parser) -> None:
     parser.add_argument("--output-dir", help="the run's output folder (default: trainer.output_dir)")
 
 
+class _StdoutWhileRead:
+    """stdout for a command whose reader may go away (`alphaalign eval-detector DATA | head`): the rest of what it
+    prints is dropped, and it goes on to write its files (a --json or --errors written after the table) instead of
+    ending in a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _drop_the_rest(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # the unwritten buffer goes there too, at the next flush
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_the_rest()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_the_rest()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def command(fn):
     """A command's function: given, or named "module:function" (imported now)."""
     if callable(fn):
@@ -370,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(map(mask_override, extra))}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stdout, sys.stdout = sys.stdout, _StdoutWhileRead(sys.stdout)
     try:
         return command(args.fn)(args)
     except UserError as exc:
@@ -387,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

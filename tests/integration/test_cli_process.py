@@ -68,3 +68,27 @@ def test_make_train_of_a_gpu_recipe_without_a_gpu_says_what_it_needs(tmp_path):
         "no CUDA GPU is visible here" in done.stderr and "tests/integration/test_rehearsal.py" in done.stderr
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_stops_early_costs_no_output_file_and_no_traceback(tmp_path):
+    """`alphaalign eval-detector DATA --json T | head`: the table (here 3,000 groups, more than a pipe holds) is cut
+    off where the reader stopped, and the command still writes T, which comes after the table."""
+    import json
+
+    rows = [
+        {"response": "I can't help with that.", "refused": 1, "source": f"group-{i:04d}"} for i in range(3000)
+    ]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = tmp_path / "table.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "alphaalign.cli", "eval-detector", str(data), "--json", str(table)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path
+    ) as proc:
+        assert proc.stdout.readline().startswith(b"judge: rules")
+        proc.stdout.close()  # as `head -1` does
+        stderr = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0, stderr
+    assert stderr == ""
+    assert len(json.loads(table.read_text())["groups"]) == 3001  # every group, and "all"
