@@ -74,7 +74,8 @@ class LLMJudge(_Spec):
     def _http_url(cls, url: str | None) -> str | None:
         if url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
             raise ValueError(f"{url!r} is not an http(s):// URL")
-        return None if url is None else url.rstrip("/")
+        # the base URL, as OpenAI clients take it; the endpoint's own URL, pasted from a curl line, means the same
+        return None if url is None else url.rstrip("/").removesuffix("/chat/completions")
 
     @field_validator("api_key_env")
     @classmethod

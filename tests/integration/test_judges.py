@@ -191,6 +191,15 @@ def test_llm_judge_caches_replies_and_bounds_concurrency(scripted, tmp_path):
     assert len(server.bodies) == 13
 
 
+def test_the_endpoints_own_url_means_its_base_url(scripted, tmp_path):
+    """A URL pasted from a curl line (…/v1/chat/completions) reaches the same endpoint as the base URL."""
+    server = scripted(refusal_judge)
+    for url in (server.url + "/chat/completions", server.url + "/chat/completions/"):
+        assert spec(url, tmp_path).url == server.url
+    with open_judge(spec(server.url + "/chat/completions", tmp_path, cache=False), "--judge") as judge:
+        assert [j.refused for j in judge.judge(["p"], ["Sorry, no."])] == [True]
+
+
 def test_unparseable_replies_are_counted_not_classed(scripted, tmp_path):
     server = scripted(refusal_judge)
     with open_judge(spec(server.url, tmp_path), "--judge") as judge:
