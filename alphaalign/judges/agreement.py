@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -181,6 +182,13 @@ def run(args) -> int:
     if not grouped:
         by = ""
     spec = judge_from_option(args.judge)
+    unprompted = sum(not r.prompt for r in rows)
+    if unprompted and spec.type == "llm":  # the rubric asks about the request too
+        print(
+            f"warning: {unprompted} of {len(rows)} rows have no text in '{args.prompt_field}' (set --prompt-field): "
+            "the llm judge sees their responses without the request",
+            file=sys.stderr,
+        )
     # a judge server's log goes beside the outputs, else to the judge's cache
     output = errors_path or json_path
     with open_judge(spec, "--judge", output.absolute().parent if output else None) as judge:

@@ -323,6 +323,30 @@ def test_score_with_an_llm_judge(scripted, tmp_path, capsys):
     assert "judge: 0 request(s), 3 cached" in capsys.readouterr().err and len(server.bodies) == 3
 
 
+def test_eval_detector_with_an_llm_judge_warns_of_rows_without_a_prompt(scripted, tmp_path, capsys):
+    """The rubric asks about the request; rows whose prompt field is missing or empty are judged without it, and
+    the command says how many."""
+    server = scripted(refusal_judge)
+    rows = [
+        {"prompt": "bomb?", "response": "Sorry, no.", "refused": 1},
+        {"question": "eggs?", "response": "Boil them.", "refused": 0},
+        {"prompt": "", "response": "Sorry.", "refused": 1},
+    ]
+    data = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    judge = json.dumps(
+        {"type": "llm", "model": "judge-m", "url": server.url, "cache_dir": str(tmp_path / "c")}
+    )
+    assert main(["eval-detector", str(data), "--judge", judge]) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        "warning: 2 of 3 rows have no text in 'prompt' (set --prompt-field): the llm judge sees their responses "
+        "without the request\n"
+    )
+    assert out.splitlines()[2].split()[:3] == ["all", "3", "1.000"]
+    assert main(["eval-detector", str(data), "--prompt-field", "question"]) == 0  # the rules need no prompt
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     "value, message",
     [
