@@ -19,6 +19,7 @@ def validate(recipe_path: str, overrides: list[str]):
     recipe = load_recipe(recipe_path, overrides)
     columns = check_data(recipe)
     check_rewards(recipe_path, recipe)
+    check_detectors_for_training(recipe_path, recipe)
     check_column_clashes(recipe_path, recipe, columns)
     check_output(recipe.trainer.output_dir, f"{recipe_path}: trainer.output_dir", folder=True)
     if recipe.trainer.deepspeed is not None:
@@ -46,6 +47,28 @@ def check_rewards(recipe_path: str, recipe) -> None:
             raise UserError(f"{recipe_path}: rewards.{i}.name: {exc}") from None
         except ValueError as exc:
             raise UserError(f"{recipe_path}: rewards.{i}.args: {exc}") from None
+
+
+def check_detectors_for_training(recipe_path: str, recipe) -> None:
+    """A reward's llm detector names the url of a judge server. Without one it would start a vLLM server in every
+    trainer process, each on the GPU its trainer holds, which vLLM wants nine tenths of. (`score` and `eval`,
+    with no policy to train, may start one.)"""
+    from alphaalign.judges import LLMJudge
+    from alphaalign.rewards import resolve_reward
+    from alphaalign.rewards.refusal_arg import reward_detector
+    from alphaalign.rewards.registry import keyword_names
+
+    for i, spec in enumerate(recipe.rewards):
+        where = f"{recipe_path}: rewards.{i}.args"
+        if "refusal" not in keyword_names(resolve_reward(spec.name)):
+            continue
+        detector = reward_detector(spec.args, where)
+        if isinstance(detector, LLMJudge) and detector.url is None:
+            raise UserError(
+                f"{where}.refusal.url: required in training: start the judge's server apart from the trainer, on "
+                f"a GPU of its own (e.g. `vllm serve {detector.model} --port 8001`), and give its url "
+                "(http://host:8001/v1)"
+            )
 
 
 def check_column_clashes(recipe_path: str, recipe, columns: dict) -> None:

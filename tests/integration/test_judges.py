@@ -498,6 +498,14 @@ def test_eval_refuses_judge_with_the_classifier_flags(capsys):
             {"rewards": [{"name": "alphaalign_safety", "args": {"refusal": "llm"}}]},
             "rewards.0.args.refusal: expected a mapping like {detector: rules}, got 'llm'",
         ),
+        (  # a vLLM server in every trainer process, on the trainer's GPU: the judge's server is started apart
+            {
+                "rewards": [
+                    {"name": "alphaalign_safety", "args": {"refusal": {"detector": "llm", "model": "j"}}}
+                ]
+            },
+            "rewards.0.args.refusal.url: required in training: start the judge's server apart from the trainer",
+        ),
     ],
 )
 def test_validate_catches_bad_judges_and_detectors(write_recipe, capsys, block, message):
