@@ -27,6 +27,11 @@ from alphaalign.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def no_such_folder(name_or_path: str) -> bool:
+    """A model named by a path (./m, /m, ~/m) with no folder there; a hub id never starts so."""
+    return name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().is_dir()
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -74,6 +74,10 @@ def load_calibration(model: str, temperature: float | None = None, bias: float |
         return _checked(Calibration(float(temperature), float(bias)), "args")
     from transformers.utils import cached_file
 
+    from alphaalign.models import no_such_folder
+
+    if no_such_folder(model):
+        raise UserError(f"csrm: {model!r}: no such folder")
     try:
         path = cached_file(model, CALIBRATION_FILE, _raise_exceptions_for_missing_entries=False)
     except OSError:

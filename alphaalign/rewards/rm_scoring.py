@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 
 from alphaalign.errors import UserError
-from alphaalign.models import DTYPES
+from alphaalign.models import DTYPES, no_such_folder
 from alphaalign.templates import render_chats
 
 
@@ -56,6 +56,8 @@ def load_classifier(
 def _load(name_or_path: str, dtype: torch.dtype, device: torch.device, trust_remote_code: bool) -> Classifier:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if no_such_folder(name_or_path):  # else transformers reads it as a malformed hub id
+        raise UserError(f"cannot load sequence-classification model {name_or_path!r}: no such folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(

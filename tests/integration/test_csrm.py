@@ -148,6 +148,7 @@ def test_errors_are_one_line_user_errors(tiny_csrm, tmp_path):
         ({"compliance": "soft"}, "compliance must be 'expected' or 'hard'"),
         ({"output": "helpfulness_x_compliance"}, "needs args.helpfulness_model"),
         ({"model": str(tmp_path)}, "has no csrm_calibration.json"),
+        ({"model": str(tmp_path / "nope")}, f"csrm: '{tmp_path / 'nope'}': no such folder"),
     ]
     for extra, message in cases:
         with pytest.raises(UserError, match=message) as exc:

@@ -59,9 +59,13 @@ def test_long_answers_are_truncated_not_fatal(tiny_rm):
 
 
 def test_missing_model_is_a_one_line_user_error(tmp_path):
-    with pytest.raises(UserError, match="cannot load sequence-classification model") as exc:
-        load_classifier(str(tmp_path / "nope"), device="cpu")
-    assert "\n" not in str(exc.value)
+    """A path with no folder says so (transformers would call it a malformed hub id)."""
+    for path in (str(tmp_path / "nope"), "./nope", "~/nope-alphaalign"):
+        with pytest.raises(UserError) as exc:
+            load_classifier(path, device="cpu")
+        assert str(exc.value) == f"cannot load sequence-classification model {path!r}: no such folder"
+    with pytest.raises(UserError, match="cannot load sequence-classification model 'no/such-hub-model'"):
+        load_classifier("no/such-hub-model", device="cpu")  # a hub id: tried offline, one line too
 
 
 def test_a_model_with_several_outputs_is_not_a_reward_model(tmp_path):
