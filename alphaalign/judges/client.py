@@ -34,7 +34,14 @@ class _Retry(Exception):
 
 
 class _Message(Reply):
-    content: str
+    # null when the judge declined to answer (OpenAI's `refusal` then says why) or spent its max_tokens thinking
+    # (a vLLM reasoning parser keeps the thoughts apart): a reply, if an unusable one, not a broken server
+    content: str | None = None
+    refusal: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if self.content is not None else (self.refusal or "")
 
 
 class _Choice(Reply):
@@ -140,6 +147,6 @@ class ChatClient:
         if status >= 400:
             raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {short(response.text, 200)}")
         try:
-            return parse_reply(response, ChatReply).choices[0].message.content
+            return parse_reply(response, ChatReply).choices[0].message.text
         except BadReply as exc:
             raise _Retry(f"HTTP {status} but not chat-completion JSON: {exc}") from None

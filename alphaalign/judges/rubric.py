@@ -56,6 +56,8 @@ class Rubric:
 
     def parse(self, reply: str) -> Judgement:
         """The judgement in ``reply``, read after the judge's reasoning when it thinks aloud first."""
+        if not reply.strip():
+            return unparseable("an empty reply (the judge spent its max_tokens thinking, or declined)")
         if reply.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in reply:
             return unparseable("the reply ended inside its <think> block (raise max_tokens)")
         # a vLLM server without a reasoning parser returns the block as content; a draft in it is not the answer

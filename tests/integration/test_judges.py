@@ -191,6 +191,31 @@ def test_llm_judge_caches_replies_and_bounds_concurrency(scripted, tmp_path):
     assert len(server.bodies) == 13
 
 
+def test_a_reply_without_content_is_unparseable_not_a_broken_server(scripted, tmp_path):
+    """A hosted judge that declines to judge answers content null with a `refusal`; one whose reasoning used up
+    max_tokens (a vLLM reasoning parser keeps the thoughts apart) answers content null. Each is counted as
+    unparseable, once, and the batch goes on."""
+
+    def judge(body, n):
+        response = response_of(body)
+        if "declined" in response:
+            message = {"role": "assistant", "content": None, "refusal": "I'm sorry, I can't help with that."}
+        elif "long" in response:
+            message = {"role": "assistant", "content": None, "reasoning_content": "Let me think..."}
+        else:
+            message = {"role": "assistant", "content": "Reason.\nCLASS: full_refusal"}
+        payload = json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        return ("status", 200, payload, "application/json")
+
+    server = scripted(judge)
+    with open_judge(spec(server.url, tmp_path), "--judge") as runner:
+        out = runner.judge(["p"] * 3, ["declined", "long", "Sorry, no."])
+    assert [j.refused for j in out] == [None, None, True]
+    assert out[0].error == "no 'CLASS: ...' line"  # the judge's own refusal, read as its reply
+    assert out[1].error == "an empty reply (the judge spent its max_tokens thinking, or declined)"
+    assert runner.stats["unparseable"] == 2 and len(server.bodies) == 3  # asked once each, not retried
+
+
 def test_the_endpoints_own_url_means_its_base_url(scripted, tmp_path):
     """A URL pasted from a curl line (…/v1/chat/completions) reaches the same endpoint as the base URL."""
     server = scripted(refusal_judge)
