@@ -33,6 +33,10 @@ class _Retry(Exception):
     pass
 
 
+class _RenameMaxTokens(Exception):
+    """The endpoint wants the reply's token limit as `max_completion_tokens` (OpenAI's reasoning models)."""
+
+
 class _Message(Reply):
     # null when the judge declined to answer (OpenAI's `refusal` then says why) or spent its max_tokens thinking
     # (a vLLM reasoning parser keeps the thoughts apart): a reply, if an unusable one, not a broken server
@@ -117,16 +121,21 @@ class ChatClient:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _ask(self, http: httpx.AsyncClient, messages: list[dict]) -> str:
-        payload = {"model": self.model, "messages": messages, **self.sampling}
         deadline = time.monotonic() + self.time_budget
         attempts, last = 0, "no attempt"
         while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
             attempts += 1
             self.requests += 1
             limit = min(self.request_timeout, remaining)
+            payload = {"model": self.model, "messages": messages, **self.sampling}
             try:
                 response = await asyncio.wait_for(http.post(self.endpoint, json=payload), limit)
-                return self._content(response)
+                return self._content(response, payload)
+            except _RenameMaxTokens:  # for every request from now on; this one again at once
+                if "max_tokens" in self.sampling:  # not yet renamed after another request's reply
+                    self.sampling["max_completion_tokens"] = self.sampling.pop("max_tokens")
+                attempts -= 1
+                continue
             except asyncio.TimeoutError:
                 last = f"no complete reply within {limit:g} s"
             except httpx.HTTPError as exc:
@@ -140,10 +149,12 @@ class ChatClient:
             f"(request_timeout={self.request_timeout:g} s, retries={self.retries}), the last: {last}"
         )
 
-    def _content(self, response: httpx.Response) -> str:
+    def _content(self, response: httpx.Response, payload: dict) -> str:
         status = response.status_code
         if status >= 500 or status == 429:
             raise _Retry(f"HTTP {status}: {short(response.text, 200)}")
+        if status == 400 and "max_tokens" in payload and "max_completion_tokens" in response.text:
+            raise _RenameMaxTokens
         if status >= 400:
             raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {short(response.text, 200)}")
         try:

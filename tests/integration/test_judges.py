@@ -216,6 +216,36 @@ def test_a_reply_without_content_is_unparseable_not_a_broken_server(scripted, tm
     assert runner.stats["unparseable"] == 2 and len(server.bodies) == 3  # asked once each, not retried
 
 
+def test_an_endpoint_that_wants_max_completion_tokens_gets_it(scripted, tmp_path):
+    """OpenAI's reasoning models refuse `max_tokens` and name its replacement: the request is sent again at once
+    with `max_completion_tokens`, and so is every later one; nothing counts as a failed attempt."""
+    unsupported = json.dumps(
+        {
+            "error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error",
+                "param": "max_tokens",
+                "code": "unsupported_parameter",
+            }
+        }
+    )
+
+    def judge(body, n):
+        if "max_tokens" in body:
+            return ("status", 400, unsupported, "application/json")
+        assert body["max_completion_tokens"] == 512
+        return refusal_judge(body, n)
+
+    server = scripted(judge)
+    answers = [f"Sorry, no {i}." for i in range(6)]
+    with open_judge(spec(server.url, tmp_path, concurrency=3, retries=0), "--judge") as runner:
+        assert [j.refused for j in runner.judge(["p"] * 6, answers)] == [True] * 6
+    sent = [("max_tokens" in b, "max_completion_tokens" in b) for b in server.bodies]
+    assert sent[-1] == (False, True) and sum(new for _, new in sent) == 6
+    assert sum(old for old, _ in sent) <= 3  # those already in flight when the first refusal came back
+
+
 def test_the_endpoints_own_url_means_its_base_url(scripted, tmp_path):
     """A URL pasted from a curl line (…/v1/chat/completions) reaches the same endpoint as the base URL."""
     server = scripted(refusal_judge)
