@@ -30,7 +30,18 @@ class JudgeError(UserError):
 
 
 class _Retry(Exception):
-    pass
+    def __init__(self, message: str, after: float | None = None):
+        super().__init__(message)
+        self.after = after  # seconds the server asked us to wait (Retry-After), else the backoff's
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """A Retry-After header in seconds (a hosted API's rate limit says when to come back); None for a date or none."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
 class _RenameMaxTokens(Exception):
@@ -124,7 +135,7 @@ class ChatClient:
         deadline = time.monotonic() + self.time_budget
         attempts, last = 0, "no attempt"
         while attempts <= self.retries and (remaining := deadline - time.monotonic()) > 0:
-            attempts += 1
+            attempts, after = attempts + 1, None
             self.requests += 1
             limit = min(self.request_timeout, remaining)
             payload = {"model": self.model, "messages": messages, **self.sampling}
@@ -141,8 +152,8 @@ class ChatClient:
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             except _Retry as exc:
-                last = str(exc)
-            pause = min(_backoff(attempts), max(0.0, deadline - time.monotonic()))
+                last, after = str(exc), exc.after
+            pause = min(_backoff(attempts) if after is None else after, max(0.0, deadline - time.monotonic()))
             await asyncio.sleep(pause)
         raise JudgeError(
             f"judge {self.endpoint}: {attempts} failed attempt(s) within time_budget={self.time_budget:g} s "
@@ -152,7 +163,7 @@ class ChatClient:
     def _content(self, response: httpx.Response, payload: dict) -> str:
         status = response.status_code
         if status >= 500 or status == 429:
-            raise _Retry(f"HTTP {status}: {short(response.text, 200)}")
+            raise _Retry(f"HTTP {status}: {short(response.text, 200)}", _retry_after(response))
         if status == 400 and "max_tokens" in payload and "max_completion_tokens" in response.text:
             raise _RenameMaxTokens
         if status >= 400:

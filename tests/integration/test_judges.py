@@ -112,8 +112,8 @@ class Scripted:
             )
             Scripted.send(handler, 200, payload.encode(), "application/json")
         elif kind == "status":
-            code, text, ctype = rest
-            Scripted.send(handler, code, text.encode(), ctype)
+            code, text, ctype, *headers = rest
+            Scripted.send(handler, code, text.encode(), ctype, *headers)
         elif kind == "trickle":  # headers, then a byte every 0.1 s: no single read ever times out
             handler.send_response(200)
             handler.send_header("Content-Type", "application/json")
@@ -127,8 +127,10 @@ class Scripted:
             time.sleep(rest[0])
 
     @staticmethod
-    def send(handler, code, data, ctype):
+    def send(handler, code, data, ctype, headers=None):
         handler.send_response(code)
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
         handler.send_header("Content-Type", ctype)
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
@@ -244,6 +246,23 @@ def test_an_endpoint_that_wants_max_completion_tokens_gets_it(scripted, tmp_path
     sent = [("max_tokens" in b, "max_completion_tokens" in b) for b in server.bodies]
     assert sent[-1] == (False, True) and sum(new for _, new in sent) == 6
     assert sum(old for old, _ in sent) <= 3  # those already in flight when the first refusal came back
+
+
+def test_a_rate_limit_is_waited_out_as_long_as_the_server_asks(scripted, tmp_path):
+    """A hosted API's 429 says when to come back (Retry-After, in seconds): the retry waits that long, not the
+    backoff's half second, so a few retries outlast a rate-limit window."""
+    limited = json.dumps({"error": {"message": "Rate limit reached", "type": "requests"}})
+
+    def judge(body, n):
+        if n == 0:
+            return ("status", 429, limited, "application/json", {"Retry-After": "1.5"})
+        return refusal_judge(body, n)
+
+    server = scripted(judge)
+    started = time.monotonic()
+    with open_judge(spec(server.url, tmp_path, retries=1), "--judge") as runner:
+        assert [j.refused for j in runner.judge(["p"], ["Sorry, no."])] == [True]
+    assert time.monotonic() - started >= 1.5 and len(server.bodies) == 2
 
 
 def test_the_endpoints_own_url_means_its_base_url(scripted, tmp_path):
