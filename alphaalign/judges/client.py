@@ -48,6 +48,22 @@ class _RenameMaxTokens(Exception):
     """The endpoint wants the reply's token limit as `max_completion_tokens` (OpenAI's reasoning models)."""
 
 
+class _NoSystemTurn(Exception):
+    """The model's chat template has no system role (Gemma's "System role not supported"; Mistral's and Llama-2's
+    "roles must alternate")."""
+
+
+_NO_SYSTEM = ("System role not supported", "roles must alternate")
+
+
+def without_system_turn(messages: list[dict]) -> list[dict]:
+    """The system turn's text put before the first user turn's, for a model whose template has no system role."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, first, *rest = messages
+    return [{**first, "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
 class _Message(Reply):
     # null when the judge declined to answer (OpenAI's `refusal` then says why) or spent its max_tokens thinking
     # (a vLLM reasoning parser keeps the thoughts apart): a reply, if an unusable one, not a broken server
@@ -87,6 +103,7 @@ class ChatClient:
         self.model, self.concurrency = model, concurrency
         self.request_timeout, self.time_budget, self.retries = request_timeout, time_budget, retries
         self.sampling = {"temperature": temperature, "max_tokens": max_tokens}
+        self.system_turn = True  # until the model's template refuses one
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.requests = 0  # attempts sent, for the run's summary
 
@@ -138,13 +155,18 @@ class ChatClient:
             attempts, after = attempts + 1, None
             self.requests += 1
             limit = min(self.request_timeout, remaining)
-            payload = {"model": self.model, "messages": messages, **self.sampling}
+            turns = messages if self.system_turn else without_system_turn(messages)
+            payload = {"model": self.model, "messages": turns, **self.sampling}
             try:
                 response = await asyncio.wait_for(http.post(self.endpoint, json=payload), limit)
                 return self._content(response, payload)
             except _RenameMaxTokens:  # for every request from now on; this one again at once
                 if "max_tokens" in self.sampling:  # not yet renamed after another request's reply
                     self.sampling["max_completion_tokens"] = self.sampling.pop("max_tokens")
+                attempts -= 1
+                continue
+            except _NoSystemTurn:  # likewise
+                self.system_turn = False
                 attempts -= 1
                 continue
             except asyncio.TimeoutError:
@@ -166,6 +188,9 @@ class ChatClient:
             raise _Retry(f"HTTP {status}: {short(response.text, 200)}", _retry_after(response))
         if status == 400 and "max_tokens" in payload and "max_completion_tokens" in response.text:
             raise _RenameMaxTokens
+        sent_system = payload["messages"][0]["role"] == "system"
+        if status == 400 and sent_system and any(reason in response.text for reason in _NO_SYSTEM):
+            raise _NoSystemTurn
         if status >= 400:
             raise JudgeError(f"judge {self.endpoint}: HTTP {status}: {short(response.text, 200)}")
         try:

@@ -265,6 +265,30 @@ def test_a_rate_limit_is_waited_out_as_long_as_the_server_asks(scripted, tmp_pat
     assert time.monotonic() - started >= 1.5 and len(server.bodies) == 2
 
 
+def test_a_template_without_a_system_role_gets_the_rubric_in_the_user_turn(scripted, tmp_path):
+    """Mistral's and Llama-2's templates refuse a system turn ("roles must alternate"; Gemma's says "System role
+    not supported", run against a real vLLM server in test_vllm_server.py): the rubric's instructions go before
+    the user turn's text, for that request and every later one."""
+    refused = json.dumps(
+        {"error": {"message": "Conversation roles must alternate user/assistant/user/assistant/..."}}
+    )
+
+    def judge(body, n):
+        if body["messages"][0]["role"] == "system":
+            return ("status", 400, refused, "application/json")
+        return refusal_judge({**body, "messages": [None, body["messages"][0]]}, n)
+
+    server = scripted(judge)
+    with open_judge(spec(server.url, tmp_path, concurrency=1, retries=0), "--judge") as runner:
+        assert [j.refused for j in runner.judge(["p", "q"], ["Sorry, no.", "Sure: 1, 2."])] == [True, False]
+    system, user = RUBRICS["refusal"].messages("q", "Sure: 1, 2.")
+    assert [b["messages"] for b in server.bodies[1:]] == [
+        [{"role": "user", "content": f"{system['content']}\n\n{user_content}"}]
+        for user_content in (RUBRICS["refusal"].messages("p", "Sorry, no.")[1]["content"], user["content"])
+    ]
+    assert len(server.bodies) == 3  # the refused first request, then each once
+
+
 def test_the_endpoints_own_url_means_its_base_url(scripted, tmp_path):
     """A URL pasted from a curl line (…/v1/chat/completions) reaches the same endpoint as the base URL."""
     server = scripted(refusal_judge)
