@@ -346,8 +346,8 @@ JUDGE_REPLIES = {
         "choices.0.message.content: a lone surrogate",
     ),
     "no choices": ((200, {"choices": []}, JSON), "choices: list should have at least 1"),
-    "null content": (
-        (200, {"choices": [{"message": {"content": None}}]}, JSON),
+    "content not text": (  # null content is a reply, if an unusable one: test_judges.py
+        (200, {"choices": [{"message": {"content": 5}}]}, JSON),
         "content: input should be a valid string",
     ),
     "no message": ((200, {"choices": [{"text": "ok"}]}, JSON), "choices.0.message: field required"),
