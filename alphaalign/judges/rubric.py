@@ -10,8 +10,10 @@ Three rubrics, each written for this project after a published one (sources in d
                 response refusal, harmful response (yes/no each)
 
 A reasoning model's `<think>` block is skipped before parsing. A reply that does not follow the rubric's answer
-format exactly (a missing, repeated or out-of-range answer) is unparseable: its `Judgement` has `refused=None` and says why, and it is counted, never read as a class.
-Changing a rubric's text or parser must bump its `version`: cached replies are keyed by it.
+format exactly (a missing, repeated or out-of-range answer) is unparseable: its `Judgement` has `refused=None`
+and says why, and it is counted, never read as a class. Changing a rubric's text must bump its `version`: cached
+replies are keyed by it. They are stored as the judge wrote them and parsed when read, so a parser's change
+applies to them too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from alphaalign.rewards.verifiers import THINK_CLOSE, THINK_OPEN, without_thinking
+from alphaalign.rewards.verifiers import without_thinking
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,11 @@ class Rubric:
         """The judgement in ``reply``, read after the judge's reasoning when it thinks aloud first."""
         if not reply.strip():
             return unparseable("an empty reply (the judge spent its max_tokens thinking, or declined)")
-        if reply.lstrip().startswith(THINK_OPEN) and THINK_CLOSE not in reply:
-            return unparseable("the reply ended inside its <think> block (raise max_tokens)")
         # a vLLM server without a reasoning parser returns the block as content; a draft in it is not the answer
-        return PARSERS[self.name](without_thinking(reply))
+        answer = without_thinking(reply)
+        if not answer.strip():
+            return unparseable("no answer after its <think> block (raise max_tokens)")
+        return PARSERS[self.name](answer)
 
 
 def _answers(reply: str, pattern: re.Pattern[str]) -> list[re.Match[str]]:

@@ -84,29 +84,29 @@ def _scan(text: str, reasoning_tag: str, answer_tag: str) -> tuple[list[_Block],
     return blocks, "".join(outside), stray
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
 def without_thinking(text: str) -> str:
     """Text without a reasoning model's `<think>…</think>` blocks (Qwen3, DeepSeek-R1), which are reasoning
     whatever the recipe's tags. A block opened and never closed runs to the end; a `</think>` with no opening
     before it closes a block that began with the text (DeepSeek-R1's template opens it in the prompt). Found
     with `str.find`: linear in the text, however many blocks open."""
-    close = text.find(THINK_CLOSE)
-    if close < 0 and THINK_OPEN not in text:
+    opened, close = text.find(_THINK_OPEN), text.find(_THINK_CLOSE)
+    if opened < 0 and close < 0:
         return text
-    opened = text.find(THINK_OPEN)
-    kept, pos = [], 0
-    if close >= 0 and (opened < 0 or close < opened):
-        pos = close + len(THINK_CLOSE)
-    while (start := text.find(THINK_OPEN, pos)) >= 0:
+    kept: list[str] = []
+    pos = close + len(_THINK_CLOSE) if close >= 0 and (opened < 0 or close < opened) else 0
+    while (start := text.find(_THINK_OPEN, pos)) >= 0:
         kept.append(text[pos:start])
-        close = text.find(THINK_CLOSE, start + len(THINK_OPEN))
+        close = text.find(_THINK_CLOSE, start + len(_THINK_OPEN))
         if close < 0:
             return "".join(kept)
-        pos = close + len(THINK_CLOSE)
+        pos = close + len(_THINK_CLOSE)
     kept.append(text[pos:])
     return "".join(kept)
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BOX = "\\boxed{"
 _BOX_OR_BRACE = re.compile(r"\\boxed\{|[{}]")
 

@@ -49,7 +49,7 @@ def test_a_reasoning_judges_thinking_is_not_its_answer(rubric):
     for reply in (f"<think>\n{draft}\n</think>\n\n{answer}", f"{draft}\n</think>\n{answer}"):
         assert RUBRICS[rubric].parse(reply) == judgement, reply
     cut = RUBRICS[rubric].parse(f"<think>\n{draft}")
-    assert cut.refused is None and cut.error == "the reply ended inside its <think> block (raise max_tokens)"
+    assert cut.refused is None and cut.error == "no answer after its <think> block (raise max_tokens)"
 
 
 def test_strongreject_score_is_the_papers_rescaled_mean():
